@@ -1,0 +1,230 @@
+"""Preprocessing driver: check everything early, plan the new inputs, run them, commit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import PreprocessConfig, config_hash
+from pipeline.counters import Counters
+from pipeline.distributed import run_units
+from pipeline.manifest import (
+    FORMAT,
+    check_compatible,
+    read_manifest,
+    split_totals,
+    write_manifest,
+)
+from pipeline.stats import build_stats, write_stats
+from pipeline.storage import (
+    InputFile,
+    check_writable,
+    expand_inputs,
+    filesystem_for,
+    join,
+    storage_errors,
+    write_bytes_atomic,
+)
+from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from pipeline.unit import SPLITS, UnitContext, unit_key
+
+
+class ChangedInputError(ValueError):
+    pass
+
+
+@dataclass
+class Plan:
+    todo: list[InputFile] = field(default_factory=list)
+    unchanged: list[InputFile] = field(default_factory=list)
+    replaced: list[dict[str, Any]] = field(default_factory=list)
+    """Previous manifest entries whose file changed and is re-processed (on_changed=replace)."""
+
+
+@dataclass
+class PreprocessResult:
+    output: str
+    version: int
+    """Manifest version after the run (unchanged when nothing was new)."""
+    new_inputs: list[str]
+    shards_added: list[str]
+    run_stats: dict[str, Any]
+    stats: dict[str, Any]
+
+    @property
+    def wrote_anything(self) -> bool:
+        return bool(self.new_inputs)
+
+
+def plan_inputs(inputs: list[InputFile], previous: dict[str, Any] | None, on_changed: str) -> Plan:
+    plan = Plan()
+    done = {e["uri"]: e for e in (previous or {}).get("inputs", [])}
+    changed = []
+    for f in inputs:
+        old = done.get(f.uri)
+        if old is None:
+            plan.todo.append(f)
+        elif old["fingerprint"] == f.fingerprint and old["size"] == f.size:
+            plan.unchanged.append(f)
+        else:
+            changed.append((f, old))
+    if changed and on_changed == "error":
+        names = ", ".join(f.uri for f, _ in changed[:5])
+        raise ChangedInputError(
+            f"{len(changed)} input file(s) changed since they were processed ({names}). Nightly "
+            "inputs are expected to be immutable; rerun with --on-changed replace to re-process "
+            "them and replace their shards."
+        )
+    for f, old in changed:
+        plan.todo.append(f)
+        plan.replaced.append(old)
+    return plan
+
+
+def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> PreprocessResult:
+    """Preprocess ``cfg.input.paths`` into ``cfg.output``; incremental and idempotent."""
+    cfg.validate_for_run()
+    output = cfg.output.rstrip("/")
+    # Every check that can fail does so before any work is scheduled.
+    inputs = expand_inputs(cfg.input.paths, cfg.storage)
+    tok = load_tokenizer(cfg.tokenizer, cfg.storage)
+    check_writable(output, cfg.storage)
+    previous = read_manifest(output, cfg.storage)
+    identity = cfg.output_identity()
+    if previous is not None:
+        check_compatible(previous, identity, tok.sha256, output)
+    plan = plan_inputs(inputs, previous, cfg.on_changed)
+    if not plan.todo:
+        assert previous is not None
+        return PreprocessResult(output, previous["version"], [], [], {}, build_stats(previous))
+
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    staging = join(output, "_staging", run_id)
+    ctx = UnitContext(
+        input=cfg.input,
+        packing=cfg.packing,
+        storage=cfg.storage,
+        tokenizer_json=tok.json,
+        special_ids=tok.special_ids,
+        staging_uri=staging,
+        strict=cfg.strict,
+    )
+    records = run_units(
+        plan.todo, ctx, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, progress=progress
+    )
+    missing = {unit_key(f) for f in plan.todo} - {r["unit"] for r in records}
+    if missing:
+        raise RuntimeError(f"work units produced no record: {sorted(missing)}; nothing committed")
+    return _commit(cfg, output, staging, run_id, tok, previous, plan, records)
+
+
+def _commit(
+    cfg: PreprocessConfig,
+    output: str,
+    staging: str,
+    run_id: str,
+    tok: Any,
+    previous: dict[str, Any] | None,
+    plan: Plan,
+    records: list[dict[str, Any]],
+) -> PreprocessResult:
+    fs, root = filesystem_for(output, cfg.storage)
+    _, staging_path = filesystem_for(staging, cfg.storage)
+    version = (previous["version"] if previous else 0) + 1
+    records.sort(key=lambda r: r["uri"])
+    added: list[str] = []
+    with storage_errors(output, "commit shards to"):
+        for r in records:
+            for info in r["shards"].values():
+                target = join(root, info["path"])
+                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                fs.mv(join(staging_path, info["path"]), target)
+                added.append(info["path"])
+        if previous is None:
+            write_bytes_atomic(fs, join(root, "tokenizer.json"), tok.json.encode())
+
+    replaced_units = {e["unit"] for e in plan.replaced}
+    inputs = [e for e in (previous or {}).get("inputs", []) if e["unit"] not in replaced_units]
+    for r in records:
+        inputs.append(
+            {
+                "uri": r["uri"],
+                "size": r["size"],
+                "fingerprint": r["fingerprint"],
+                "unit": r["unit"],
+                "added_in_version": version,
+                "shards": sorted(i["path"] for i in r["shards"].values()),
+                "stats": r["stats"],
+            }
+        )
+    inputs.sort(key=lambda e: e["uri"])
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        kept = [
+            s
+            for s in ((previous or {}).get("splits", {}).get(split, {}).get("shards", []))
+            if s["path"].split("/", 1)[1].rsplit(".", 1)[0] not in replaced_units
+        ]
+        new = [
+            {**r["shards"][split], "added_in_version": version}
+            for r in records
+            if split in r["shards"]
+        ]
+        shard_list = sorted(kept + new, key=lambda s: s["path"])
+        splits[split] = {"shards": shard_list, **split_totals(shard_list)}
+
+    resolved = cfg.to_dict(redact=True)
+    manifest = {
+        "format": FORMAT,
+        "version": version,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "config": resolved,
+        "config_hash": config_hash(cfg.output_identity()),
+        "tokenizer": {
+            "source": cfg.tokenizer,
+            "path": "tokenizer.json",
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+        },
+        "special_tokens": {
+            role: {"token": SPECIAL_TOKENS[role], "id": i} for role, i in tok.special_ids.items()
+        },
+        "packing": cfg.output_identity(),
+        "block_schema": {
+            "input_ids": "list<int32>: the block's tokens",
+            "sentence_lengths": "list<int32>: tokens per sentence (EOS-S included)",
+            "document_index": "list<int32>: per sentence, block-local document number",
+            "num_bytes": "int64: UTF-8 bytes of the normalised sentence texts covered",
+            "num_words": "int64: whitespace-separated words covered",
+            "document_ids": "list<string>: stable id of each block-local document",
+            "first_sentence_offset": "int32: index in its document of the block's first sentence",
+        },
+        "inputs": inputs,
+        "splits": splits,
+    }
+    run_counters = Counters()
+    for r in records:
+        run_counters.merge(Counters.from_dict(r["stats"]))
+    run_summary = {
+        "run_id": run_id,
+        "version": version,
+        "new_inputs": [r["uri"] for r in records],
+        "shards_added": added,
+        **run_counters.to_dict(),
+    }
+    run_summary.pop("sentence_tokens_hist")
+    run_summary.pop("doc_sentences_hist_log2")
+    stats = build_stats(manifest, run_summary)
+    write_stats(output, stats, cfg.storage, cfg.plot)
+    write_manifest(output, manifest, cfg.storage)  # the commit point
+    with storage_errors(output, "clean up"):
+        if fs.exists(staging_path):
+            fs.rm(staging_path, recursive=True)
+        for old in plan.replaced:
+            for rel in old.get("shards", []):
+                if rel not in added and fs.exists(join(root, rel)):
+                    fs.rm(join(root, rel))
+    return PreprocessResult(output, version, [r["uri"] for r in records], added, run_summary, stats)

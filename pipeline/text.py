@@ -1,0 +1,40 @@
+"""Normalise and sentence-split stages (pure functions)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import blingfire
+
+# C0/C1 controls except tab and newline, plus zero-width and BOM characters.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_SPACES = re.compile(r"\s+")
+
+
+def normalise(text: str) -> list[str]:
+    """NFC, controls removed, whitespace collapsed; returns the non-empty paragraphs.
+
+    Paragraphs (blank-line separated) are kept apart because blingfire joins lines across
+    blank lines, which would glue a heading onto the next sentence.
+    """
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _CONTROL.sub("", text)
+    out = []
+    for para in _PARAGRAPH_BREAK.split(text):
+        para = _SPACES.sub(" ", para).strip()
+        if para:
+            out.append(para)
+    return out
+
+
+def split_sentences(paragraphs: list[str]) -> list[str]:
+    """Sentences of the paragraphs, in order, via blingfire (one sentence per output line)."""
+    sentences: list[str] = []
+    for para in paragraphs:
+        for s in blingfire.text_to_sentences(para).split("\n"):
+            s = s.strip()
+            if s:
+                sentences.append(s)
+    return sentences

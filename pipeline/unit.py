@@ -1,0 +1,185 @@
+"""One work unit (an input file) through every stage: read -> normalise -> split -> tokenize -> pack.
+
+This is the function Ray runs; it knows nothing of Ray. Its shards are written to a staging
+prefix under deterministic names; the driver commits them with the manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from pipeline.config import InputConfig, PackingConfig, StorageConfig
+from pipeline.counters import Counters
+from pipeline.packing import BLOCK_SCHEMA, BlockPacker, rows_to_table, tokenize_documents
+from pipeline.readers import read_documents
+from pipeline.storage import InputFile, filesystem_for, join, storage_errors
+from pipeline.text import normalise, split_sentences
+
+SPLITS = ("train", "heldout")
+DOC_BATCH = 256
+_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def unit_key(f: InputFile) -> str:
+    """Deterministic shard stem: readable file name + hash of (uri, fingerprint)."""
+    base = f.uri.rstrip("/").rsplit("/", 1)[-1]
+    base = _SLUG.sub("_", base.split(".", 1)[0])[:40] or "input"
+    digest = hashlib.sha256(f"{f.uri}|{f.fingerprint}".encode()).hexdigest()[:12]
+    return f"{base}-{digest}"
+
+
+def heldout_hash(doc_id: str, seed: int) -> float:
+    """Seeded hash of a document id in [0, 1): the split never depends on order or workers."""
+    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+@dataclass
+class UnitContext:
+    """Everything a worker needs, passed explicitly (never via module globals)."""
+
+    input: InputConfig
+    packing: PackingConfig
+    storage: StorageConfig
+    tokenizer_json: str
+    special_ids: dict[str, int]
+    staging_uri: str
+    strict: bool = False
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(text: str) -> Tokenizer:
+    return Tokenizer.from_str(text)
+
+
+@dataclass
+class _ShardWriter:
+    split: str
+    path: str
+    row_group_blocks: int
+    writer: pq.ParquetWriter | None = None
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    doc_ids: set[str] = field(default_factory=set)
+    stats: dict[str, int] = field(
+        default_factory=lambda: dict(rows=0, sentences=0, tokens=0, bytes=0, words=0)
+    )
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            self.stats["rows"] += 1
+            self.stats["sentences"] += len(r["sentence_lengths"])
+            self.stats["tokens"] += len(r["input_ids"])
+            self.stats["bytes"] += r["num_bytes"]
+            self.stats["words"] += r["num_words"]
+            self.doc_ids.update(r["document_ids"])
+        self.pending.extend(rows)
+        if len(self.pending) >= self.row_group_blocks:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, BLOCK_SCHEMA, compression="zstd")
+        self.writer.write_table(rows_to_table(self.pending), row_group_size=self.row_group_blocks)
+        self.pending = []
+
+    def close(self) -> dict[str, Any] | None:
+        self._flush()
+        if self.writer is None:
+            return None
+        self.writer.close()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return {**self.stats, "documents": len(self.doc_ids), "sha256": digest.hexdigest()}
+
+
+def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
+    """Run all stages over one input file; upload its shards to staging; return its record."""
+    key = unit_key(f)
+    counters = Counters(strict=ctx.strict)
+    tok = _tokenizer(ctx.tokenizer_json)
+    S = ctx.packing.sentences_per_block
+    packers = {s: BlockPacker(S) for s in SPLITS}
+    in_fs, in_path = filesystem_for(f.uri, ctx.storage)
+    out_fs, staging = filesystem_for(ctx.staging_uri, ctx.storage)
+    shards: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="gpthf-unit-") as tmp:
+        writers = {
+            s: _ShardWriter(s, os.path.join(tmp, f"{s}.parquet"), ctx.packing.row_group_blocks)
+            for s in SPLITS
+        }
+        batch: list[tuple[str, list[str]]] = []
+
+        def run_batch() -> None:
+            tokenized = tokenize_documents(
+                batch,
+                tok,
+                eos_id=ctx.special_ids["end_of_sentence"],
+                eod_id=ctx.special_ids["end_of_document"],
+                max_sentence_tokens=ctx.packing.max_sentence_tokens,
+                counters=counters,
+            )
+            for doc in tokenized:
+                split = (
+                    "heldout"
+                    if heldout_hash(doc.doc_id, ctx.packing.seed) < ctx.packing.heldout_fraction
+                    else "train"
+                )
+                counters.add(f"documents_{split}")
+                counters.add_document_sentences(len(doc.pieces))
+                counters.add_sentence_lengths(np.fromiter((len(p) for p in doc.pieces), dtype=np.int64))
+                writers[split].write(packers[split].add(doc))
+            batch.clear()
+
+        with storage_errors(f.uri, "read"):
+            for doc in read_documents(in_fs, in_path, f.uri, ctx.input, counters):
+                paragraphs = normalise(doc.text)
+                sentences = split_sentences(paragraphs)
+                if not sentences:
+                    counters.skip("empty_document", doc.location)
+                    continue
+                counters.add("documents")
+                counters.add("sentences", len(sentences))
+                counters.add("source_bytes", len(doc.text.encode("utf-8")))
+                batch.append((doc.doc_id, sentences))
+                if len(batch) >= DOC_BATCH:
+                    run_batch()
+            if batch:
+                run_batch()
+        for s in SPLITS:
+            writers[s].write(packers[s].flush())
+            info = writers[s].close()
+            if info is None:
+                continue
+            rel = f"{s}/{key}.parquet"
+            counters.add("blocks", info["rows"])
+            counters.add("sentence_pieces", info["sentences"])
+            counters.add("tokens", info["tokens"])
+            counters.add("bytes", info["bytes"])
+            counters.add("words", info["words"])
+            target = join(staging, rel)
+            with storage_errors(ctx.staging_uri, "write shards to"):
+                out_fs.makedirs(join(staging, s), exist_ok=True)
+                out_fs.put_file(writers[s].path, target)
+            shards[s] = {"path": rel, **info}
+    return {
+        "uri": f.uri,
+        "size": f.size,
+        "fingerprint": f.fingerprint,
+        "unit": key,
+        "shards": shards,
+        "stats": counters.to_dict(),
+    }
