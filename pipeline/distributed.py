@@ -25,23 +25,24 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+_USER_ERRORS: dict[str, type[Exception]] = {
+    "StrictModeError": StrictModeError,
+    "StorageError": StorageError,
+}
+
+
 def _process_batch(batch: dict[str, np.ndarray], ctx: UnitContext) -> dict[str, np.ndarray]:
     records = []
     for uri, size, fingerprint in zip(batch["uri"], batch["size"], batch["fingerprint"], strict=True):
         f = InputFile(uri=str(uri), size=int(size), fingerprint=str(fingerprint))
-        records.append(json.dumps(process_unit(f, ctx)))
+        try:
+            record = process_unit(f, ctx)
+        except (StrictModeError, StorageError) as exc:
+            # Returned, not raised: the driver re-raises it as itself, without Ray's wrapping
+            # and without retrying a failure that is not transient.
+            record = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        records.append(json.dumps(record))
     return {"record": np.array(records, dtype=object)}
-
-
-def _user_error(exc: BaseException) -> BaseException | None:
-    """Find our own error (strict mode, storage) inside Ray's wrappers, to re-raise it plainly."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, StrictModeError | StorageError):
-            return type(seen)(str(seen).splitlines()[-1] if "\n" in str(seen) else str(seen))
-        cause = getattr(seen, "cause", None)
-        seen = cause if isinstance(cause, BaseException) else (seen.__cause__ or seen.__context__)
-    return None
 
 
 def run_units(
@@ -75,10 +76,11 @@ def run_units(
         # The tokenizer's thread pool must stay within the CPUs this task reserved.
         runtime_env={"env_vars": {"RAYON_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "true"}},
     )
-    try:
-        return [json.loads(row["record"]) for row in ds.iter_rows()]
-    except Exception as exc:
-        plain = _user_error(exc)
-        if plain is not None:
-            raise plain from None
-        raise
+    records = []
+    for row in ds.iter_rows():
+        record = json.loads(row["record"])
+        if "error" in record:
+            err = record["error"]
+            raise _USER_ERRORS[err["type"]](err["message"])
+        records.append(record)
+    return records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -55,14 +56,14 @@ def detect(uri: str, configured: str = "auto") -> tuple[str, str | None]:
 
 def _open(fs: Any, path: str, compression: str | None) -> IO[bytes]:
     f = fs.open(path, "rb")
-    if compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(f, closefd=True)  # type: ignore[return-value]
     if compression is not None:
         from fsspec.compression import compr
 
-        return compr[compression](f, mode="rb")  # type: ignore[no-any-return]
+        stream = compr[compression](f, mode="rb")
+        if compression == "zstd":
+            # zstandard's reader has no line iteration; buffering adds it.
+            return io.BufferedReader(stream)  # type: ignore[arg-type]
+        return stream  # type: ignore[no-any-return]
     return f  # type: ignore[no-any-return]
 
 

@@ -126,8 +126,10 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
         raise
 
 
-def _endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL", "default AWS endpoint")
+def _endpoint(storage: StorageConfig | None = None) -> str:
+    if storage is not None and storage.endpoint_url:
+        return storage.endpoint_url
+    return os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
 
 
 def _is_hidden(path: str) -> bool:
@@ -194,6 +196,16 @@ def check_writable(uri: str, storage: StorageConfig | None = None) -> None:
     with storage_errors(uri, "write to"):
         if protocol_of(uri) == "file":
             fs.makedirs(posixpath.dirname(probe), exist_ok=True)
+        else:
+            # Some servers create a bucket on first write; a missing bucket is a mistake here.
+            bucket = root.split("/", 1)[0]
+            try:
+                fs.ls(bucket, detail=False)
+            except FileNotFoundError as exc:
+                raise StorageError(
+                    f"cannot write to {uri}: bucket {bucket!r} does not exist at {_endpoint()}. "
+                    "Create it first or correct the URL."
+                ) from exc
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
