@@ -13,7 +13,9 @@ EXIT_USAGE = 2
 
 
 def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, prefixes or globs (local or s3://)")
+    p.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="files, prefixes or globs (local or s3://)"
+    )
     p.add_argument("--output", help="output location (local path or s3://bucket/prefix)")
     p.add_argument("--tokenizer", help="tokenizer JSON (local or URL)")
     p.add_argument("--config", help="YAML file; any field of PreprocessConfig (flags override it)")
@@ -25,9 +27,13 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["auto", "jsonl", "parquet", "text"])
     p.add_argument("--text-field", help="JSONL field / Parquet column with the text (default text)")
     p.add_argument("--id-field", help="field with a stable document id (default: path#record)")
-    p.add_argument("--text-document", choices=["file", "paragraph"], help="plain-text document unit")
+    p.add_argument(
+        "--text-document", choices=["file", "paragraph"], help="plain-text document unit"
+    )
     p.add_argument("--workers", type=int, help="concurrent tasks (default: one per CPU)")
-    p.add_argument("--on-changed", choices=["error", "replace"], help="inputs changed since processed")
+    p.add_argument(
+        "--on-changed", choices=["error", "replace"], help="inputs changed since processed"
+    )
     p.add_argument("--endpoint-url", help="S3-protocol endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--no-plot", action="store_true", help="skip stats.png")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -118,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tokenizer_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded default, end to end")
-    d.add_argument("--workdir", default="runs/demo", help="where the demo writes (default runs/demo)")
+    d.add_argument(
+        "--workdir", default="runs/demo", help="where the demo writes (default runs/demo)"
+    )
     d.add_argument("--fresh", action="store_true", help="delete the workdir first")
     d.set_defaults(func=cmd_demo)
 

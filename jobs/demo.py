@@ -29,8 +29,12 @@ def main(args: argparse.Namespace) -> int:
     tok_path = work / "tokenizer.json"
     t0 = time.perf_counter()
     if not tok_path.exists():
-        loaded = train_tokenizer([str(corpus)], str(tok_path), vocab_size=DEMO_VOCAB, sample_bytes=20_000_000)
-        print(f"[demo] tokenizer: vocab {loaded.vocab_size} trained in {time.perf_counter() - t0:.1f}s")
+        loaded = train_tokenizer(
+            [str(corpus)], str(tok_path), vocab_size=DEMO_VOCAB, sample_bytes=20_000_000
+        )
+        print(
+            f"[demo] tokenizer: vocab {loaded.vocab_size} trained in {time.perf_counter() - t0:.1f}s"
+        )
     else:
         print(f"[demo] tokenizer: reusing {tok_path}")
 
@@ -44,7 +48,9 @@ def main(args: argparse.Namespace) -> int:
     result = run_preprocess(cfg, progress=sys.stderr.isatty())
     took = time.perf_counter() - t0
     if result.wrote_anything:
-        print(f"[demo] preprocess: manifest v{result.version}, {len(result.shards_added)} shards in {took:.1f}s")
+        print(
+            f"[demo] preprocess: manifest v{result.version}, {len(result.shards_added)} shards in {took:.1f}s"
+        )
     else:
         print(f"[demo] preprocess: nothing new, manifest v{result.version} ({took:.1f}s)")
     print(format_stats(result.stats))

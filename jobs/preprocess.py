@@ -21,7 +21,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"gpthf preprocess: strict mode: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print_json({"version": result.version, "new_inputs": result.new_inputs, "run": result.run_stats})
+        print_json(
+            {"version": result.version, "new_inputs": result.new_inputs, "run": result.run_stats}
+        )
     elif not result.wrote_anything:
         print(f"{result.output}: nothing new (manifest v{result.version}); nothing written")
     else:

@@ -33,7 +33,9 @@ _USER_ERRORS: dict[str, type[Exception]] = {
 
 def _process_batch(batch: dict[str, np.ndarray], ctx: UnitContext) -> dict[str, np.ndarray]:
     records = []
-    for uri, size, fingerprint in zip(batch["uri"], batch["size"], batch["fingerprint"], strict=True):
+    for uri, size, fingerprint in zip(
+        batch["uri"], batch["size"], batch["fingerprint"], strict=True
+    ):
         f = InputFile(uri=str(uri), size=int(size), fingerprint=str(fingerprint))
         try:
             record = process_unit(f, ctx)
@@ -65,10 +67,9 @@ def run_units(
     data_ctx = DataContext.get_current()
     data_ctx.enable_progress_bars = progress
     items = [{"uri": u.uri, "size": u.size, "fingerprint": u.fingerprint} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
     threads = str(max(1, int(cpus_per_worker)))
-    ds = ds.map_batches(
-        _process_batch,
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _process_batch,  # type: ignore[arg-type]
         batch_size=1,
         fn_kwargs={"ctx": ctx},
         num_cpus=cpus_per_worker,

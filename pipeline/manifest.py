@@ -58,7 +58,9 @@ def read_manifest(output: str, storage: StorageConfig | None = None) -> dict[str
     return manifest
 
 
-def write_manifest(output: str, manifest: dict[str, Any], storage: StorageConfig | None = None) -> None:
+def write_manifest(
+    output: str, manifest: dict[str, Any], storage: StorageConfig | None = None
+) -> None:
     """Write the versioned copy, then ``manifest.json`` (the commit point)."""
     fs, root = filesystem_for(output, storage)
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -96,7 +98,9 @@ def check_compatible(
     problems = []
     for key, value in identity.items():
         if previous["packing"].get(key) != value:
-            problems.append(f"{key}: existing {previous['packing'].get(key)!r}, requested {value!r}")
+            problems.append(
+                f"{key}: existing {previous['packing'].get(key)!r}, requested {value!r}"
+            )
     if previous["tokenizer"]["sha256"] != tokenizer_sha256:
         problems.append(
             f"tokenizer sha256: existing {previous['tokenizer']['sha256'][:12]}..., requested "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,17 +36,21 @@ BLOCK_SCHEMA = pa.schema(
 @dataclass
 class TokenizedDocument:
     doc_id: str
-    pieces: list[np.ndarray]
-    """Token ids of each sentence piece (int32), each ending with EOS-S."""
+    pieces: list[list[int]]
+    """Token ids of each sentence piece, each ending with EOS-S."""
     piece_bytes: list[int]
     piece_words: list[int]
 
 
 def _spread(total: int, weights: list[int]) -> list[int]:
     """Integer shares of ``total`` proportional to ``weights`` that sum exactly to ``total``."""
-    cum = np.cumsum(weights)
-    bounds = (cum * total) // cum[-1]
-    return np.diff(bounds, prepend=0).astype(int).tolist()
+    out, cum, prev, whole = [], 0, 0, sum(weights)
+    for w in weights:
+        cum += w
+        bound = cum * total // whole
+        out.append(bound - prev)
+        prev = bound
+    return out
 
 
 def tokenize_documents(
@@ -60,29 +65,38 @@ def tokenize_documents(
     """Tokenize each sentence alone; end every piece with EOS-S and each document with EOD, EOS-S.
 
     A sentence longer than M tokens (EOS-S included) is split into pieces of at most M tokens,
-    never truncated.
+    never truncated. Plain lists, not arrays: sentences are ~20 tokens, where numpy's per-call
+    overhead costs more than the work.
     """
     flat = [s for _, sentences in docs for s in sentences]
     encodings = tokenizer.encode_batch(flat, add_special_tokens=False) if flat else []
     out: list[TokenizedDocument] = []
     budget = max_sentence_tokens - 1
-    eos = np.array([eos_id], dtype=np.int32)
     i = 0
     for doc_id, sentences in docs:
         doc = TokenizedDocument(doc_id, [], [], [])
+        last = len(sentences) - 1
         for k, sentence in enumerate(sentences):
-            ids = np.asarray(encodings[i].ids, dtype=np.int32)
+            ids = encodings[i].ids
             i += 1
-            if k == len(sentences) - 1:
-                ids = np.append(ids, np.int32(eod_id))
-            chunks = [ids[j : j + budget] for j in range(0, len(ids), budget)] or [ids]
-            if len(chunks) > 1:
-                counters.add("sentences_split", 1)
-                counters.add("sentence_pieces_added", len(chunks) - 1)
-            weights = [max(len(c), 1) for c in chunks]
-            doc.pieces.extend(np.concatenate([c, eos]) for c in chunks)
-            doc.piece_bytes.extend(_spread(len(sentence.encode("utf-8")), weights))
-            doc.piece_words.extend(_spread(len(sentence.split()), weights))
+            if k == last:
+                ids.append(eod_id)
+            n_bytes, n_words = len(sentence.encode("utf-8")), len(sentence.split())
+            if len(ids) <= budget:
+                ids.append(eos_id)
+                doc.pieces.append(ids)
+                doc.piece_bytes.append(n_bytes)
+                doc.piece_words.append(n_words)
+                continue
+            chunks = [ids[j : j + budget] for j in range(0, len(ids), budget)]
+            counters.add("sentences_split", 1)
+            counters.add("sentence_pieces_added", len(chunks) - 1)
+            weights = [len(c) for c in chunks]
+            for c in chunks:
+                c.append(eos_id)
+            doc.pieces.extend(chunks)
+            doc.piece_bytes.extend(_spread(n_bytes, weights))
+            doc.piece_words.extend(_spread(n_words, weights))
         out.append(doc)
     return out
 
@@ -92,7 +106,7 @@ class BlockPacker:
     """Packs documents back to back into blocks of exactly S sentences (streaming fold)."""
 
     sentences_per_block: int
-    _pieces: list[np.ndarray] = field(default_factory=list)
+    _pieces: list[list[int]] = field(default_factory=list)
     _doc_index: list[int] = field(default_factory=list)
     _doc_ids: list[str] = field(default_factory=list)
     _bytes: int = 0
@@ -123,7 +137,11 @@ class BlockPacker:
 
     def _emit(self) -> dict[str, Any]:
         row = {
-            "input_ids": np.concatenate(self._pieces),
+            "input_ids": np.fromiter(
+                itertools.chain.from_iterable(self._pieces),
+                dtype=np.int32,
+                count=sum(len(p) for p in self._pieces),
+            ),
             "sentence_lengths": np.array([len(p) for p in self._pieces], dtype=np.int32),
             "document_index": np.array(self._doc_index, dtype=np.int32),
             "num_bytes": self._bytes,
@@ -136,6 +154,20 @@ class BlockPacker:
         return row
 
 
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values.astype(np.int32, copy=False))
+    )
+
+
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    columns = {name: [r[name] for r in rows] for name in BLOCK_SCHEMA.names}
+    columns = {
+        name: _list_array([r[name] for r in rows])
+        for name in ("input_ids", "sentence_lengths", "document_index")
+    }
+    for name in ("num_bytes", "num_words", "document_ids", "first_sentence_offset"):
+        columns[name] = [r[name] for r in rows]
     return pa.Table.from_pydict(columns, schema=BLOCK_SCHEMA)

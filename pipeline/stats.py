@@ -82,7 +82,9 @@ def plot_stats(stats: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def write_stats(output: str, stats: dict[str, Any], storage: StorageConfig | None, plot: bool) -> None:
+def write_stats(
+    output: str, stats: dict[str, Any], storage: StorageConfig | None, plot: bool
+) -> None:
     fs, root = filesystem_for(output, storage)
     with storage_errors(output, "write stats to"):
         write_bytes_atomic(fs, join(root, "stats.json"), json.dumps(stats, indent=1).encode())

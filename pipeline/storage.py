@@ -183,7 +183,9 @@ def expand_inputs(paths: list[str], storage: StorageConfig | None = None) -> lis
             if info.get("type") != "file" or name.endswith("/") or _is_hidden(rel):
                 continue
             uri = full_uri(fs, name)
-            found[uri] = InputFile(uri=uri, size=int(info.get("size") or 0), fingerprint=_fingerprint(info))
+            found[uri] = InputFile(
+                uri=uri, size=int(info.get("size") or 0), fingerprint=_fingerprint(info)
+            )
     if not found:
         raise StorageError(f"no input files found under {paths}")
     return [found[k] for k in sorted(found)]

@@ -11,6 +11,8 @@ import blingfire
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _SPACES = re.compile(r"\s+")
+# blingfire always ends a sentence at U+2029, so whole documents go through it in one call.
+_PARAGRAPH_SEPARATOR = "\u2029"
 
 
 def normalise(text: str) -> list[str]:
@@ -19,7 +21,9 @@ def normalise(text: str) -> list[str]:
     Paragraphs (blank-line separated) are kept apart because blingfire joins lines across
     blank lines, which would glue a heading onto the next sentence.
     """
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace(_PARAGRAPH_SEPARATOR, "\n\n").replace("\u2028", "\n")
+    text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text)
     out = []
     for para in _PARAGRAPH_BREAK.split(text):
@@ -31,10 +35,12 @@ def normalise(text: str) -> list[str]:
 
 def split_sentences(paragraphs: list[str]) -> list[str]:
     """Sentences of the paragraphs, in order, via blingfire (one sentence per output line)."""
-    sentences: list[str] = []
-    for para in paragraphs:
-        for s in blingfire.text_to_sentences(para).split("\n"):
-            s = s.strip()
-            if s:
-                sentences.append(s)
-    return sentences
+    if not paragraphs:
+        return []
+    joined = blingfire.text_to_sentences(_PARAGRAPH_SEPARATOR.join(paragraphs))
+    out = []
+    for s in joined.split("\n"):
+        s = s.strip(_PARAGRAPH_SEPARATOR + " ")
+        if s:
+            out.append(s)
+    return out

@@ -51,7 +51,7 @@ class LoadedTokenizer:
             tokenizer=tok,
             json=text,
             sha256=hashlib.sha256(text.encode()).hexdigest(),
-            special_ids={k: int(v) for k, v in ids.items()},
+            special_ids={k: int(v) for k, v in ids.items() if v is not None},
             vocab_size=tok.get_vocab_size(with_added_tokens=True),
         )
 
@@ -131,5 +131,8 @@ def train_tokenizer(
 
 
 def describe(loaded: LoadedTokenizer) -> dict[str, Any]:
-    return {"sha256": loaded.sha256, "vocab_size": loaded.vocab_size, "special_ids": loaded.special_ids}
-
+    return {
+        "sha256": loaded.sha256,
+        "vocab_size": loaded.vocab_size,
+        "special_ids": loaded.special_ids,
+    }

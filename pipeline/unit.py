@@ -140,7 +140,9 @@ def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
                 )
                 counters.add(f"documents_{split}")
                 counters.add_document_sentences(len(doc.pieces))
-                counters.add_sentence_lengths(np.fromiter((len(p) for p in doc.pieces), dtype=np.int64))
+                counters.add_sentence_lengths(
+                    np.fromiter((len(p) for p in doc.pieces), dtype=np.int64)
+                )
                 writers[split].write(packers[split].add(doc))
             batch.clear()
 

@@ -12,11 +12,41 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = (
-    "the a cat dog river stone light king queen sword ship wind morning night "
-    "walks sings falls rises sleeps hears speaks under over beyond quietly slowly bright "
-    "dark old young green golden silent"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "river",
+    "stone",
+    "light",
+    "king",
+    "queen",
+    "sword",
+    "ship",
+    "wind",
+    "morning",
+    "night",
+    "walks",
+    "sings",
+    "falls",
+    "rises",
+    "sleeps",
+    "hears",
+    "speaks",
+    "under",
+    "over",
+    "beyond",
+    "quietly",
+    "slowly",
+    "bright",
+    "dark",
+    "old",
+    "young",
+    "green",
+    "golden",
+    "silent",
+]
 
 
 def make_sentence(rng: random.Random, n_words: int | None = None) -> str:

@@ -97,7 +97,7 @@ def seaweedfs(data_dir: Path, buckets: list[str], timeout: float = 60.0) -> Iter
         *(f"-{flag}={port}" for flag, port in ports.items()),
     ]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    log = open(data_dir / "weed.log", "wb")
+    log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 (outlives this block; closed in finally)
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     try:

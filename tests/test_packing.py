@@ -22,7 +22,9 @@ def tok(tokenizer_path: Path) -> LoadedTokenizer:
     return load_tokenizer(str(tokenizer_path))
 
 
-def _pack(tok: LoadedTokenizer, docs: list[tuple[str, str]], S: int, M: int) -> tuple[list[dict], dict]:
+def _pack(
+    tok: LoadedTokenizer, docs: list[tuple[str, str]], S: int, M: int
+) -> tuple[list[dict], dict]:
     counters = Counters()
     split = [(doc_id, split_sentences(normalise(text))) for doc_id, text in docs]
     tokenized = tokenize_documents(
@@ -55,7 +57,9 @@ document = st.lists(sentence, min_size=1, max_size=25).map(" ".join)
     S=st.integers(1, 9),
     M=st.integers(3, 24),
 )
-def test_blocks_preserve_every_sentence_in_order(tok: LoadedTokenizer, docs: list[str], S: int, M: int) -> None:
+def test_blocks_preserve_every_sentence_in_order(
+    tok: LoadedTokenizer, docs: list[str], S: int, M: int
+) -> None:
     named = [(f"doc{i}", text) for i, text in enumerate(docs)]
     rows, sentences = _pack(tok, named, S, M)
     eos = tok.special_ids["end_of_sentence"]
@@ -101,7 +105,10 @@ def test_long_sentence_is_split_into_pieces_never_truncated(tok: LoadedTokenizer
 
 def test_bytes_and_words_add_up_exactly(tok: LoadedTokenizer) -> None:
     rng = random.Random(1)
-    docs = [(f"d{i}", " ".join(make_sentence(rng) for _ in range(rng.randint(1, 30)))) for i in range(20)]
+    docs = [
+        (f"d{i}", " ".join(make_sentence(rng) for _ in range(rng.randint(1, 30))))
+        for i in range(20)
+    ]
     rows, sentences = _pack(tok, docs, S=7, M=6)
     want_bytes = sum(len(s.encode()) for ss in sentences.values() for s in ss)
     want_words = sum(len(s.split()) for ss in sentences.values() for s in ss)
@@ -140,5 +147,5 @@ def test_tokenizer_that_is_not_json_fails_clearly(tmp_path: Path) -> None:
 
     p = tmp_path / "t.json"
     p.write_bytes(b"\x00\x01binary")
-    with pytest.raises(TokenizerError, match="t.json"):
+    with pytest.raises(TokenizerError, match=r"t\.json"):
         load_tokenizer(str(p))

@@ -50,13 +50,22 @@ def config(src: Path | str, out: Path | str, tok: Path, **packing: object) -> Pr
         input=InputConfig(paths=[str(src)], id_field="id"),
         output=str(out),
         tokenizer=str(tok),
-        packing=PackingConfig(**{"sentences_per_block": 8, "max_sentence_tokens": 16, "heldout_fraction": 0.2, **packing}),  # type: ignore[arg-type]
+        packing=PackingConfig(
+            **{
+                "sentences_per_block": 8,
+                "max_sentence_tokens": 16,
+                "heldout_fraction": 0.2,
+                **packing,
+            }
+        ),  # type: ignore[arg-type]
         workers=2,
         plot=False,
     )
 
 
-def test_full_run_manifest_matches_the_shards(corpus: Path, tmp_path: Path, tokenizer_path: Path) -> None:
+def test_full_run_manifest_matches_the_shards(
+    corpus: Path, tmp_path: Path, tokenizer_path: Path
+) -> None:
     out = tmp_path / "out"
     cfg = config(corpus, out, tokenizer_path)
     cfg.plot = True
@@ -140,13 +149,15 @@ def test_changing_settings_or_tokenizer_into_existing_output_is_refused(
         run_preprocess(config(corpus, out, other))
 
 
-def test_changed_input_is_refused_or_replaced(corpus: Path, tmp_path: Path, tokenizer_path: Path) -> None:
+def test_changed_input_is_refused_or_replaced(
+    corpus: Path, tmp_path: Path, tokenizer_path: Path
+) -> None:
     out = tmp_path / "out"
     first = run_preprocess(config(corpus, out, tokenizer_path))
     target = corpus / "part-1.jsonl"
     write_jsonl(target, ["Brand new text. Only this."])
     os.utime(target, ns=(1, 1))
-    with pytest.raises(ChangedInputError, match="part-1.jsonl"):
+    with pytest.raises(ChangedInputError, match=r"part-1\.jsonl"):
         run_preprocess(config(corpus, out, tokenizer_path))
     cfg = config(corpus, out, tokenizer_path)
     cfg.on_changed = "replace"
@@ -202,7 +213,9 @@ def test_missing_or_empty_inputs_fail_before_any_work(tmp_path: Path, tokenizer_
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_interrupted_run_leaves_nothing_visible(corpus: Path, tmp_path: Path, tokenizer_path: Path) -> None:
+def test_interrupted_run_leaves_nothing_visible(
+    corpus: Path, tmp_path: Path, tokenizer_path: Path
+) -> None:
     """A run killed before its commit leaves only staging files, which readers never see."""
     from pipeline import preprocess as pp
 

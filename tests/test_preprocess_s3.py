@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.s3]
 
 
 def storage(server: Any, secret: str | None = None) -> StorageConfig:
-    return StorageConfig(endpoint_url=server.endpoint, key=server.key, secret=secret or server.secret)
+    return StorageConfig(
+        endpoint_url=server.endpoint, key=server.key, secret=secret or server.secret
+    )
 
 
 def client(server: Any) -> s3fs.S3FileSystem:
@@ -45,7 +47,9 @@ def listing(fs: s3fs.S3FileSystem, prefix: str) -> dict[str, tuple[str, str]]:
     }
 
 
-def cfg_for(server: Any, src: str, out: str, tok: str, secret: str | None = None) -> PreprocessConfig:
+def cfg_for(
+    server: Any, src: str, out: str, tok: str, secret: str | None = None
+) -> PreprocessConfig:
     return PreprocessConfig(
         input=InputConfig(paths=[src]),
         output=out,
@@ -62,7 +66,9 @@ def prefix() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def test_s3_full_run_rerun_and_incremental(s3_server: Any, tokenizer_path: Any, prefix: str) -> None:
+def test_s3_full_run_rerun_and_incremental(
+    s3_server: Any, tokenizer_path: Any, prefix: str
+) -> None:
     fs = client(s3_server)
     rng = random.Random(11)
     for k in range(2):
@@ -78,7 +84,9 @@ def test_s3_full_run_rerun_and_incremental(s3_server: Any, tokenizer_path: Any, 
     assert manifest is not None
     rows = 0
     for split in ("train", "heldout"):
-        for s, uri in zip(manifest["splits"][split]["shards"], shard_uris(out, manifest, split), strict=True):
+        for s, uri in zip(
+            manifest["splits"][split]["shards"], shard_uris(out, manifest, split), strict=True
+        ):
             with fs.open(uri, "rb") as f:
                 assert pq.read_table(f).num_rows == s["rows"]
             rows += s["rows"]
@@ -106,7 +114,9 @@ def test_s3_full_run_rerun_and_incremental(s3_server: Any, tokenizer_path: Any, 
     assert all("part-2-" in p for p in third.shards_added)
 
 
-def test_s3_hostile_file_is_counted_and_skipped(s3_server: Any, tokenizer_path: Any, prefix: str) -> None:
+def test_s3_hostile_file_is_counted_and_skipped(
+    s3_server: Any, tokenizer_path: Any, prefix: str
+) -> None:
     fs = client(s3_server)
     put_jsonl(fs, f"corpus/{prefix}/good.jsonl", ["One fine sentence. And another."])
     fs.pipe(f"corpus/{prefix}/evil.jsonl", b"\x00\x01\x02" * 1000)
@@ -124,7 +134,11 @@ def test_s3_wrong_secret_fails_clearly_before_any_work(
     fs = client(s3_server)
     put_jsonl(fs, f"corpus/{prefix}/a.jsonl", ["Hello there."])
     cfg = cfg_for(
-        s3_server, f"s3://corpus/{prefix}/", f"s3://shards/{prefix}/x", str(tokenizer_path), secret="wrong"
+        s3_server,
+        f"s3://corpus/{prefix}/",
+        f"s3://shards/{prefix}/x",
+        str(tokenizer_path),
+        secret="wrong",
     )
     with pytest.raises(StorageError, match=r"(credentials|access denied).*AWS_SECRET_ACCESS_KEY"):
         run_preprocess(cfg)
@@ -135,7 +149,9 @@ def test_s3_missing_buckets_fail_clearly(s3_server: Any, tokenizer_path: Any, pr
     fs = client(s3_server)
     put_jsonl(fs, f"corpus/{prefix}/a.jsonl", ["Hello there."])
     with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist"):
-        run_preprocess(cfg_for(s3_server, "s3://no-such-bucket/x/", "s3://shards/y", str(tokenizer_path)))
+        run_preprocess(
+            cfg_for(s3_server, "s3://no-such-bucket/x/", "s3://shards/y", str(tokenizer_path))
+        )
     with pytest.raises(StorageError, match=r"bucket 'no-such-out' does not exist"):
         run_preprocess(
             cfg_for(s3_server, f"s3://corpus/{prefix}/", "s3://no-such-out/y", str(tokenizer_path))

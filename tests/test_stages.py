@@ -18,7 +18,9 @@ from pipeline.readers import detect, read_documents
 from pipeline.text import normalise, split_sentences
 
 
-def _read(path: Path, cfg: InputConfig | None = None, strict: bool = False) -> tuple[list, Counters]:
+def _read(
+    path: Path, cfg: InputConfig | None = None, strict: bool = False
+) -> tuple[list, Counters]:
     counters = Counters(strict=strict)
     fs = fsspec.filesystem("file")
     docs = list(read_documents(fs, str(path), str(path), cfg or InputConfig(), counters))
