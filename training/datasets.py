@@ -1,0 +1,39 @@
+"""Ray Data over the shards a manifest lists: ordered reads, object-store filesystems."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BLOCK_COLUMNS = ["input_ids", "sentence_lengths", "document_index", "num_bytes", "num_words"]
+
+
+def arrow_filesystem(uri: str, storage: Any = None) -> tuple[Any, str]:
+    """A pyarrow filesystem (wrapping our fsspec one) and the root path it takes."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from pipeline.storage import filesystem_for
+
+    fs, path = filesystem_for(uri, storage)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def read_shards(paths: list[str], storage: Any = None, columns: list[str] | None = None) -> Any:
+    """A Ray Dataset over ``paths`` (full URIs), rows in file order."""
+    import ray.data
+
+    if not paths:
+        raise ValueError("no shards to read")
+    fs, _ = arrow_filesystem(paths[0], storage)
+    from pipeline.storage import filesystem_for
+
+    stripped = [filesystem_for(p, storage)[1] for p in paths]
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    return ray.data.read_parquet(
+        stripped,
+        filesystem=fs,
+        columns=columns or BLOCK_COLUMNS,
+        shuffle=None,
+        # One read task per file keeps the order trivially the file order.
+        override_num_blocks=len(stripped),
+    )
