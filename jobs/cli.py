@@ -89,6 +89,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from jobs.train import main as run
+
+    return run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import main as run
 
@@ -109,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="raw corpora -> packed sentence blocks + manifest")
     _add_preprocess_args(p)
     p.set_defaults(func=cmd_preprocess)
+
+    tr = sub.add_parser(
+        "train", help="train GPTHF (or the GPT baseline) with Ray Train + DeepSpeed"
+    )
+    from jobs.train import add_args as add_train_args
+
+    add_train_args(tr)
+    tr.set_defaults(func=cmd_train)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -140,12 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.preprocess import ChangedInputError
     from pipeline.storage import StorageError
     from pipeline.tokenizer import TokenizerError
+    from training.checkpoint import CheckpointError
+    from training.config import TrainConfigError
 
+    user_errors = (
+        ConfigError,
+        StorageError,
+        ManifestError,
+        TokenizerError,
+        ChangedInputError,
+        TrainConfigError,
+        CheckpointError,
+    )
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, StorageError, ManifestError, TokenizerError, ChangedInputError) as exc:
+    except user_errors as exc:
         print(f"gpthf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from training.data import Shard, dropped_rows, plans_until, rank_micro_batches, resume_point, stream_paths
+from training.data import (
+    Shard,
+    dropped_rows,
+    plans_until,
+    rank_micro_batches,
+    resume_point,
+    stream_paths,
+)
 
 
 def fake_shards(sizes: list[int]) -> tuple[list[Shard], dict[str, pa.Table]]:
@@ -28,7 +35,16 @@ def stream(tables: dict[str, pa.Table], paths: list[str], batch: int) -> Iterato
         yield from tables[p].to_batches(max_chunksize=batch)
 
 
-def run(sizes: list[int], world: int, micro: int, accum: int, chunk: int, total: int, start: int = 0, seed: int = 3):
+def run(
+    sizes: list[int],
+    world: int,
+    micro: int,
+    accum: int,
+    chunk: int,
+    total: int,
+    start: int = 0,
+    seed: int = 3,
+):
     shards, tables = fake_shards(sizes)
     plans = plans_until(shards, world, micro * accum * 1, seed, total)
     out: dict[int, list[list[list[int]]]] = {}
@@ -63,7 +79,7 @@ def test_resume_at_any_step_continues_identically(sizes, world, micro, accum, ch
     total = data.draw(st.integers(1, 3 * (sum(sizes) // (world * rows_per_step))))
     full, plans = run(sizes, world, micro, accum, chunk, total)
     assert sorted(full) == list(range(total)), "every step yields, in order"
-    for step, per_rank in full.items():
+    for per_rank in full.values():
         assert len(per_rank) == world, "all ranks step together"
         for micros in per_rank:
             assert [len(m) for m in micros] == [micro] * accum

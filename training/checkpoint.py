@@ -67,11 +67,21 @@ def read_state(checkpoint_uri: str, storage: Any = None) -> dict[str, Any]:
     return state
 
 
-def check_resumable(state: dict[str, Any], model_config: ModelConfig, schedule_hash: str, world: int, tokenizer_sha: str) -> None:
+def check_resumable(
+    state: dict[str, Any],
+    model_config: ModelConfig,
+    schedule_hash: str,
+    world: int,
+    tokenizer_sha: str,
+) -> None:
     """Refuse a resume that could not continue the same run, naming what differs."""
     theirs = ModelConfig.from_dict(state["model_config"])
     shape = ("arch", "vocab_size", "d_model", "n_heads", "n_layers", "n_encoder_layers", "ffn_dim")
-    diff = [f"{k}: checkpoint {getattr(theirs, k)}, config {getattr(model_config, k)}" for k in shape if getattr(theirs, k) != getattr(model_config, k)]
+    diff = [
+        f"{k}: checkpoint {getattr(theirs, k)}, config {getattr(model_config, k)}"
+        for k in shape
+        if getattr(theirs, k) != getattr(model_config, k)
+    ]
     if diff:
         raise CheckpointError(
             "the checkpoint is of another model shape (" + "; ".join(diff) + "). Resume with the "
@@ -98,7 +108,9 @@ def consolidate(checkpoint_dir: str, zero_stage: int) -> dict[str, torch.Tensor]
     """Full fp32 state dict from a local checkpoint directory holding every rank's shards."""
     if zero_stage == 0:
         path = Path(checkpoint_dir) / DS_TAG / "mp_rank_00_model_states.pt"
-        module: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        module: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=False)[
+            "module"
+        ]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -150,12 +162,16 @@ def load_export(uri: str, storage: Any = None, device: str | torch.device = "cpu
         with fs.open(f"{root}/tokenizer.json", "rb") as f:
             tokenizer_json = f.read().decode()
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{uri} is not a gpthf export (missing {exc.filename or exc}); point at OUT/export") from exc
+        raise CheckpointError(
+            f"{uri} is not a gpthf export (missing {exc.filename or exc}); point at OUT/export"
+        ) from exc
     except (ValueError, RuntimeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{uri}: unreadable export ({exc})") from exc
     model = build_model(ModelConfig.from_dict(config["model"]))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != TIED]
     if missing or unexpected:
-        raise CheckpointError(f"{uri}: weights do not fit the model config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(
+            f"{uri}: weights do not fit the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return Exported(model=model.to(device).eval(), config=config, tokenizer_json=tokenizer_json)

@@ -52,7 +52,9 @@ class OptimSection:
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.total_steps < 1 or self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
-            raise TrainConfigError("optim: need 0 <= warmup_steps <= total_steps and total_steps >= 1")
+            raise TrainConfigError(
+                "optim: need 0 <= warmup_steps <= total_steps and total_steps >= 1"
+            )
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise TrainConfigError("optim: lr must be > 0 and min_lr_ratio in [0, 1]")
 
@@ -132,7 +134,9 @@ class TrainConfig:
         }
         unknown = sorted(set(data) - set(sections))
         if unknown:
-            raise TrainConfigError(f"unknown config section(s) {unknown}; known: {sorted(sections)}")
+            raise TrainConfigError(
+                f"unknown config section(s) {unknown}; known: {sorted(sections)}"
+            )
         kwargs = {}
         for name, section in sections.items():
             values = data.get(name) or {}
@@ -145,17 +149,20 @@ class TrainConfig:
 
     def schedule_hash(self) -> str:
         """What must not change between a run and its resume (the run's identity)."""
+        data = dataclasses.asdict(self.data)
+        data.pop("uri")  # the same data may move
         ident = {
-            "data": dataclasses.asdict(self.data),
+            "data": data,
             "model": dataclasses.asdict(self.model),
             "optim": dataclasses.asdict(self.optim),
             "deepspeed": {
-                k: v for k, v in dataclasses.asdict(self.deepspeed).items() if k != "activation_checkpointing"
+                k: v
+                for k, v in dataclasses.asdict(self.deepspeed).items()
+                if k != "activation_checkpointing"
             },
             "seed": self.run.seed,
             "workers": self.run.workers,
         }
-        ident["data"].pop("uri")
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate_for_run(self) -> None:
@@ -165,7 +172,9 @@ class TrainConfig:
             raise TrainConfigError("--output is required")
 
 
-def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}

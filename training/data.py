@@ -41,7 +41,9 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([*key])
 
 
-def epoch_plan(shards: list[Shard], world: int, rows_per_step: int, seed: int, epoch: int) -> EpochPlan:
+def epoch_plan(
+    shards: list[Shard], world: int, rows_per_step: int, seed: int, epoch: int
+) -> EpochPlan:
     order = [int(i) for i in _rng(seed, epoch).permutation(len(shards))]
     position = {shard: p for p, shard in enumerate(order)}
     # Largest first onto the lightest rank balances rows; each rank then reads its shards in
@@ -61,7 +63,8 @@ def plans_until(
     shards: list[Shard], world: int, rows_per_step: int, seed: int, total_steps: int
 ) -> list[EpochPlan]:
     """Epoch plans covering global steps [0, total_steps)."""
-    plans, done = [], 0
+    plans: list[EpochPlan] = []
+    done = 0
     while done < total_steps:
         plan = epoch_plan(shards, world, rows_per_step, seed, len(plans))
         if plan.steps == 0:

@@ -6,7 +6,6 @@ Everything arrives through ``loop_config`` (STYLE.md 11); nothing is read from m
 from __future__ import annotations
 
 import json
-import os
 import resource
 import tempfile
 import time
@@ -52,9 +51,12 @@ def _documents(rows: pa.Table) -> list[list[int]]:
     """Sentence lengths of each (row-local) document: what the FLOPs model needs."""
     docs = []
     for lengths, doc_index in zip(
-        rows.column("sentence_lengths").to_pylist(), rows.column("document_index").to_pylist(), strict=True
+        rows.column("sentence_lengths").to_pylist(),
+        rows.column("document_index").to_pylist(),
+        strict=True,
     ):
-        current, last = [], None
+        current: list[int] = []
+        last = None
         for n, d in zip(lengths, doc_index, strict=True):
             if d != last and current:
                 docs.append(current)
@@ -122,7 +124,9 @@ def _all_sum(x: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def _val_loss(engine: Any, val_rows: list[dict[str, Any]], pad_id: int, micro: int, device: torch.device) -> float:
+def _val_loss(
+    engine: Any, val_rows: list[dict[str, Any]], pad_id: int, micro: int, device: torch.device
+) -> float:
     """Mean NLL over the fixed held-out sample; every rank scores all of it (ZeRO-3 needs all ranks
     in every forward), so no reduction is needed."""
     engine.eval()
@@ -131,13 +135,28 @@ def _val_loss(engine: Any, val_rows: list[dict[str, Any]], pad_id: int, micro: i
         for i in range(0, len(val_rows), micro):
             b = collate_blocks(val_rows[i : i + micro], pad_id=pad_id).to(device)
             logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
-            nll += float(F.cross_entropy(logits.float().flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
+            nll += float(
+                F.cross_entropy(
+                    logits.float().flatten(0, 1),
+                    b.labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
             targets += b.num_targets
     engine.train()
     return nll / max(targets, 1)
 
 
-def _stream(cfg: TrainConfig, ctx: dict[str, Any], rank: int, start_step: int, plans: list[Any], rps: int, chunk: int) -> Iterator[pa.Table]:
+def _stream(
+    cfg: TrainConfig,
+    ctx: dict[str, Any],
+    rank: int,
+    start_step: int,
+    plans: list[Any],
+    rps: int,
+    chunk: int,
+) -> Iterator[pa.Table]:
     import ray.data
     import ray.train
 
@@ -172,7 +191,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(mc)
     optimizer, scheduler = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world, bf16)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, bf16),
     )
 
     start_step, tokens_seen = 0, 0
@@ -202,28 +224,46 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     peak = _peak_flops(cfg, device)
     writer = _MetricsWriter(ctx["output"], cfg.storage, start_step) if rank == 0 else None
     if rank == 0:
-        print(f"[train] {mc.arch} {model.num_parameters():,} params, {world} worker(s), ZeRO-{cfg.deepspeed.zero_stage}, "
-              f"{'bf16' if bf16 else 'fp32'} on {device.type}; steps {start_step} -> {end} of {total}", flush=True)
+        print(
+            f"[train] {mc.arch} {model.num_parameters():,} params, {world} worker(s), ZeRO-{cfg.deepspeed.zero_stage}, "
+            f"{'bf16' if bf16 else 'fp32'} on {device.type}; steps {start_step} -> {end} of {total}",
+            flush=True,
+        )
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             torch.save(torch.get_rng_state(), Path(tmp, f"rng_rank{rank}.pt"))
             if rank == 0:
-                plan_epoch = resume_point(plans, 0, min(step, sum(p.steps for p in plans) - 1), rps, cfg.data.shuffle_chunk_rows).epoch_index
-                Path(tmp, STATE).write_text(json.dumps({
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "data_cursor": {"global_step": step, "epoch": plan_epoch, "rows_per_step": rps * world},
-                    "seed": cfg.run.seed,
-                    "shuffle_seed": cfg.data.shuffle_seed,
-                    "world_size": world,
-                    "schedule_hash": ctx["schedule_hash"],
-                    "tokenizer_sha256": ctx["tokenizer_sha256"],
-                    "manifest_version": ctx["manifest_version"],
-                    "model_config": mc.to_dict(),
-                    "zero_stage": cfg.deepspeed.zero_stage,
-                }, indent=1))
+                plan_epoch = resume_point(
+                    plans,
+                    0,
+                    min(step, sum(p.steps for p in plans) - 1),
+                    rps,
+                    cfg.data.shuffle_chunk_rows,
+                ).epoch_index
+                Path(tmp, STATE).write_text(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "tokens_seen": tokens_seen,
+                            "data_cursor": {
+                                "global_step": step,
+                                "epoch": plan_epoch,
+                                "rows_per_step": rps * world,
+                            },
+                            "seed": cfg.run.seed,
+                            "shuffle_seed": cfg.data.shuffle_seed,
+                            "world_size": world,
+                            "schedule_hash": ctx["schedule_hash"],
+                            "tokenizer_sha256": ctx["tokenizer_sha256"],
+                            "manifest_version": ctx["manifest_version"],
+                            "model_config": mc.to_dict(),
+                            "zero_stage": cfg.deepspeed.zero_stage,
+                        },
+                        indent=1,
+                    )
+                )
                 Path(tmp, "model_config.json").write_text(json.dumps(mc.to_dict(), indent=1))
                 Path(tmp, "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
                 assert writer is not None
@@ -233,13 +273,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t_last = time.perf_counter()
     wait = 0.0
     stream = _stream(cfg, ctx, rank, start_step, plans, rps, cfg.data.shuffle_chunk_rows)
-    batches = rank_micro_batches(stream, plans, rank, start_step, micro_rows=micro, grad_accum=accum,
-                                 chunk_rows=cfg.data.shuffle_chunk_rows, seed=cfg.data.shuffle_seed)
+    batches = rank_micro_batches(
+        stream,
+        plans,
+        rank,
+        start_step,
+        micro_rows=micro,
+        grad_accum=accum,
+        chunk_rows=cfg.data.shuffle_chunk_rows,
+        seed=cfg.data.shuffle_seed,
+    )
     step = start_step
     while step < end:
         t0 = time.perf_counter()
         step, micros = next(batches)
-        collated = [collate_blocks(m, pad_id=pad_id, pad_to_multiple=cfg.data.pad_to_multiple) for m in micros]
+        collated = [
+            collate_blocks(m, pad_id=pad_id, pad_to_multiple=cfg.data.pad_to_multiple)
+            for m in micros
+        ]
         wait += time.perf_counter() - t0
         global_targets = _all_sum(sum(b.num_targets for b in collated), device)
         lr = scheduler.get_last_lr()[0]
@@ -247,7 +298,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for b in collated:
             b = b.to(device)
             logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            nll = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                b.labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
             # DeepSpeed divides by grad_accum and averages over ranks: this makes the gradient
             # that of the summed NLL over the global batch divided by its target count.
             engine.backward(nll * (world * accum) / global_targets)
@@ -280,14 +336,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             writer.write(metrics)
             extra = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
             mfu = f" mfu {metrics['mfu']:.1%}" if metrics["mfu"] is not None else ""
-            print(f"[train] step {step}/{end} loss {loss:.4f}{extra} lr {lr:.2e} gnorm {metrics['grad_norm'] or 0:.3f} "
-                  f"{metrics['tokens_per_s']:,.0f} tok/s{mfu} data-wait {metrics['data_wait_frac']:.0%}", flush=True)
+            print(
+                f"[train] step {step}/{end} loss {loss:.4f}{extra} lr {lr:.2e} gnorm {metrics['grad_norm'] or 0:.3f} "
+                f"{metrics['tokens_per_s']:,.0f} tok/s{mfu} data-wait {metrics['data_wait_frac']:.0%}",
+                flush=True,
+            )
         # Only checkpoints are reported: a report is a barrier across workers, and the per-step
         # metrics already go to metrics.jsonl / TensorBoard.
         if step % cfg.run.checkpoint_every == 0 or step == end:
             save(step, metrics)
-    peak_mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak_mem = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     if writer is not None:
         writer.write({"step": end, "peak_memory_bytes": int(peak_mem), "final": True})
         writer.sync()

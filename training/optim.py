@@ -12,7 +12,8 @@ from training.config import OptimSection
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
     """Matrices (dim >= 2: projections, the tied embedding) decay; norm weights do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import read_manifest, shards
@@ -45,7 +45,11 @@ def model_config_for(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfig:
         "eod_id": manifest["special_tokens"]["end_of_document"]["id"],
         "max_sentence_tokens": manifest["packing"]["max_sentence_tokens"],
     }
-    clash = [f"{k}: model config {cfg.model.overrides[k]}, data {data[k]}" for k in _DATA_IDS if k in cfg.model.overrides and cfg.model.overrides[k] != data[k]]
+    clash = [
+        f"{k}: model config {cfg.model.overrides[k]}, data {data[k]}"
+        for k in _DATA_IDS
+        if k in cfg.model.overrides and cfg.model.overrides[k] != data[k]
+    ]
     if clash:
         raise TrainConfigError(
             "the model config does not match the data's tokenizer (" + "; ".join(clash) + "). "
@@ -73,10 +77,14 @@ def check_resources(cfg: TrainConfig) -> None:
             "an error (see STACK.md). Lower run.cpus_per_worker (e.g. 0.5) or run.workers."
         )
     if cfg.run.gpu and ray.cluster_resources().get("GPU", 0.0) < cfg.run.workers:
-        raise TrainConfigError(f"--gpu with {cfg.run.workers} workers, but the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs")
+        raise TrainConfigError(
+            f"--gpu with {cfg.run.workers} workers, but the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs"
+        )
 
 
-def _val_rows(data_uri: str, manifest: dict[str, Any], n: int, storage: Any) -> list[dict[str, Any]]:
+def _val_rows(
+    data_uri: str, manifest: dict[str, Any], n: int, storage: Any
+) -> list[dict[str, Any]]:
     """The first ``n`` held-out blocks (shards by path): the same sample at every validation."""
     import pyarrow.parquet as pq
 
@@ -86,7 +94,9 @@ def _val_rows(data_uri: str, manifest: dict[str, Any], n: int, storage: Any) -> 
     for s in shards(manifest, "heldout"):
         fs, path = filesystem_for(f"{data_uri}/{s.path}", storage)
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["input_ids", "sentence_lengths", "document_index", "num_bytes"])
+            table = pq.read_table(
+                f, columns=["input_ids", "sentence_lengths", "document_index", "num_bytes"]
+            )
         rows.extend(table.slice(0, n - len(rows)).to_pylist())
         if len(rows) >= n:
             break
@@ -94,7 +104,6 @@ def _val_rows(data_uri: str, manifest: dict[str, Any], n: int, storage: Any) -> 
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -105,7 +114,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     data_uri, output = cfg.data.uri.rstrip("/"), cfg.run.output.rstrip("/")
     manifest = read_manifest(data_uri, cfg.storage)
     if manifest is None:
-        raise TrainConfigError(f"{data_uri} has no manifest.json: point --data at a `gpthf preprocess` output")
+        raise TrainConfigError(
+            f"{data_uri} has no manifest.json: point --data at a `gpthf preprocess` output"
+        )
     mc = model_config_for(cfg, manifest)
     train_shards = [Shard(s.path, s.rows) for s in shards(manifest, "train")]
     world = cfg.run.workers
@@ -118,7 +129,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     existing = list_checkpoints(ray_dir, cfg.storage)
     start_step, resume_from = 0, None
     if existing and not cfg.run.resume:
-        raise TrainConfigError(f"{output} already holds checkpoints (last at step {existing[-1][0]}): pass --resume to continue that run, or choose another --output")
+        raise TrainConfigError(
+            f"{output} already holds checkpoints (last at step {existing[-1][0]}): pass --resume to continue that run, or choose another --output"
+        )
     if existing:
         step, resume_from = existing[-1]
         state = read_state(resume_from, cfg.storage)
@@ -127,17 +140,31 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         print(f"[train] resuming from {resume_from} (step {step})", flush=True)
     elif cfg.run.resume:
         print(f"[train] --resume: no checkpoint under {ray_dir}, starting from step 0", flush=True)
-    end = min(cfg.optim.total_steps, cfg.run.max_steps) if cfg.run.max_steps is not None else cfg.optim.total_steps
+    end = (
+        min(cfg.optim.total_steps, cfg.run.max_steps)
+        if cfg.run.max_steps is not None
+        else cfg.optim.total_steps
+    )
 
     fs, root = filesystem_for(output, cfg.storage)
-    write_bytes_atomic(fs, f"{root}/train_config.json", json.dumps(cfg.to_dict(redact=True), indent=1).encode())
+    write_bytes_atomic(
+        fs, f"{root}/train_config.json", json.dumps(cfg.to_dict(redact=True), indent=1).encode()
+    )
     if start_step >= end:
-        return TrainResult(output, start_step, start_step, None, {"note": "nothing to do: already at the requested step"})
+        return TrainResult(
+            output,
+            start_step,
+            start_step,
+            None,
+            {"note": "nothing to do: already at the requested step"},
+        )
 
     datasets = {}
     for r in range(world):
         rp = resume_point(plans, r, start_step, rps, cfg.data.shuffle_chunk_rows)
-        datasets[f"train_rank{r}"] = read_shards([f"{data_uri}/{p}" for p in stream_paths(plans, r, rp)], cfg.storage)
+        datasets[f"train_rank{r}"] = read_shards(
+            [f"{data_uri}/{p}" for p in stream_paths(plans, r, rp)], cfg.storage
+        )
     context = {
         "model_config": mc.to_dict(),
         "shards": [(s.path, s.rows) for s in train_shards],
@@ -155,21 +182,26 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.gpu else {})}
     from ray.data import ExecutionOptions
 
+    run_config = RunConfig(  # type: ignore[call-arg]  # Train V2 RunConfig has worker_runtime_env
+        name=cfg.run.name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        worker_runtime_env={"env_vars": env},
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "context": context},
         torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.run.gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            worker_runtime_env={"env_vars": env},
+        scaling_config=ScalingConfig(
+            num_workers=world, use_gpu=cfg.run.gpu, resources_per_worker=resources
         ),
+        run_config=run_config,
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -180,7 +212,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     assert result.checkpoint is not None
     with tempfile.TemporaryDirectory(prefix="gpthf-export-") as tmp:
         result.checkpoint.to_directory(tmp)
-        state = json.load(open(os.path.join(tmp, "trainer_state.json")))
+        state = json.loads(Path(tmp, "trainer_state.json").read_text())
         weights = consolidate(tmp, cfg.deepspeed.zero_stage)
     tok_fs, tok_path = filesystem_for(f"{data_uri}/tokenizer.json", cfg.storage)
     with tok_fs.open(tok_path, "rb") as f:
@@ -215,8 +247,14 @@ def read_metrics(output: str, storage: Any = None) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
 
 
-def summarise(output: str, cfg: TrainConfig, start: int, end: int, wall: float, dropped: int) -> dict[str, Any]:
-    records = [r for r in read_metrics(output, cfg.storage) if start < r.get("step", 0) <= end and "loss" in r]
+def summarise(
+    output: str, cfg: TrainConfig, start: int, end: int, wall: float, dropped: int
+) -> dict[str, Any]:
+    records = [
+        r
+        for r in read_metrics(output, cfg.storage)
+        if start < r.get("step", 0) <= end and "loss" in r
+    ]
     final = [r for r in read_metrics(output, cfg.storage) if r.get("final")]
     tokens = sum(r["tokens"] for r in records)
     step_time = sum(r["step_time_s"] for r in records)
@@ -241,7 +279,11 @@ def format_summary(result: TrainResult) -> str:
         f"[train] steps {s['steps'][0]} -> {s['steps'][1]}: {s['tokens']:,} tokens in {s['train_time_s']}s "
         f"({s['tokens_per_s']} tok/s), final loss {s['final_loss']:.4f}"
         + (f", val {s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "")
-        + (f", peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB" if s["peak_memory_bytes"] else "")
+        + (
+            f", peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB"
+            if s["peak_memory_bytes"]
+            else ""
+        )
         + f"\n[train] export: {result.export}"
     )
 
