@@ -1,4 +1,5 @@
-"""The main job on the embedded default: sample corpus -> tokenizer -> preprocess (in-process Ray)."""
+"""The main job on the embedded default (in-process Ray, local files, the sample corpus):
+tokenizer -> preprocess -> train a tiny GPTHF."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 DEMO_VOCAB = 4096
 DEMO_HELDOUT = 0.05
+DEMO_STEPS = 300
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,4 +57,32 @@ def main(args: argparse.Namespace) -> int:
         print(f"[demo] preprocess: nothing new, manifest v{result.version} ({took:.1f}s)")
     print(format_stats(result.stats))
     print(f"[demo] outputs in {work / 'data'} (manifest.json, stats.json, stats.png)")
+
+    from training.config import load_train_config
+    from training.trainer import format_summary, run_training
+
+    tcfg = load_train_config(
+        None,
+        {
+            "data.uri": str(work / "data"),
+            "run.output": str(work / "train-gpthf"),
+            "model.preset": "gpthf-tiny",
+            "run.workers": 1,
+            "run.resume": True,  # a second `make demo` continues (or finds the run complete)
+            "deepspeed.zero_stage": 1,
+            "deepspeed.micro_batch_rows": 8,
+            "optim.total_steps": DEMO_STEPS,
+            "optim.warmup_steps": 20,
+            "optim.lr": 2e-3,
+            "run.checkpoint_every": 100,
+            "run.eval_every": 50,
+            "run.log_every": 10,
+        },
+    )
+    t0 = time.perf_counter()
+    trained = run_training(tcfg)
+    print(format_summary(trained))
+    print(
+        f"[demo] training took {time.perf_counter() - t0:.0f}s; metrics in {work / 'train-gpthf'}"
+    )
     return 0

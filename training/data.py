@@ -13,7 +13,7 @@ chunk (using the manifest's row counts, without reading them) and re-reads at mo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,8 +125,8 @@ def stream_paths(plans: list[EpochPlan], rank: int, start: ResumePoint) -> list[
 class _Rows:
     """Exact-size takes from an iterator of Arrow tables/batches."""
 
-    def __init__(self, batches: Iterator[pa.Table | pa.RecordBatch]) -> None:
-        self._it = batches
+    def __init__(self, batches: Iterable[pa.Table | pa.RecordBatch]) -> None:
+        self._it = iter(batches)
         self._buf: list[pa.Table] = []
         self._n = 0
 
@@ -151,7 +151,7 @@ class _Rows:
 
 
 def rank_micro_batches(
-    batches: Iterator[pa.Table | pa.RecordBatch],
+    batches: Iterable[pa.Table | pa.RecordBatch],
     plans: list[EpochPlan],
     rank: int,
     start_step: int,

@@ -272,6 +272,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     t_last = time.perf_counter()
     wait = 0.0
+    session_tokens, session_time = 0, 0.0
     stream = _stream(cfg, ctx, rank, start_step, plans, rps, cfg.data.shuffle_chunk_rows)
     batches = rank_micro_batches(
         stream,
@@ -315,6 +316,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step += 1
         now = time.perf_counter()
         dt, t_last = now - t_last, now
+        session_tokens += step_tokens
+        session_time += dt
         grad_norm = engine.get_global_grad_norm()
         flops = _all_sum(sum(train_step_flops(mc, _documents(m)).total for m in micros), device)
         metrics: dict[str, Any] = {
@@ -351,5 +354,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     if writer is not None:
-        writer.write({"step": end, "peak_memory_bytes": int(peak_mem), "final": True})
+        writer.write(
+            {
+                "step": end,
+                "final": True,
+                "start_step": start_step,
+                "session_tokens": session_tokens,
+                "session_time_s": session_time,
+                "peak_memory_bytes": int(peak_mem),
+            }
+        )
         writer.sync()

@@ -250,14 +250,11 @@ def read_metrics(output: str, storage: Any = None) -> list[dict[str, Any]]:
 def summarise(
     output: str, cfg: TrainConfig, start: int, end: int, wall: float, dropped: int
 ) -> dict[str, Any]:
-    records = [
-        r
-        for r in read_metrics(output, cfg.storage)
-        if start < r.get("step", 0) <= end and "loss" in r
-    ]
-    final = [r for r in read_metrics(output, cfg.storage) if r.get("final")]
-    tokens = sum(r["tokens"] for r in records)
-    step_time = sum(r["step_time_s"] for r in records)
+    metrics = read_metrics(output, cfg.storage)
+    records = [r for r in metrics if start < r.get("step", 0) <= end and "loss" in r]
+    final = [r for r in metrics if r.get("final") and r.get("start_step") == start]
+    tokens = final[-1]["session_tokens"] if final else 0
+    step_time = final[-1]["session_time_s"] if final else 0.0
     return {
         "steps": [start, end],
         "tokens": tokens,

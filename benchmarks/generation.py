@@ -1,0 +1,308 @@
+"""Generation speed: GPTHF (full, sentence-cache, kv) against the GPT of equal size (full, kv).
+
+    .venv/bin/python benchmarks/generation.py            # the issue's protocol (meant for a GPU)
+    .venv/bin/python benchmarks/generation.py --quick    # a few minutes on a CPU
+
+Protocol (paper): (prompt, new tokens) in {(100,100), (100,250), (250,100), (250,250), (20,500),
+(500,20)} at batch 1 and 32, greedy, plus a long-context point (2048 prompt tokens, batch 32).
+Both models have random weights and see the same prompts. A random model with tied embeddings
+tends to repeat its last token (after one EOS-S, EOS-S forever: one-token sentences), so the
+benchmark suppresses EOS-S and end-of-document in sampling and lets the sentence cap end every
+sentence: the cap is set to ``--sentence-len`` (25, a typical English sentence in BPE tokens)
+and prompts are cut into sentences of 13-37 tokens. Every row makes exactly the requested
+number of tokens, and GPTHF works at a realistic, fixed sentence length.
+
+Reported per point and mode: tokens/s (new tokens over the wall time of the whole ``generate``
+call, prefill included), decode tokens/s (after the first new token, i.e. without the prefill),
+analytic FLOPs per token (``training.flops``), and cache bytes per sequence at the end (live
+slots, and allocated). Ratios are taken within this one run. Results: ``benchmarks/results/generation[_quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.flops import decode_flops, prefill_flops
+from training.generate import MODES, generate
+from training.model import ModelConfig, Transformer, build_model
+
+FULL = dict(
+    preset="gpthf-8-4",
+    pairs=[(100, 100), (100, 250), (250, 100), (250, 250), (20, 500), (500, 20)],
+    batches=[1, 32],
+    long=(2048, 100, 32),
+    long_modes=None,  # all
+)
+QUICK = dict(
+    preset="gpthf-tiny",
+    pairs=[(100, 100), (250, 50), (20, 200)],
+    batches=[1, 8],
+    long=(2048, 32, 8),
+    long_modes={"gpthf": ("sentence-cache", "kv"), "gpt": ("kv",)},  # full re-runs take minutes
+)
+RUNS = [
+    ("gpt", "full"),
+    ("gpt", "kv"),
+    ("gpthf", "full"),
+    ("gpthf", "sentence-cache"),
+    ("gpthf", "kv"),
+]
+
+
+def make_prompts(
+    n: int, length: int, sentence_len: int, c: ModelConfig, seed: int
+) -> list[list[int]]:
+    """Random ordinary tokens with EOS-S closing sentences of 0.5-1.5x sentence_len tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(n):
+        ids = torch.randint(3, c.vocab_size, (length,), generator=g)
+        ids[torch.isin(ids, torch.tensor([c.eos_id, c.pad_id, c.eod_id]))] = 3
+        pos = -1
+        while True:
+            pos += int(
+                torch.randint(sentence_len // 2, 3 * sentence_len // 2 + 1, (1,), generator=g)
+            )
+            if pos >= length - 1:
+                break
+            ids[pos] = c.eos_id
+        prompts.append(ids.tolist())
+    return prompts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(
+    model: Transformer,
+    mode: str,
+    prompts: list[list[int]],
+    new: int,
+    sentence_len: int,
+    repeats: int,
+) -> dict[str, Any]:
+    device = model.embed.weight.device
+    best: tuple[float, float, float] = (float("inf"), 0.0, 0.0)
+    result = None
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = generate(
+            model,
+            prompts,
+            max_new_tokens=new,
+            mode=mode,
+            max_sentence_tokens=sentence_len,
+            stop_at_eod=False,
+            suppress_tokens=[model.config.eos_id, model.config.eod_id],
+        )
+        _sync(device)
+        total = time.perf_counter() - t0
+        if total < best[0]:
+            best = (total, result.seconds["prefill"], result.seconds["decode"])
+    assert result is not None
+    made = sum(len(t) for t in result.tokens)
+    decoded = made - len(prompts)  # the first new token of each row comes from the prefill
+    c = model.config
+    pairs = list(zip(result.prompts, result.tokens, strict=True))
+    prefill = sum(prefill_flops(c, p).total for p, _ in pairs)
+    decode = sum(decode_flops(c, mode, p, t).total for p, t in pairs)
+    return {
+        "seconds": best[0],
+        "prefill_seconds": best[1],
+        "decode_seconds": best[2],
+        "tokens_per_s": made / best[0],
+        "decode_tokens_per_s": decoded / best[2] if decoded else float("nan"),
+        "flops_per_token": (prefill + decode) / made,
+        "decode_flops_per_token": decode / decoded if decoded else float("nan"),
+        "cache_bytes_live": result.cache_bytes["live"],
+        "cache_bytes_allocated": result.cache_bytes["allocated"],
+        "natural_end_rate": result.natural_end_rate,
+    }
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
+
+
+def table(points: list[dict[str, Any]], key: str) -> str:
+    """One markdown table of ``key`` (tokens_per_s or decode_tokens_per_s) with the ratios."""
+    lines = [
+        "| prompt | new | batch | GPT full | GPT kv | HF full | HF sent-cache | HF kv "
+        "| sc / GPT-full | kv / GPT-kv | kv / GPT-full |",
+        "|" + "---|" * 11,
+    ]
+
+    def val(r: dict[str, Any], run: str) -> str:
+        return _fmt(r[run][key]) if run in r else "-"
+
+    def ratio(r: dict[str, Any], a: str, b: str) -> str:
+        return f"{r[a][key] / r[b][key]:.2f}x" if a in r and b in r else "-"
+
+    for p in points:
+        r = p["runs"]
+        lines.append(
+            f"| {p['prompt']} | {p['new']} | {p['batch']} | {val(r, 'gpt/full')} | {val(r, 'gpt/kv')} "
+            f"| {val(r, 'gpthf/full')} | {val(r, 'gpthf/sentence-cache')} | {val(r, 'gpthf/kv')} "
+            f"| {ratio(r, 'gpthf/sentence-cache', 'gpt/full')} | {ratio(r, 'gpthf/kv', 'gpt/kv')} "
+            f"| {ratio(r, 'gpthf/kv', 'gpt/full')} |"
+        )
+    return "\n".join(lines)
+
+
+def cost_table(points: list[dict[str, Any]]) -> str:
+    """Analytic decode FLOPs per token and live cache per sequence at the end."""
+    runs = ("gpt/full", "gpt/kv", "gpthf/full", "gpthf/sentence-cache", "gpthf/kv")
+    lines = [
+        "| prompt | new | batch | MFLOP/token (decode) GPT full : GPT kv : HF full : HF sc : HF kv "
+        "| cache KiB/seq GPT kv : HF kv : HF sc | cache GPT-kv / HF-kv |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        r = p["runs"]
+        mflop = " : ".join(
+            f"{r[k]['decode_flops_per_token'] / 1e6:.3g}" if k in r else "-" for k in runs
+        )
+        kib = " : ".join(
+            f"{r[k]['cache_bytes_live'] / 1024:.4g}"
+            for k in ("gpt/kv", "gpthf/kv", "gpthf/sentence-cache")
+        )
+        ratio = r["gpt/kv"]["cache_bytes_live"] / r["gpthf/kv"]["cache_bytes_live"]
+        lines.append(
+            f"| {p['prompt']} | {p['new']} | {p['batch']} | {mflop} | {kib} | {ratio:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def goals(points: list[dict[str, Any]]) -> dict[str, Any]:
+    proto = [p for p in points if not p["long"]]
+    long = [p for p in points if p["long"]][-1]["runs"]
+    out: dict[str, Any] = {}
+    for key in ("tokens_per_s", "decode_tokens_per_s"):
+        sc = [p["runs"]["gpthf/sentence-cache"][key] / p["runs"]["gpt/full"][key] for p in proto]
+        kv = long["gpthf/kv"][key] / long["gpt/kv"][key]
+        out[key] = {
+            "sentence_cache_vs_gpt_full": {
+                "min": min(sc),
+                "max": max(sc),
+                "goal": 3.0,
+                "met": min(sc) >= 3.0,
+            },
+            "kv_vs_gpt_kv_long": {"ratio": kv, "goal": 1.5, "met": kv >= 1.5},
+        }
+    cache_kv = long["gpt/kv"]["cache_bytes_live"] / long["gpthf/kv"]["cache_bytes_live"]
+    cache_sc = long["gpt/kv"]["cache_bytes_live"] / long["gpthf/sentence-cache"]["cache_bytes_live"]
+    alloc = long["gpt/kv"]["cache_bytes_allocated"] / long["gpthf/kv"]["cache_bytes_allocated"]
+    out["cache_smaller_long"] = {
+        "kv_live": cache_kv,
+        "kv_allocated": alloc,
+        "sentence_cache_live": cache_sc,
+        "goal": 10.0,
+        "met": cache_kv >= 10 and alloc >= 10,
+    }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny models and fewer points (CPU)")
+    ap.add_argument("--preset", help="GPTHF preset; the GPT is its equal-size baseline")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--sentence-len", type=int, default=25)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--threads", type=int, help="CPU threads (default: 1 with --quick, robust on a shared box)"
+    )
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bf16 on cuda")
+    ap.add_argument("--repeats", type=int, default=2, help="best of N per measurement")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    proto: dict[str, Any] = QUICK if args.quick else FULL
+    device = torch.device(args.device)
+    if args.threads or (args.quick and device.type == "cpu"):
+        torch.set_num_threads(args.threads or 1)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    hf_cfg = ModelConfig.preset(args.preset or proto["preset"], vocab_size=args.vocab_size)
+    models = {}
+    for cfg in (hf_cfg, hf_cfg.baseline()):
+        torch.manual_seed(0)
+        models[cfg.arch] = build_model(cfg).to(device=device, dtype=dtype).eval()
+    print(f"# {hf_cfg.arch} vs gpt, d={hf_cfg.d_model}, L={hf_cfg.n_layers} "
+          f"({hf_cfg.n_encoder_layers}+{hf_cfg.n_body_layers}), V={hf_cfg.vocab_size}, "
+          f"{models['gpt'].num_parameters() / 1e6:.1f}M params, {device} {dtype}", flush=True)  # fmt: skip
+
+    # Warm-up: one short call per mode (allocator, kernel selection).
+    warm = make_prompts(2, 40, args.sentence_len, hf_cfg, seed=1)
+    for arch, mode in RUNS:
+        generate(
+            models[arch], warm, max_new_tokens=8, mode=mode, max_sentence_tokens=args.sentence_len
+        )
+
+    grid = [(p, n, b, False) for p, n in proto["pairs"] for b in proto["batches"]]
+    grid.append((*proto["long"], True))
+    points = []
+    for prompt_len, new, batch, is_long in grid:
+        prompts = make_prompts(batch, prompt_len, args.sentence_len, hf_cfg, seed=prompt_len)
+        runs = {}
+        for arch, mode in RUNS:
+            if is_long and proto["long_modes"] and mode not in proto["long_modes"][arch]:
+                continue
+            runs[f"{arch}/{mode}"] = run_one(
+                models[arch], mode, prompts, new, args.sentence_len, args.repeats
+            )
+            print(f"  P={prompt_len} N={new} B={batch} {arch}/{mode}: "
+                  f"{runs[f'{arch}/{mode}']['tokens_per_s']:.1f} tok/s", flush=True)  # fmt: skip
+        points.append(
+            {"prompt": prompt_len, "new": new, "batch": batch, "long": is_long, "runs": runs}
+        )
+
+    report = {
+        "protocol": "quick" if args.quick else "full",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "gpthf_config": hf_cfg.to_dict(),
+        "sentence_len": args.sentence_len,
+        "modes": MODES,
+        "points": points,
+        "goals": goals(points),
+    }
+    out = (
+        args.out
+        or Path(__file__).parent / "results" / f"generation{'_quick' if args.quick else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print("\nThroughput, whole generate() call (tokens/s, prefill included):\n")
+    print(table(points, "tokens_per_s"))
+    print("\nDecode only (tokens/s after the first new token):\n")
+    print(table(points, "decode_tokens_per_s"))
+    print("\nCosts:\n")
+    print(cost_table(points))
+    print()
+    for name, g in report["goals"].items():
+        print(f"- {name}: {json.dumps(g)}")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Training step speed: forward + backward tokens/s of GPTHF against the GPT of equal size.
+
+    .venv/bin/python benchmarks/train_step.py            # gpthf-8-4 vs gpt-12 (meant for a GPU)
+    .venv/bin/python benchmarks/train_step.py --quick    # tiny models, a minute on a CPU
+
+Both models get the same batches: packed blocks as the data pipeline writes them (exactly
+``--sentences`` sentences per row, lengths ~ Poisson(25) capped at M=64, documents of
+~``--doc-sentences`` sentences running across rows, or one long document per row),
+through ``training.batching``. The GPT gets a document-causal mask where a row holds several
+documents, ``is_causal`` SDPA where it holds one. A step is
+forward, cross-entropy over the labels, backward (no optimizer: it is the same for both).
+tokens/s counts real (non-pad) tokens; best of ``--repeats`` timings of ``--steps`` steps.
+``--profile`` prints the top operators of one step of each model (torch.profiler).
+Results: ``benchmarks/results/train_step[_quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.batching import PackedBatch, collate_blocks
+from training.flops import train_step_flops
+from training.model import ModelConfig, Transformer, build_model
+
+
+def make_rows(
+    n_rows: int, sentences: int, doc_sentences: int, c: ModelConfig, seed: int
+) -> list[dict[str, Any]]:
+    """Packed rows; documents of ~Geometric(doc_sentences) sentences (0: one endless document)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def doc_length() -> int:
+        return int(rng.geometric(1 / doc_sentences)) if doc_sentences else 1 << 62
+
+    doc_left = doc_length()
+    for _ in range(n_rows):
+        lengths = np.clip(rng.poisson(25, sentences), 2, c.max_sentence_tokens)
+        doc_index, doc = [], 0
+        for _ in range(sentences):
+            if doc_left == 0:
+                doc, doc_left = doc + 1, doc_length()
+            doc_index.append(doc)
+            doc_left -= 1
+        ids = rng.integers(3, c.vocab_size, int(lengths.sum()))
+        ids[np.cumsum(lengths) - 1] = c.eos_id
+        rows.append(
+            {"input_ids": ids, "sentence_lengths": lengths, "document_index": np.array(doc_index)}
+        )
+    return rows
+
+
+def documents_of(rows: list[dict[str, Any]]) -> list[list[int]]:
+    docs = []
+    for r in rows:
+        for d in np.unique(r["document_index"]):
+            docs.append(r["sentence_lengths"][r["document_index"] == d].tolist())
+    return docs
+
+
+def step(model: Transformer, b: PackedBatch, autocast: bool) -> None:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(b.input_ids, b.sentence_ids, b.document_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--preset", help="GPTHF preset; the GPT is its equal-size baseline")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--batch", type=int, help="rows per batch (default 8; quick 4)")
+    ap.add_argument("--sentences", type=int, nargs="+", help="sentences per row, one run each")
+    ap.add_argument(
+        "--doc-sentences",
+        type=int,
+        nargs="+",
+        default=[20, 0],
+        help="mean sentences per document, one run each (0: every row is one long document)",
+    )
+    ap.add_argument("--steps", type=int, help="timed steps (default 10; quick 3)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--threads", type=int, help="CPU threads (default: 1 with --quick, robust on a shared box)"
+    )
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if args.threads or (args.quick and device.type == "cpu"):
+        torch.set_num_threads(args.threads or 1)
+    autocast = device.type == "cuda"
+    preset = args.preset or ("gpthf-tiny" if args.quick else "gpthf-8-4")
+    batch = args.batch or (2 if args.quick else 8)
+    steps = args.steps or (2 if args.quick else 10)
+    sentence_counts = args.sentences or ([40] if args.quick else [40, 80, 160])
+    hf_cfg = ModelConfig.preset(preset, vocab_size=args.vocab_size)
+    models = {}
+    for cfg in (hf_cfg, hf_cfg.baseline()):
+        torch.manual_seed(0)
+        models[cfg.arch] = build_model(cfg).to(device).train()
+    print(f"# {preset} vs its GPT baseline, {models['gpt'].num_parameters() / 1e6:.1f}M params, "
+          f"batch {batch}, {device}{' bf16 autocast' if autocast else ' fp32'}", flush=True)  # fmt: skip
+
+    results = []
+    for n_sent, doc_sent in [(n, d) for d in args.doc_sentences for n in sentence_counts]:
+        rows = make_rows(batch * steps, n_sent, doc_sent, hf_cfg, seed=n_sent)
+        batches = [
+            collate_blocks(rows[i : i + batch], pad_id=hf_cfg.pad_id).to(device)
+            for i in range(0, len(rows), batch)
+        ]
+        tokens = sum(b.num_tokens for b in batches)
+        entry: dict[str, Any] = {
+            "sentences_per_row": n_sent,
+            "doc_sentences": doc_sent,
+            "T": batches[0].input_ids.shape[1],
+        }
+        for arch, model in models.items():
+            step(model, batches[0], autocast)  # warm-up
+            best = float("inf")
+            for _ in range(args.repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                for b in batches:
+                    step(model, b, autocast)
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            flops = train_step_flops(model.config, documents_of(rows)).total
+            entry[arch] = {
+                "tokens_per_s": tokens / best,
+                "seconds": best,
+                "flops_per_token": flops / tokens,
+            }
+            print(
+                f"  S={n_sent} docs~{doc_sent} T={entry['T']} {arch}: {tokens / best:,.0f} tok/s",
+                flush=True,
+            )
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + (
+                    [ProfilerActivity.CUDA] if device.type == "cuda" else []
+                )
+                with profile(activities=acts) as prof:
+                    step(model, batches[0], autocast)
+                    _sync(device)
+                key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                print(prof.key_averages().table(sort_by=key, row_limit=15))
+        entry["speedup"] = entry["gpthf"]["tokens_per_s"] / entry["gpt"]["tokens_per_s"]
+        entry["flops_ratio"] = entry["gpt"]["flops_per_token"] / entry["gpthf"]["flops_per_token"]
+        results.append(entry)
+
+    report: dict[str, Any] = {
+        "protocol": "quick" if args.quick else "full",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "precision": "bf16 autocast" if autocast else "fp32",
+        "torch": torch.__version__,
+        "gpthf_config": hf_cfg.to_dict(),
+        "batch": batch,
+        "results": results,
+        "goal": {"speedup": 1.2, "met": all(r["speedup"] >= 1.2 for r in results)},
+    }
+    out = (
+        args.out
+        or Path(__file__).parent / "results" / f"train_step{'_quick' if args.quick else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(
+        "\n| sentences/row | sentences/doc | T | GPT tok/s | GPTHF tok/s | speedup | GPT/GPTHF FLOPs |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        docs = r["doc_sentences"] or "one doc/row"
+        print(f"| {r['sentences_per_row']} | {docs} | {r['T']} | {r['gpt']['tokens_per_s']:,.0f} "
+              f"| {r['gpthf']['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x |")  # fmt: skip
+    print(f"\ngoal GPTHF >= 1.2x: {'met' if report['goal']['met'] else 'missed'}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

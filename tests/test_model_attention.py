@@ -1,0 +1,146 @@
+"""Structured attention equals DESIGN.md's masks, computed densely (T x T) as a reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import training.attention as attention_module
+from tests._model_helpers import PAD, one_torch_thread, row_from_documents, tiny_model
+from training.attention import Attention, rope_tables
+from training.batching import collate_blocks
+from training.model import Transformer
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+
+
+ROWS = [
+    [[3, 1, 4], [2, 5], [6]],  # three documents, a 1-token sentence
+    [[7, 2, 2, 3]],  # one document
+    [[1], [2, 3]],  # short row: lots of padding
+]
+
+
+class DenseReference(Attention):
+    """Masked softmax over a full (B, T, T) boolean mask: the naive implementation."""
+
+    def __init__(self, positions: Tensor, mask: Tensor, model: Transformer) -> None:
+        c = model.config
+        super().__init__(*rope_tables(positions, c.head_dim, c.rope_theta))
+        self.mask = mask  # (B, T, T)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / q.shape[-1] ** 0.5
+        probs = scores.masked_fill(~self.mask[:, None], float("-inf")).softmax(-1)
+        return torch.einsum("bhij,bjhd->bihd", probs, v)
+
+
+def reference_masks(sentence_ids: Tensor, document_ids: Tensor) -> dict[str, Tensor]:
+    """Positions and masks exactly as DESIGN.md words them, with plain loops."""
+    B, T = sentence_ids.shape
+    out = {k: torch.zeros(B, T, dtype=torch.long) for k in ("tok_pos", "sent_pos", "doc_pos")}
+    for k in ("enc", "body", "gpt"):
+        out[k] = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # pads see only themselves
+    for b in range(B):
+        sid, doc = sentence_ids[b].tolist(), document_ids[b].tolist()
+        real = [t for t in range(T) if sid[t] >= 0]
+        is_end = {t: t + 1 == T or sid[t + 1] != sid[t] for t in real}
+        for i in real:
+            same_doc = [t for t in real if doc[t] == doc[i]]
+            out["tok_pos"][b, i] = sum(1 for t in real if sid[t] == sid[i] and t < i)
+            out["doc_pos"][b, i] = sum(1 for t in same_doc if t < i)
+            out["sent_pos"][b, i] = len({sid[t] for t in same_doc if sid[t] < sid[i]})
+            for j in real:
+                out["enc"][b, i, j] = sid[j] == sid[i] and j <= i
+                earlier_end = j <= i and is_end[j] and sid[j] < sid[i] and doc[j] == doc[i]
+                out["body"][b, i, j] = earlier_end or j == i
+                out["gpt"][b, i, j] = doc[j] == doc[i] and j <= i
+    return out
+
+
+def reference_logits(model: Transformer, ids: Tensor, sid: Tensor, doc: Tensor) -> Tensor:
+    r = reference_masks(sid, doc)
+    c = model.config
+    x = model.embed(ids)
+    if c.arch == "gpt":
+        x = model.run_layers(x, DenseReference(r["doc_pos"], r["gpt"], model), range(c.n_layers))
+    else:
+        enc = DenseReference(r["tok_pos"], r["enc"], model)
+        body = DenseReference(r["sent_pos"], r["body"], model)
+        x = model.run_layers(x, enc, range(c.n_encoder_layers))
+        x = model.run_layers(x, body, range(c.n_encoder_layers, c.n_layers))
+    return model.head(x)
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_structured_attention_equals_dense_masks(arch: str) -> None:
+    model = tiny_model(arch)
+    batch = collate_blocks([row_from_documents(d) for d in ROWS], pad_id=PAD)
+    valid = batch.sentence_ids >= 0
+    with torch.no_grad():
+        got = model(batch.input_ids, batch.sentence_ids, batch.document_ids)
+        ref = reference_logits(model, batch.input_ids, batch.sentence_ids, batch.document_ids)
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_packed_row_equals_each_document_alone(arch: str) -> None:
+    model = tiny_model(arch)
+    docs = ROWS[0]
+    row = row_from_documents(docs)
+    batch = collate_blocks([row], pad_id=PAD)
+    with torch.no_grad():
+        packed = model(batch.input_ids, batch.sentence_ids, batch.document_ids)[0]
+        start = 0
+        for doc in docs:
+            n = sum(doc)
+            alone = collate_blocks(
+                [row_from_documents([doc], row["input_ids"][start : start + n])], pad_id=PAD
+            )
+            logits = model(alone.input_ids, alone.sentence_ids, alone.document_ids)[0, :n]
+            torch.testing.assert_close(packed[start : start + n], logits, atol=1e-5, rtol=1e-5)
+            start += n
+
+
+def test_gpthf_never_attends_over_more_than_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encoder SDPA runs on (sentences, s_max) sequences; the body only on (T, N ends)."""
+    seen: list[tuple[int, ...]] = []
+    real_sdpa = attention_module.F.scaled_dot_product_attention
+
+    def spy(q: Tensor, k: Tensor, v: Tensor, **kw: object) -> Tensor:
+        seen.append((q.shape[-2], k.shape[-2]))
+        return real_sdpa(q, k, v, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    model = tiny_model("gpthf")
+    batch = collate_blocks([row_from_documents([[9, 9, 9, 9]])], pad_id=PAD)  # T = 40
+    layout = attention_module.SentenceLayout.build(batch.sentence_ids, batch.document_ids)
+    assert layout.end_allowed.shape == (1, 1, 40, 4)  # (B, 1, T, N): N ends, not T keys
+    with torch.no_grad():
+        model(batch.input_ids, batch.sentence_ids, batch.document_ids)
+    assert seen == [(9, 9)] * model.config.n_encoder_layers
+
+
+def test_gpt_single_document_rows_use_causal_sdpa_without_a_mask() -> None:
+    one = collate_blocks([row_from_documents([[4, 4]]), row_from_documents([[3]])], pad_id=PAD)
+    built = attention_module.DocumentCausalAttention.build(
+        one.sentence_ids, one.document_ids, 16, 1e4
+    )
+    assert built.mask is None
+    two = collate_blocks([row_from_documents([[4], [4]])], pad_id=PAD)
+    built = attention_module.DocumentCausalAttention.build(
+        two.sentence_ids, two.document_ids, 16, 1e4
+    )
+    assert built.mask is not None and built.mask.shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_backward_through_packed_rows(arch: str) -> None:
+    model = tiny_model(arch).train()
+    batch = collate_blocks([row_from_documents(d) for d in ROWS], pad_id=PAD)
+    logits = model(batch.input_ids, batch.sentence_ids, batch.document_ids)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten())
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

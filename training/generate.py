@@ -1,0 +1,558 @@
+"""Batched text generation for GPTHF and the GPT, with exact caches.
+
+Modes (``MODES``):
+
+* ``full`` (both): re-run the whole forward over the context at every step; the reference.
+* ``sentence-cache`` (GPTHF; the paper's algorithm): keep the embedding (encoder output) of
+  every finished sentence; each step re-runs the encoder over the current sentence and the
+  body over [sentence embeddings..., current token].
+* ``kv``: GPT: the usual K/V cache. GPTHF (ours, beyond the paper): encoder K/V of the current
+  sentence only (dropped at each EOS-S) and body K/V at sentence ends; one token per step
+  through all layers.
+
+Every mode computes the same function as ``Transformer.forward`` (tests check each step's
+logits against it). Prompts are ragged; rows are right-padded and each carries its own
+state. A sentence that reaches ``max_sentence_tokens`` (EOS-S included, as in the data
+pipeline) gets EOS-S forced; ``GenerationResult`` counts natural and forced sentence ends.
+Generation of a row stops after ``max_new_tokens`` or when it produces end-of-document.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from training.attention import (
+    KV,
+    Attention,
+    CausalAttention,
+    KVCacheAttention,
+    rope_tables,
+)
+from training.model import Transformer
+
+MODES = {"gpthf": ("full", "sentence-cache", "kv"), "gpt": ("full", "kv")}
+
+
+@dataclass
+class GenerationResult:
+    prompts: list[list[int]]
+    tokens: list[list[int]]
+    """New tokens of each row (forced EOS-S included; the end-of-document token is the last)."""
+    stopped_at_eod: list[bool]
+    natural_ends: list[int]
+    """Sentences the model ended itself (EOS-S or end-of-document), per row."""
+    forced_ends: list[int]
+    """Sentences that hit max_sentence_tokens and got EOS-S forced, per row."""
+    logits: Tensor | None = None
+    """(B, steps, V) fp32 logits each new token was chosen from; NaN once a row stopped."""
+    cache_bytes: dict[str, float] = field(default_factory=dict)
+    """Cache held per sequence at the end: "live" (used slots) and "allocated"."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time: "prefill" (until the first new tokens reach the host) and "decode" (the rest)."""
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [p + t for p, t in zip(self.prompts, self.tokens, strict=True)]
+
+    @property
+    def natural_end_rate(self) -> float:
+        """Natural sentence ends over all sentence ends (nan if none ended)."""
+        natural, forced = sum(self.natural_ends), sum(self.forced_ends)
+        return natural / (natural + forced) if natural + forced else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row state (host side, numpy: the loop syncs once per step to read the new tokens)
+
+
+@dataclass
+class _State:
+    length: np.ndarray  # (B,) tokens in the context
+    open_len: np.ndarray  # (B,) tokens of the unfinished sentence (0 right after EOS-S)
+    n_done: np.ndarray  # (B,) finished sentences in the context
+
+    @classmethod
+    def from_prompts(cls, prompts: list[list[int]], eos_id: int) -> _State:
+        length, open_len, n_done = [], [], []
+        for p in prompts:
+            ends = [i for i, t in enumerate(p) if t == eos_id]
+            length.append(len(p))
+            n_done.append(len(ends))
+            open_len.append(len(p) - (ends[-1] + 1 if ends else 0))
+        return cls(*(np.array(a, dtype=np.int64) for a in (length, open_len, n_done)))
+
+    def feed(self, tokens: np.ndarray, active: np.ndarray, eos_id: int) -> None:
+        eos = active & (tokens == eos_id)
+        self.length += active
+        self.n_done += eos
+        self.open_len = np.where(eos, 0, self.open_len + active)
+
+
+def _right_pad(prompts: list[list[int]], pad_id: int, width: int, device: torch.device) -> Tensor:
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return ids.to(device)
+
+
+def sentence_ids_for(ids: Tensor, lengths: Tensor, eos_id: int) -> Tensor:
+    """(B, T) sentence index of each token of right-padded rows (-1 past ``lengths``)."""
+    is_eos = (ids == eos_id).long()
+    sid = is_eos.cumsum(dim=1) - is_eos  # EOS-S belongs to the sentence it ends
+    t = torch.arange(ids.shape[1], device=ids.device)
+    return torch.where(t[None, :] < lengths[:, None], sid, -1)
+
+
+def _dev(a: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(a).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoders: prefill() -> logits (B, V) for the last prompt token; step(tokens) feeds one token
+# per row (pre-feed state in ``state``) and returns the logits after it.
+
+
+class _Decoder:
+    def __init__(
+        self, model: Transformer, prompts: list[list[int]], state: _State, max_new: int, M: int
+    ) -> None:
+        self.model, self.config, self.state = model, model.config, state
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        self.B = len(prompts)
+        self.rows = torch.arange(self.B, device=self.device)
+        self.prompt_width = int(state.length.max())
+        self.ids = _right_pad(prompts, self.config.pad_id, self.prompt_width, self.device)
+        self.lengths = _dev(state.length.copy(), self.device)
+        self.max_new, self.M = max_new, M
+
+    def _rope(self, positions: np.ndarray | Tensor) -> KV:
+        pos = positions if isinstance(positions, Tensor) else _dev(positions, self.device)
+        if pos.dim() == 1:
+            pos = pos[:, None]  # (B, 1)
+        return rope_tables(pos, self.config.head_dim, self.config.rope_theta)
+
+    def _prefill_stages(
+        self, capture: bool = True
+    ) -> tuple[list[Tensor], list[tuple[Attention, range]]]:
+        """Full forward over the prompts, optionally capturing K/V (``attention.capture``);
+        returns the embeddings and each stage's output, and the stages."""
+        sid = sentence_ids_for(self.ids, self.lengths, self.config.eos_id)
+        stages = self.model.stages(sid)
+        xs = [self.model.embed(self.ids)]
+        for attention, layers in stages:
+            attention.capture = {} if capture else None
+            xs.append(self.model.run_layers(xs[-1], attention, layers))
+        return xs, stages
+
+    def _last_logits(self, x: Tensor) -> Tensor:
+        return self.model.head(x[self.rows, self.lengths - 1])  # (B, V)
+
+    def prefill(self) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> dict[str, float]:
+        return {"live": 0.0, "allocated": 0.0}
+
+    def _bytes(self, *tensors: Tensor) -> float:
+        return float(sum(t.numel() * t.element_size() for t in tensors)) / self.B
+
+
+class _Full(_Decoder):
+    """Re-run the whole forward every step."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        width = self.prompt_width + self.max_new
+        self.buf = torch.full((self.B, width), self.config.pad_id, device=self.device)
+        self.buf[:, : self.prompt_width] = self.ids
+
+    def _logits(self, T: int) -> Tensor:
+        ids = self.buf[:, :T]
+        sid = sentence_ids_for(ids, self.lengths, self.config.eos_id)
+        return self._last_logits(self.model.hidden_states(ids, sid))
+
+    def prefill(self) -> Tensor:
+        return self._logits(self.prompt_width)
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        self.buf[self.rows, _dev(self.state.length, self.device)] = tokens
+        self.lengths = _dev(self.state.length + active, self.device)
+        return self._logits(int((self.state.length + active).max()))
+
+
+class _GPTKV(_Decoder):
+    """GPT with a K/V cache per layer, (B, H, prompt + max_new, hd)."""
+
+    def prefill(self) -> Tensor:
+        xs, stages = self._prefill_stages()
+        ((attention, _),) = stages
+        assert attention.capture is not None
+        cap = self.prompt_width + self.max_new
+        self.caches: dict[int, KV] = {}
+        for layer, (k, v) in attention.capture.items():
+            kc = k.new_zeros(self.B, self.config.n_heads, cap, self.config.head_dim)
+            vc = torch.zeros_like(kc)
+            kc[:, :, : self.prompt_width] = k.transpose(1, 2)  # (B, H, P, hd)
+            vc[:, :, : self.prompt_width] = v.transpose(1, 2)
+            self.caches[layer] = (kc, vc)
+        return self._last_logits(xs[-1])
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        pos = self.state.length  # position of the fed token within the document
+        attention = KVCacheAttention(
+            *self._rope(pos), self.caches, _dev(pos, self.device), int(pos.max()) + 1
+        )
+        x = self.model.run_layers(
+            self.model.embed(tokens[:, None]), attention, range(self.config.n_layers)
+        )
+        return self.model.head(x[:, 0])
+
+    def cache_bytes(self) -> dict[str, float]:
+        c = self.config
+        per_token = 2 * c.n_layers * c.d_model * self.dtype.itemsize
+        live = float(self.state.length.mean()) * per_token
+        return {
+            "live": live,
+            "allocated": self._bytes(*[t for kv in self.caches.values() for t in kv]),
+        }
+
+
+class _GPTHFKV(_Decoder):
+    """GPTHF with encoder K/V for the current sentence and body K/V at sentence ends."""
+
+    def prefill(self) -> Tensor:
+        c = self.config
+        xs, stages = self._prefill_stages()
+        (enc, _), (body, _) = stages
+        assert enc.capture is not None and body.capture is not None
+        s = self.state
+        # Encoder: copy the K/V of each row's unfinished sentence into slots 0..open_len-1.
+        self.enc_cap = max(self.M, int(s.open_len.max()) + 1)
+        start = _dev(s.length - s.open_len, self.device)  # (B,) first token of the open sentence
+        slots = torch.arange(self.enc_cap, device=self.device)
+        idx = (start[:, None] + slots).clamp(max=self.prompt_width - 1)  # (B, cap)
+        idx = idx[:, :, None, None].expand(-1, -1, c.n_heads, c.head_dim)
+        self.enc_caches: dict[int, KV] = {
+            layer: (k.gather(1, idx).transpose(1, 2).contiguous(), v.gather(1, idx).transpose(1, 2).contiguous())
+            for layer, (k, v) in enc.capture.items()
+        }  # (B, H, cap, hd) each  # fmt: skip
+        # Body: the captured ends are in sentence order; the first n_done are finished.
+        n_ends = next(iter(body.capture.values()))[0].shape[2]
+        self.body_cap = max(n_ends, 2 * int(s.n_done.max()) + 16)
+        self.body_caches: dict[int, KV] = {}
+        for layer, (k, v) in body.capture.items():  # (B, H, N, hd)
+            kc = k.new_zeros(self.B, c.n_heads, self.body_cap, c.head_dim)
+            vc = torch.zeros_like(kc)
+            kc[:, :, :n_ends], vc[:, :, :n_ends] = k, v
+            self.body_caches[layer] = (kc, vc)
+        return self._last_logits(xs[-1])
+
+    def _grow_body(self, needed: int) -> None:
+        if needed <= self.body_cap:
+            return
+        self.body_cap = max(needed, 2 * self.body_cap)
+        for layer, (k, v) in self.body_caches.items():
+            pad = self.body_cap - k.shape[2]
+            self.body_caches[layer] = (
+                torch.nn.functional.pad(k, (0, 0, 0, pad)),
+                torch.nn.functional.pad(v, (0, 0, 0, pad)),
+            )
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        c, s = self.config, self.state
+        self._grow_body(int(s.n_done.max()) + 1)
+        enc = KVCacheAttention(  # position and slot = index within the current sentence
+            *self._rope(s.open_len), self.enc_caches, _dev(s.open_len, self.device), int(s.open_len.max()) + 1
+        )  # fmt: skip
+        # Body: ends in slots 0..n_done-1, the token itself in slot n_done (kept if EOS-S).
+        n_done = _dev(s.n_done, self.device)  # also the position: sentence index in the document
+        body = KVCacheAttention(
+            *self._rope(n_done), self.body_caches, n_done, int(s.n_done.max()) + 1
+        )
+        x = self.model.embed(tokens[:, None])  # (B, 1, C)
+        x = self.model.run_layers(x, enc, range(c.n_encoder_layers))
+        x = self.model.run_layers(x, body, range(c.n_encoder_layers, c.n_layers))
+        return self.model.head(x[:, 0])
+
+    def cache_bytes(self) -> dict[str, float]:
+        c, s = self.config, self.state
+        per_slot = 2 * c.d_model * self.dtype.itemsize
+        live = (
+            float((c.n_encoder_layers * s.open_len + c.n_body_layers * s.n_done).mean()) * per_slot
+        )
+        tensors = [t for kv in [*self.enc_caches.values(), *self.body_caches.values()] for t in kv]
+        return {"live": live, "allocated": self._bytes(*tensors)}
+
+
+class _GPTHFSentenceCache(_Decoder):
+    """The paper's fast path: cached sentence embeddings, encoder re-run over the sentence."""
+
+    def prefill(self) -> Tensor:
+        c, s = self.config, self.state
+        xs, _ = self._prefill_stages(capture=False)
+        enc_out = xs[1]  # (B, P, C): encoder output = sentence embeddings at the ends
+        # Sentence embeddings of the finished sentences, in order.
+        self.emb_cap = 2 * int(s.n_done.max()) + 16
+        ends = torch.zeros(self.B, self.emb_cap, dtype=torch.long, device=self.device)
+        eos = self.ids == c.eos_id
+        eos &= torch.arange(self.prompt_width, device=self.device)[None, :] < self.lengths[:, None]
+        rank = eos.long().cumsum(dim=1) - 1
+        t = torch.arange(self.prompt_width, device=self.device).expand(self.B, -1)
+        dump = torch.full_like(rank, self.emb_cap - 1)
+        ends.scatter_(1, torch.where(eos, rank, dump), t)
+        self.emb = enc_out.gather(1, ends[:, :, None].expand(-1, -1, c.d_model))  # (B, cap, C)
+        # Tokens of the unfinished sentence.
+        self.sent_cap = max(self.M, int(s.open_len.max()) + 1)
+        start = (self.lengths - _dev(s.open_len, self.device))[:, None]
+        idx = (start + torch.arange(self.sent_cap, device=self.device)).clamp(
+            max=self.prompt_width - 1
+        )
+        self.sentence = self.ids.gather(1, idx)  # (B, sent_cap)
+        return self._last_logits(xs[-1])
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        c, s = self.config, self.state
+        m = self.model
+        if int(s.n_done.max()) + 1 > self.emb_cap:
+            grow = self.emb.new_zeros(self.B, self.emb_cap, c.d_model)
+            self.emb, self.emb_cap = torch.cat([self.emb, grow], dim=1), 2 * self.emb_cap
+        open_len = _dev(s.open_len, self.device)
+        self.sentence[self.rows, open_len] = tokens
+        S = int(s.open_len.max()) + 1
+        # Encoder over the current sentence, positions 0..S-1 (right-padded rows).
+        pos = torch.arange(S, device=self.device).expand(self.B, S)
+        x = m.run_layers(
+            m.embed(self.sentence[:, :S]),
+            CausalAttention(*self._rope(pos)),
+            range(c.n_encoder_layers),
+        )
+        h = x[self.rows, open_len]  # (B, C): encoder state of the fed token
+        # Body over [finished sentence embeddings..., fed token], positions = slot index.
+        n_done = _dev(s.n_done, self.device)
+        N = int(s.n_done.max()) + 1
+        self.emb[self.rows, n_done] = h  # becomes a sentence embedding if the token is EOS-S
+        pos = torch.arange(N, device=self.device).expand(self.B, N)
+        y = m.run_layers(
+            self.emb[:, :N],
+            CausalAttention(*self._rope(pos)),
+            range(c.n_encoder_layers, c.n_layers),
+        )
+        return m.head(y[self.rows, n_done])  # fmt: skip
+
+    def cache_bytes(self) -> dict[str, float]:
+        c, s = self.config, self.state
+        live = float(s.n_done.mean()) * c.d_model * self.dtype.itemsize
+        live += float(s.open_len.mean()) * 8  # token ids of the current sentence
+        return {"live": live, "allocated": self._bytes(self.emb, self.sentence)}
+
+
+_DECODERS: dict[tuple[str, str], type[_Decoder]] = {
+    ("gpthf", "full"): _Full,
+    ("gpt", "full"): _Full,
+    ("gpthf", "sentence-cache"): _GPTHFSentenceCache,
+    ("gpthf", "kv"): _GPTHFKV,
+    ("gpt", "kv"): _GPTKV,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and the loop
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token per row from logits (B, V): greedy when temperature == 0."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    mode: str = "kv",
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    max_sentence_tokens: int | None = None,
+    stop_at_eod: bool = True,
+    suppress_tokens: Sequence[int] = (),
+    return_logits: bool = False,
+) -> GenerationResult:
+    """Continue each prompt (token ids; sentences end with EOS-S, the last may be unfinished).
+
+    ``seed`` seeds a fresh ``torch.Generator`` on the model's device unless ``generator`` is
+    given. ``max_sentence_tokens`` defaults to the model config's M. ``stop_at_eod=False``
+    treats end-of-document as an ordinary token; ``suppress_tokens`` are never sampled (the
+    pad token never is), though a forced EOS-S still happens (benchmarks: fixed workloads).
+    """
+    c = model.config
+    if mode not in MODES[c.arch]:
+        raise ValueError(
+            f"mode {mode!r} is not available for {c.arch}; choose from {MODES[c.arch]}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows or any(len(p) == 0 for p in rows):
+        raise ValueError("generate needs at least one prompt, and every prompt needs a token")
+    if any(t < 0 or t >= c.vocab_size for p in rows for t in p):
+        raise ValueError(f"prompt token ids must lie in [0, {c.vocab_size})")
+    M = max_sentence_tokens or c.max_sentence_tokens
+    if M < 2:
+        raise ValueError("max_sentence_tokens must be >= 2")
+    device = model.embed.weight.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    banned = torch.tensor(sorted({c.pad_id, *map(int, suppress_tokens)}), device=device)
+    B = len(rows)
+    state = _State.from_prompts(rows, c.eos_id)
+    decoder = _DECODERS[(c.arch, mode)](model, rows, state, max_new_tokens, M)
+    active = np.ones(B, dtype=bool)
+    new: list[list[int]] = [[] for _ in range(B)]
+    natural, forced = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+    stopped = np.zeros(B, dtype=bool)
+    recorded: list[Tensor] = []
+    t_start = time.perf_counter()
+    t_first = t_start
+    with torch.inference_mode():
+        logits = decoder.prefill()
+        for step in range(max_new_tokens):
+            active_dev = _dev(active, device)
+            if return_logits:
+                recorded.append(torch.where(active_dev[:, None], logits.float(), float("nan")))
+            logits = logits.clone()
+            logits[:, banned] = float("-inf")
+            tokens = sample_next(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            force = state.open_len >= M - 1
+            tokens = torch.where(_dev(force, device), c.eos_id, tokens)
+            tokens = torch.where(active_dev, tokens, c.pad_id)
+            host = np.asarray(tokens.tolist(), dtype=np.int64)  # the one sync per step
+            if step == 0:
+                t_first = time.perf_counter()
+            for b in np.flatnonzero(active):
+                new[b].append(int(host[b]))
+            eod = active & (host == c.eod_id) & stop_at_eod
+            ended = (active & (host == c.eos_id)) | eod  # a sentence ends here
+            forced += ended & force
+            natural += ended & ~force
+            stopped |= eod
+            feed = active & ~eod
+            if step == max_new_tokens - 1 or not feed.any():
+                break
+            logits = decoder.step(tokens, feed)
+            state.feed(host, feed, c.eos_id)
+            active = feed
+    t_end = time.perf_counter()
+    return GenerationResult(
+        prompts=rows,
+        tokens=new,
+        stopped_at_eod=stopped.tolist(),
+        natural_ends=natural.tolist(),
+        forced_ends=forced.tolist(),
+        logits=torch.stack(recorded, dim=1) if return_logits else None,
+        cache_bytes=decoder.cache_bytes(),
+        seconds={"prefill": t_first - t_start, "decode": t_end - t_first},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
+
+
+def encode_prompt(
+    tokenizer: Any,
+    text: str,
+    *,
+    eos_id: int,
+    max_sentence_tokens: int,
+    close_last_sentence: bool | None = None,
+) -> list[int]:
+    """Token ids of a prompt, sentence by sentence as the data pipeline encodes documents.
+
+    Sentences come from blingfire (via ``pipeline.text``), are tokenized alone and end with
+    EOS-S; longer ones are split into pieces of at most M tokens, EOS-S included. The last
+    sentence stays open (no EOS-S, so the model continues it) unless ``close_last_sentence``,
+    which by default is true when the text ends with sentence-final punctuation.
+    """
+    from pipeline.text import normalise, split_sentences
+
+    sentences = split_sentences(normalise(text))
+    if not sentences:
+        raise ValueError("the prompt has no text to condition on")
+    if close_last_sentence is None:
+        close_last_sentence = bool(_SENTENCE_END.search(sentences[-1]))
+    budget = max_sentence_tokens - 1
+    ids: list[int] = []
+    encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
+    for i, enc in enumerate(encodings):
+        toks = list(enc.ids)
+        pieces = [toks[j : j + budget] for j in range(0, len(toks), budget)] or [[]]
+        for k, piece in enumerate(pieces):
+            last = i == len(encodings) - 1 and k == len(pieces) - 1
+            ids += piece if last and not close_last_sentence else [*piece, eos_id]
+    return ids
+
+
+def generate_text(
+    model: Transformer,
+    tokenizer: Any,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int,
+    close_last_sentence: bool | None = None,
+    **kwargs: Any,
+) -> tuple[list[str], GenerationResult]:
+    """Generate continuations of text prompts; returns the decoded new text and the result."""
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    c = model.config
+    M = kwargs.get("max_sentence_tokens") or c.max_sentence_tokens
+    ids = [
+        encode_prompt(tokenizer, t, eos_id=c.eos_id, max_sentence_tokens=M, close_last_sentence=close_last_sentence)
+        for t in texts
+    ]  # fmt: skip
+    result = generate(model, ids, max_new_tokens=max_new_tokens, **kwargs)
+    out = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in result.tokens]
+    return out, result

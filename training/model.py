@@ -1,0 +1,261 @@
+"""GPTHF and its GPT baseline: config, one decoder block, the model (imports only torch).
+
+Both architectures are the same stack of pre-norm blocks (RMSNorm, RoPE attention, SwiGLU)
+with tied input/output embeddings. They differ only in the attention pattern each stage uses
+(``Transformer.stages``):
+
+* GPT: all L layers causal within the document, positions = token index in the document;
+* GPTHF: L_e encoder layers, causal within the sentence (positions = token index in the
+  sentence), then L_b body layers where a token sees the ends of the earlier sentences of its
+  document plus itself (positions = sentence index in the document).
+
+The patterns live in ``training.attention``; none of them materialises a T x T mask for GPTHF.
+Generation (``training.generate``) reuses the same blocks with cached patterns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from training.attention import (
+    Attention,
+    DocumentCausalAttention,
+    SentenceAttention,
+    SentenceEndAttention,
+    SentenceLayout,
+)
+
+ARCHS = ("gpthf", "gpt")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes a model's shape and behaviour; stored as JSON in checkpoints."""
+
+    arch: str = "gpthf"
+    """"gpthf" (encoder + body) or "gpt" (all layers causal)."""
+    vocab_size: int = 8192
+    """Tokenizer vocabulary, special tokens included (the manifest's vocab_size)."""
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 6
+    """Total depth L (GPTHF: L_e + L_b)."""
+    n_encoder_layers: int = 4
+    """L_e, the word-level encoder layers of GPTHF; must be 0 for the GPT."""
+    ffn_dim: int = 512
+    """Hidden width of the SwiGLU MLP."""
+    eos_id: int = 0
+    """End-of-sentence token (EOS-S); ids come from the data manifest."""
+    pad_id: int = 1
+    eod_id: int = 2
+    """End-of-document token; generation stops when it is produced."""
+    max_sentence_tokens: int = 64
+    """M, EOS-S included: the data pipeline's cap; generation forces EOS-S when it is reached."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (training memory, not maths)."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "gpthf-tiny": dict(arch="gpthf", d_model=128, n_heads=4, n_layers=6, n_encoder_layers=4, ffn_dim=512),
+        "gpt-tiny": dict(arch="gpt", d_model=128, n_heads=4, n_layers=6, n_encoder_layers=0, ffn_dim=512),
+        "gpthf-8-4": dict(arch="gpthf", d_model=768, n_heads=12, n_layers=12, n_encoder_layers=8, ffn_dim=3072),
+        "gpt-12": dict(arch="gpt", d_model=768, n_heads=12, n_layers=12, n_encoder_layers=0, ffn_dim=3072),
+        "gpthf-16-8": dict(arch="gpthf", d_model=1024, n_heads=16, n_layers=24, n_encoder_layers=16, ffn_dim=4096),
+        "gpt-24": dict(arch="gpt", d_model=1024, n_heads=16, n_layers=24, n_encoder_layers=0, ffn_dim=4096),
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(f"ModelConfig: {msg}")
+
+        if self.arch not in ARCHS:
+            fail(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "ffn_dim"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or self.head_dim % 2:
+            fail(f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) x an even head size")
+        if self.arch == "gpthf" and not 0 < self.n_encoder_layers < self.n_layers:
+            fail(
+                f"GPTHF needs 0 < n_encoder_layers < n_layers, got {self.n_encoder_layers} "
+                f"of {self.n_layers}"
+            )
+        if self.arch == "gpt" and self.n_encoder_layers != 0:
+            fail("the GPT has no encoder: set n_encoder_layers=0 (or use .baseline())")
+        ids = {"eos_id": self.eos_id, "pad_id": self.pad_id, "eod_id": self.eod_id}
+        for name, value in ids.items():
+            if not 0 <= value < self.vocab_size:
+                fail(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+        if len(set(ids.values())) != 3:
+            fail(f"eos_id, pad_id and eod_id must differ, got {ids}")
+        if self.max_sentence_tokens < 2:
+            fail("max_sentence_tokens must be >= 2 (one token plus EOS-S)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_body_layers(self) -> int:
+        return self.n_layers - self.n_encoder_layers
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset; ``overrides`` set e.g. vocab_size and the special ids."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def baseline(self) -> ModelConfig:
+        """The GPT of equal size (same width, depth, vocabulary)."""
+        return dataclasses.replace(self, arch="gpt", n_encoder_layers=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"ModelConfig.from_dict: unknown keys {unknown}; the checkpoint was written by "
+                "another version of training/model.py"
+            )
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; the attention pattern is supplied by the caller."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        d = config.d_model
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.gate_up = nn.Linear(d, 2 * config.ffn_dim, bias=False)
+        self.down = nn.Linear(config.ffn_dim, d, bias=False)
+
+    def forward(self, x: Tensor, attention: Attention) -> Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k = attention.rotate(qkv[:, :, :2]).unbind(dim=2)  # (B, T, H, hd) each
+        y = attention(self.layer, q, k, qkv[:, :, 2])  # (B, T, H, hd)
+        x = x + self.proj(y.reshape(B, T, C))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, ffn) each
+        return x + self.down(F.silu(gate) * up)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    """GPTHF or GPT, by ``config.arch``. ``forward`` returns logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm weights
+                nn.init.ones_(p)
+            elif name.endswith(("proj.weight", "down.weight")):  # writes into the residual
+                nn.init.normal_(p, std=residual_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # the tied matrix counts once
+        return n - self.embed.weight.numel() if exclude_embedding else n
+
+    # -- the difference between the architectures ---------------------------------------------
+
+    def stages(
+        self, sentence_ids: Tensor, document_ids: Tensor | None = None
+    ) -> list[tuple[Attention, range]]:
+        """(attention pattern, layers) for each stage of a full forward over packed rows."""
+        c = self.config
+        if c.arch == "gpt":  # causal within the document
+            attn = DocumentCausalAttention.build(
+                sentence_ids, document_ids, c.head_dim, c.rope_theta
+            )
+            return [(attn, range(c.n_layers))]
+        layout = SentenceLayout.build(sentence_ids, document_ids)
+        return [
+            (SentenceAttention(layout, c.head_dim, c.rope_theta), range(c.n_encoder_layers)),
+            (SentenceEndAttention(layout, c.head_dim, c.rope_theta), range(c.n_encoder_layers, c.n_layers)),
+        ]  # fmt: skip
+
+    # -- shared plumbing ------------------------------------------------------------------------
+
+    def run_layers(self, x: Tensor, attention: Attention, layers: range) -> Tensor:
+        for i in layers:
+            block = self.blocks[i]
+            if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attention, use_reentrant=False)
+            else:
+                x = block(x, attention)
+        return x
+
+    def hidden_states(
+        self, input_ids: Tensor, sentence_ids: Tensor, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Last block's output (B, T, C), before the final norm."""
+        x = self.embed(input_ids)  # (B, T, C)
+        for attention, layers in self.stages(sentence_ids, document_ids):
+            x = self.run_layers(x, attention, layers)
+        return x
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm and tied output projection: (..., C) -> (..., V)."""
+        return self.lm_head(self.norm(x))
+
+    def forward(
+        self, input_ids: Tensor, sentence_ids: Tensor, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Logits (B, T, V). sentence_ids: block-local sentence index, -1 on (trailing) padding;
+        document_ids: block-local document index (None: one document per row)."""
+        if input_ids.shape != sentence_ids.shape or (
+            document_ids is not None and document_ids.shape != input_ids.shape
+        ):
+            raise ValueError(
+                "input_ids, sentence_ids and document_ids must share one (B, T) shape, got "
+                f"{tuple(input_ids.shape)}, {tuple(sentence_ids.shape)}, "
+                f"{None if document_ids is None else tuple(document_ids.shape)}"
+            )
+        return self.head(self.hidden_states(input_ids, sentence_ids, document_ids))
+
+
+def build_model(config: ModelConfig) -> Transformer:
+    return Transformer(config)
+
+
+__all__ = ["ARCHS", "Block", "ModelConfig", "Transformer", "build_model"]
