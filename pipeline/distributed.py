@@ -31,19 +31,41 @@ _USER_ERRORS: dict[str, type[Exception]] = {
 }
 
 
+# A task handles a group of files of about this many bytes: Ray's per-task cost (tens of ms)
+# would dominate small files, and each file still gets its own deterministic shards.
+TASK_BYTES = 64 << 20
+
+
+def group_units(units: list[InputFile], workers: int) -> list[list[InputFile]]:
+    """Consecutive groups of about TASK_BYTES, at least two per worker when files allow."""
+    total = sum(u.size for u in units)
+    target = max(1, min(TASK_BYTES, total // max(1, 2 * workers)))
+    groups: list[list[InputFile]] = [[]]
+    size = 0
+    for u in units:
+        if groups[-1] and size + u.size > target:
+            groups.append([])
+            size = 0
+        groups[-1].append(u)
+        size += u.size
+    return groups
+
+
+def _process_one(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
+    try:
+        return process_unit(f, ctx)
+    except (StrictModeError, StorageError) as exc:
+        # Returned, not raised: the driver re-raises it as itself, without Ray's wrapping
+        # and without retrying a failure that is not transient.
+        return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
 def _process_batch(batch: dict[str, np.ndarray], ctx: UnitContext) -> dict[str, np.ndarray]:
-    records = []
-    for uri, size, fingerprint in zip(
-        batch["uri"], batch["size"], batch["fingerprint"], strict=True
-    ):
-        f = InputFile(uri=str(uri), size=int(size), fingerprint=str(fingerprint))
-        try:
-            record = process_unit(f, ctx)
-        except (StrictModeError, StorageError) as exc:
-            # Returned, not raised: the driver re-raises it as itself, without Ray's wrapping
-            # and without retrying a failure that is not transient.
-            record = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-        records.append(json.dumps(record))
+    records = [
+        json.dumps(_process_one(InputFile(**item), ctx))
+        for group in batch["units"]
+        for item in json.loads(group)
+    ]
     return {"record": np.array(records, dtype=object)}
 
 
@@ -55,7 +77,7 @@ def run_units(
     cpus_per_worker: float = 1.0,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Process every unit on Ray Data; one task per unit, at most ``workers`` at once."""
+    """Process every unit on Ray Data: tasks over groups of units, at most ``workers`` at once."""
     import ray
     from ray.data import DataContext
 
@@ -66,14 +88,22 @@ def run_units(
         workers = max(1, int(ray.available_resources().get("CPU", 1) // cpus_per_worker))
     data_ctx = DataContext.get_current()
     data_ctx.enable_progress_bars = progress
-    items = [{"uri": u.uri, "size": u.size, "fingerprint": u.fingerprint} for u in units]
+    groups = group_units(units, workers)
+    items = [
+        {
+            "units": json.dumps(
+                [{"uri": u.uri, "size": u.size, "fingerprint": u.fingerprint} for u in g]
+            )
+        }
+        for g in groups
+    ]
     threads = str(max(1, int(cpus_per_worker)))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _process_batch,  # type: ignore[arg-type]
         batch_size=1,
         fn_kwargs={"ctx": ctx},
         num_cpus=cpus_per_worker,
-        compute=ray.data.TaskPoolStrategy(size=min(workers, len(units))),
+        compute=ray.data.TaskPoolStrategy(size=min(workers, len(groups))),
         # The tokenizer's thread pool must stay within the CPUs this task reserved.
         runtime_env={"env_vars": {"RAYON_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "true"}},
     )
