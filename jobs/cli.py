@@ -95,6 +95,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from jobs.generate import main as run
+
+    return run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import main as run
 
@@ -123,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_args(tr)
     tr.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a trained export (cached, fast)")
+    from jobs.generate import add_args as add_generate_args
+
+    add_generate_args(g)
+    g.set_defaults(func=cmd_generate)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
