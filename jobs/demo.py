@@ -12,6 +12,8 @@ from pathlib import Path
 DEMO_VOCAB = 4096
 DEMO_HELDOUT = 0.05
 DEMO_STEPS = 300
+DEMO_NEW_TOKENS = 48
+DEMO_PROMPTS = ["Enter the King and Queen. The king speaks.", "What news from the court?"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,4 +87,17 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"[demo] training took {time.perf_counter() - t0:.0f}s; metrics in {work / 'train-gpthf'}"
     )
+
+    from jobs.generate import generate_from_export
+
+    export = str(work / "train-gpthf" / "export")
+    print(f"\n[demo] generation from {export}, greedy, {DEMO_NEW_TOKENS} new tokens per prompt:")
+    for mode in ("full", "sentence-cache", "kv"):
+        out = generate_from_export(export, DEMO_PROMPTS, max_new_tokens=DEMO_NEW_TOKENS, mode=mode)
+        print(
+            f"  {mode:15s} {out['tokens_per_s']:7.0f} tok/s  "
+            f"natural sentence ends {out['natural_end_rate']:.0%}"
+        )
+    for prompt, text in zip(DEMO_PROMPTS, out["texts"], strict=True):
+        print(f"  > {prompt}\n    {text}")
     return 0
