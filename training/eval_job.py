@@ -99,7 +99,9 @@ class _Scorer:
 def _check_inputs(cfg: EvalConfig) -> tuple[dict[str, Any], list[ShardRef], list[Any]]:
     manifest = read_manifest(cfg.data, cfg.storage)
     if manifest is None:
-        raise EvalError(f"{cfg.data} has no manifest.json: point --data at a `gpthf preprocess` output")
+        raise EvalError(
+            f"{cfg.data} has no manifest.json: point --data at a `gpthf preprocess` output"
+        )
     refs = shards(manifest, cfg.split)
     if not refs:
         raise EvalError(f"split {cfg.split!r} of {cfg.data} has no shards")
@@ -118,6 +120,11 @@ def _check_inputs(cfg: EvalConfig) -> tuple[dict[str, Any], list[ShardRef], list
             exp = load_export(uri, cfg.storage)
         except CheckpointError as exc:
             raise EvalError(f"unreadable checkpoint: {exc}") from exc
+        except Exception as exc:  # e.g. safetensors' own error type for a corrupt file
+            raise EvalError(
+                f"unreadable checkpoint: {uri} ({type(exc).__name__}: {exc}); point --checkpoint "
+                "at an intact OUT/export folder"
+            ) from exc
         theirs = exp.config.get("tokenizer_sha256")
         if theirs != sha:
             raise EvalError(
@@ -171,7 +178,9 @@ def _evaluate_one(
         if len(match) != 1:
             unknown.append(path)
             continue
-        cols = {k: group[k].to_numpy() for k in (*SUM_FIELDS, "tokens", "sentences", "bytes", "words")}
+        cols = {
+            k: group[k].to_numpy() for k in (*SUM_FIELDS, "tokens", "sentences", "bytes", "words")
+        }
         per_shard[match[0]] = per_shard[match[0]] + Sums(
             rows=len(group),
             nll=float(np.sum(cols["nll"], dtype=np.float64)),
@@ -188,7 +197,10 @@ def _evaluate_one(
         raise EvalError(f"scored counts differ from the manifest (scored/manifest): {bad}")
     total = sum(per_shard.values(), Sums())
     split = manifest["splits"][cfg.split]
-    if (total.rows, total.tokens) != (split.get("rows", total.rows), split.get("tokens", total.tokens)):
+    if (total.rows, total.tokens) != (
+        split.get("rows", total.rows),
+        split.get("tokens", total.tokens),
+    ):
         raise EvalError(
             f"totals rows {total.rows}, tokens {total.tokens} differ from the manifest's "
             f"{split.get('rows')}, {split.get('tokens')} for split {cfg.split!r}"
@@ -270,7 +282,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         format_table(report),
     ]
     for c in report["checkpoints"]:
-        parts.append(f"\n## {c['checkpoint']}\n\n| shard | rows | tokens | bytes | words | token ppl | bits/byte | word ppl |\n|---|---|---|---|---|---|---|---|\n")
+        parts.append(
+            f"\n## {c['checkpoint']}\n\n| shard | rows | tokens | bytes | words | token ppl | bits/byte | word ppl |\n|---|---|---|---|---|---|---|---|\n"
+        )
         parts.append(
             "\n".join(
                 f"| {s['shard']} | {s['rows']} | {s['tokens']} | {s['bytes']} | {s['words']} "

@@ -55,7 +55,9 @@ class Sums:
     """... of which the argmax of the logits was that id."""
 
     def __add__(self, other: Sums) -> Sums:
-        return Sums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return Sums(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
     @property
     def token_perplexity(self) -> float:
@@ -147,15 +149,15 @@ def prepack_blocks(
         owners.append(np.concatenate(own))
     batch = collate_blocks(packed, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
     owner = np.full(tuple(batch.input_ids.shape), -1, dtype=np.int64)
-    for r, own in enumerate(owners):
-        owner[r, : len(own)] = own
+    for r, row_owner in enumerate(owners):
+        owner[r, : len(row_owner)] = row_owner
     return batch, owner
 
 
 def pad_blocks(rows: Any, *, pad_id: int, pad_to_multiple: int = 8) -> tuple[Any, np.ndarray]:
     """One block per row (``collate_blocks``); same return shape as ``prepack_blocks``."""
     batch = collate_blocks(rows, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
-    B, T = batch.input_ids.shape
+    B = batch.input_ids.shape[0]
     owner = np.where(batch.sentence_ids.numpy() >= 0, np.arange(B)[:, None], -1)
     return batch, owner.astype(np.int64)
 
@@ -250,8 +252,7 @@ def sums_of(per_block: dict[str, np.ndarray]) -> Sums:
         nll=float(np.sum(per_block["nll"], dtype=np.float64)),
         **{
             k: int(np.sum(per_block[k]))
-            for k in ("tokens", "targets", "sentences", "bytes", "words")
-            + ("eos_targets", "eos_correct")
+            for k in ("tokens", "targets", "sentences", "bytes", "words", *SUM_FIELDS[1:])
         },
     )
 
