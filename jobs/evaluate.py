@@ -24,7 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=1, help="scoring actors (one model each)")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--batching", choices=["prepack", "pad"], default="prepack")
-    p.add_argument("--token-budget", type=int, default=4096, help="prepack: tokens per row")
+    p.add_argument("--token-budget", type=int, default=1024, help="prepack: tokens per row")
     p.add_argument("--batch-rows", type=int, default=64, help="blocks per forward")
     p.add_argument("--endpoint-url", help="S3-protocol endpoint for s3:// URIs")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,7 @@ def test_clear_errors(data_dir: Path, exports: dict[str, str], tmp_path: Path) -
     shutil.copytree(data_dir, data)
     victim = next((data / "heldout").glob("*.parquet"))
     victim.unlink()
-    with pytest.raises(EvalError, match=victim.name):
+    with pytest.raises(EvalError, match=re.escape(victim.name)):
         run_eval(cfg(exports["gpt"], data))
     assert not (tmp_path / "o" / "report.json").exists()
 
@@ -273,3 +274,20 @@ def test_cli_args_and_early_refusal(
     assert (cfg.batching, cfg.actors, cfg.split, cfg.gpu) == ("pad", 3, "heldout", False)
     with pytest.raises(ManifestError, match="nope"):
         main(parser.parse_args([*argv, "--split", "nope"]))
+
+
+def test_failing_shard_is_named(data_dir: Path, exports: dict[str, str]) -> None:
+    import pyarrow as pa
+
+    from training.eval_job import _Scorer
+
+    sp = _manifest(data_dir)["special_tokens"]
+    scorer = _Scorer(
+        exports["gpt"], None, False, sp["pad"]["id"], sp["end_of_sentence"]["id"], "prepack", 256
+    )
+    bad = pa.table({**HAND, "path": ["x/heldout/u7.parquet"] * 2})
+    bad = bad.set_column(1, "sentence_lengths", pa.array([[3, 3], [4]]))  # 6 != 5 tokens
+    with pytest.raises(EvalError, match=r"u7\.parquet"):
+        scorer(bad)
+    good = scorer(bad.set_column(1, "sentence_lengths", pa.array([[3, 2], [4]])))
+    assert good["targets"].tolist() == [3, 3] and good["tokens"].tolist() == [5, 4]

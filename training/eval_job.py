@@ -45,7 +45,7 @@ class EvalConfig:
     """One GPU per actor."""
     batching: str = "prepack"
     """``prepack`` (first-fit decreasing into token-budget rows) or ``pad`` (one block a row)."""
-    token_budget: int = 4096
+    token_budget: int = 1024
     """Prepack: tokens per packed row."""
     batch_rows: int = 64
     """Blocks per actor call (one forward)."""
@@ -168,7 +168,10 @@ def _evaluate_one(
         num_gpus=1 if cfg.gpu else 0,
     )
     start = time.perf_counter()
-    out = scored.to_pandas()
+    try:
+        out = scored.to_pandas()
+    except Exception as exc:  # a read or scoring task failed: its message names the shard
+        raise EvalError(f"evaluating {uri} on {cfg.data} ({cfg.split}) failed: {exc}") from exc
     wall = time.perf_counter() - start
 
     per_shard: dict[str, Sums] = {r.path: Sums() for r in refs}

@@ -201,7 +201,7 @@ def score_blocks(
     pad_id: int,
     eos_id: int,
     batching: str = "prepack",
-    token_budget: int = 4096,
+    token_budget: int = 1024,
     device: Any = "cpu",
 ) -> dict[str, np.ndarray]:
     """Per-block sums (``SUM_FIELDS``) for a batch of blocks, scored in one forward.
@@ -264,7 +264,7 @@ def evaluate_rows(
     pad_id: int,
     eos_id: int,
     batching: str = "prepack",
-    token_budget: int = 4096,
+    token_budget: int = 1024,
     device: Any = "cpu",
 ) -> Sums:
     """Score a batch of blocks and return its totals (tests, benchmarks; no Ray)."""
