@@ -277,11 +277,11 @@ def format_table(report: dict[str, Any]) -> str:
 
 def format_markdown(report: dict[str, Any]) -> str:
     parts = [
-        f"# Evaluation on {report['data']} ({report['split']}, manifest v{report['manifest_version']})\n",
+        f"# Evaluation on {report['data']} ({report['split']}, manifest v{report['manifest_version']})\n\n",
         f"Batching: **{report['batching']}**"
         + (f" (token budget {report['token_budget']})" if report["token_budget"] else "")
         + f", {report['actors']} actor(s), {'GPU' if report['gpu'] else 'CPU'}, "
-        f"wall {report['wall_s']:.1f} s. Totals are micro-averages (sums over all shards).\n",
+        f"wall {report['wall_s']:.1f} s. Totals are micro-averages (sums over all shards).\n\n",
         format_table(report),
     ]
     for c in report["checkpoints"]:
