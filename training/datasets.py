@@ -17,8 +17,14 @@ def arrow_filesystem(uri: str, storage: Any = None) -> tuple[Any, str]:
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
-def read_shards(paths: list[str], storage: Any = None, columns: list[str] | None = None) -> Any:
-    """A Ray Dataset over ``paths`` (full URIs), rows in file order."""
+def read_shards(
+    paths: list[str],
+    storage: Any = None,
+    columns: list[str] | None = None,
+    include_paths: bool = False,
+) -> Any:
+    """A Ray Dataset over ``paths`` (full URIs), rows in file order. ``include_paths`` adds a
+    ``path`` column: the file each row came from (as the filesystem names it)."""
     import ray.data
 
     if not paths:
@@ -34,6 +40,7 @@ def read_shards(paths: list[str], storage: Any = None, columns: list[str] | None
         filesystem=fs,
         columns=columns or BLOCK_COLUMNS,
         shuffle=None,
+        include_paths=include_paths,
         # One read task per file keeps the order trivially the file order.
         override_num_blocks=len(stripped),
     )

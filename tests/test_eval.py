@@ -1,0 +1,293 @@
+"""Evaluation: known answers, prepack == pad, the Ray Data job and its report, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
+from pipeline.manifest import ManifestError, read_manifest, shard_uris
+from pipeline.preprocess import run_preprocess
+from tests.conftest import make_document
+from training.checkpoint import write_export
+from training.datasets import BLOCK_COLUMNS
+from training.eval_job import EvalConfig, EvalError, format_table, run_eval
+from training.evaluate import (
+    Sums,
+    evaluate_rows,
+    first_fit_decreasing,
+    prepack_blocks,
+    score_blocks,
+)
+from training.model import ModelConfig, build_model
+
+TINY = {"d_model": 64, "n_heads": 2, "ffn_dim": 128, "n_layers": 3, "n_encoder_layers": 2}
+
+
+class Uniform(nn.Module):
+    """Zero logits: every token has probability 1/V."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids: Tensor, sentence_ids: Tensor, document_ids: Tensor) -> Tensor:
+        return torch.zeros(*input_ids.shape, self.vocab)
+
+
+# Two hand-made blocks. Block 0: doc 0 = [5 6 EOS], doc 1 = [7 EOS] -> targets at positions
+# 0, 1 (doc 0) and 3 (doc 1): 3 targets, 2 of them EOS-S. Block 1: one doc [8 9 10 EOS]:
+# 3 targets, 1 EOS-S. Totals: 9 tokens, 6 targets, 3 EOS-S targets, 3 sentences.
+HAND = {
+    "input_ids": [[5, 6, 0, 7, 0], [8, 9, 10, 0]],
+    "sentence_lengths": [[3, 2], [4]],
+    "document_index": [[0, 1], [0]],
+    "num_bytes": [17, 12],
+    "num_words": [4, 3],
+}
+
+
+def test_uniform_logits_known_answer() -> None:
+    V = 50
+    s = evaluate_rows(Uniform(V), HAND, pad_id=1, eos_id=0, batching="pad")
+    assert (s.rows, s.tokens, s.targets, s.sentences, s.bytes, s.words) == (2, 9, 6, 3, 29, 7)
+    # exact up to fp32 log-softmax rounding (per-token NLLs are summed in fp64)
+    assert s.nll == pytest.approx(6 * math.log(V), rel=1e-7)
+    assert s.token_perplexity == pytest.approx(V, rel=1e-7)
+    assert s.bits_per_byte == pytest.approx(6 * math.log2(V) / 29, rel=1e-7)
+    assert s.word_perplexity == pytest.approx(math.exp(6 * math.log(V) / 7), rel=1e-7)
+    # argmax of all-zero logits is id 0: right on every EOS-S target when EOS-S is 0 ...
+    assert (s.eos_targets, s.eos_correct, s.eos_accuracy) == (3, 3, 1.0)
+    # ... and never when it is another id (here 7 is not a label of an EOS position).
+    s3 = evaluate_rows(Uniform(V), HAND, pad_id=1, eos_id=3, batching="prepack")
+    assert (s3.eos_targets, s3.eos_correct) == (0, 0) and math.isnan(s3.eos_accuracy)
+    assert s3.nll == pytest.approx(s.nll, rel=1e-7) and s3.targets == 6
+
+
+def test_prepack_layout_never_crosses_blocks() -> None:
+    batch, owner = prepack_blocks(HAND, pad_id=1, token_budget=16)
+    assert batch.input_ids.shape[0] == 1  # both blocks in one row
+    assert owner[0].tolist() == [0] * 5 + [1] * 4 + [-1] * 7  # longest first, then padding
+    assert batch.document_ids[0, :9].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert batch.sentence_ids[0, :9].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    # the last token of each block (and of each document) has no label
+    assert batch.labels[0, :9].tolist() == [6, 0, -100, 0, -100, 9, 10, 0, -100]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40), max_size=40), st.integers(8, 64))
+def test_first_fit_decreasing(lengths: list[int], budget: int) -> None:
+    bins = first_fit_decreasing(lengths, budget)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    for b in bins:
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= budget
+    # first fit: no later bin's first item fitted in an earlier bin at the time -> at most
+    # one bin is at most half full
+    assert sum(sum(lengths[i] for i in b) * 2 <= budget for b in bins) <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Real data and checkpoints
+
+
+@pytest.fixture(scope="module")
+def data_dir(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path, ray_session: None
+) -> Path:
+    root = tmp_path_factory.mktemp("eval-data")
+    rng = random.Random(5)
+    (root / "raw").mkdir()
+    for k in range(4):
+        docs = [make_document(rng) for _ in range(25)]
+        (root / "raw" / f"p{k}.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in docs)
+        )
+    run_preprocess(
+        PreprocessConfig(
+            input=InputConfig(paths=[str(root / "raw")]),
+            output=str(root / "data"),
+            tokenizer=str(tokenizer_path),
+            packing=PackingConfig(
+                sentences_per_block=8, max_sentence_tokens=32, heldout_fraction=0.3
+            ),
+            plot=False,
+        )
+    )
+    return root / "data"
+
+
+def _manifest(data: Path) -> dict[str, Any]:
+    m = read_manifest(str(data))
+    assert m is not None
+    return m
+
+
+def _export(data: Path, out: Path, arch: str, seed: int, sha: str | None = None) -> str:
+    m = _manifest(data)
+    sp = m["special_tokens"]
+    mc = ModelConfig.preset(
+        "gpthf-tiny",
+        vocab_size=m["tokenizer"]["vocab_size"],
+        eos_id=sp["end_of_sentence"]["id"],
+        pad_id=sp["pad"]["id"],
+        eod_id=sp["end_of_document"]["id"],
+        max_sentence_tokens=32,
+        **TINY,
+    )
+    if arch == "gpt":
+        mc = mc.baseline()
+    torch.manual_seed(seed)
+    model = build_model(mc)
+    write_export(
+        str(out),
+        model.state_dict(),
+        {
+            "model": mc.to_dict(),
+            "step": 0,
+            "schedule_hash": "test",
+            "tokenizer_sha256": sha or m["tokenizer"]["sha256"],
+        },
+        (data / "tokenizer.json").read_text(),
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def exports(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("exports")
+    return {
+        "gpthf": _export(data_dir, root / "gpthf", "gpthf", 1),
+        "gpt": _export(data_dir, root / "gpt", "gpt", 2),
+    }
+
+
+def _heldout_table(data: Path) -> Any:
+    import pyarrow as pa
+
+    m = _manifest(data)
+    return pa.concat_tables(
+        [pq.read_table(u, columns=BLOCK_COLUMNS) for u in shard_uris(str(data), m, "heldout")]
+    )
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_prepack_equals_pad_on_checkpoints(
+    data_dir: Path, exports: dict[str, str], arch: str
+) -> None:
+    from training.checkpoint import load_export
+
+    table = _heldout_table(data_dir)
+    sp = _manifest(data_dir)["special_tokens"]
+    model = load_export(exports[arch]).model
+    kw = dict(pad_id=sp["pad"]["id"], eos_id=sp["end_of_sentence"]["id"])
+    pad = score_blocks(model, table, batching="pad", **kw)  # type: ignore[arg-type]
+    for budget in (64, 256):
+        pre = score_blocks(model, table, batching="prepack", token_budget=budget, **kw)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(pre["targets"], pad["targets"])
+        np.testing.assert_array_equal(pre["eos_targets"], pad["eos_targets"])
+        np.testing.assert_allclose(pre["nll"], pad["nll"], rtol=1e-5)
+        assert pre["nll"].sum() == pytest.approx(pad["nll"].sum(), rel=1e-5)
+    a = evaluate_rows(model, table, batching="pad", **kw)  # type: ignore[arg-type]
+    assert a.tokens == _manifest(data_dir)["splits"]["heldout"]["tokens"]
+    assert 1 < a.token_perplexity < 1.5 * model.config.vocab_size
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_eval_job_report(data_dir: Path, exports: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    cfg = EvalConfig(
+        checkpoints=[exports["gpthf"], exports["gpt"]],
+        data=str(data_dir),
+        output=str(out),
+        actors=1,
+        batch_rows=7,  # does not divide the rows: no tail may be lost
+    )
+    report = run_eval(cfg)
+    m = _manifest(data_dir)
+    split = m["splits"]["heldout"]
+    assert [c["arch"] for c in report["checkpoints"]] == ["gpthf", "gpt"]
+    for c in report["checkpoints"]:
+        assert c["total"]["rows"] == split["rows"] and c["total"]["tokens"] == split["tokens"]
+        total = sum(
+            (Sums(**{k: s[k] for k in Sums.__dataclass_fields__}) for s in c["shards"]), Sums()
+        )
+        assert total.nll == pytest.approx(c["total"]["nll"], rel=1e-12)
+        assert c["total"]["token_perplexity"] == pytest.approx(
+            math.exp(c["total"]["nll"] / c["total"]["targets"]), rel=1e-12
+        )
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["manifest_version"] == m["version"]
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| gpthf |" in (out / "report.md").read_text()
+    assert "token ppl" in format_table(report)
+
+
+def test_clear_errors(data_dir: Path, exports: dict[str, str], tmp_path: Path) -> None:
+    def cfg(ckpt: str, data: Path = data_dir) -> EvalConfig:
+        return EvalConfig(checkpoints=[ckpt], data=str(data), output=str(tmp_path / "o"))
+
+    wrong_tok = _export(data_dir, tmp_path / "wrong", "gpt", 3, sha="0" * 64)
+    with pytest.raises(EvalError, match="tokenizer"):
+        run_eval(cfg(wrong_tok))
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["gpt"], broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(EvalError, match="unreadable checkpoint"):
+        run_eval(cfg(str(broken)))
+    with pytest.raises(EvalError, match="unreadable checkpoint"):
+        run_eval(cfg(str(tmp_path / "nowhere")))
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    victim = next((data / "heldout").glob("*.parquet"))
+    victim.unlink()
+    with pytest.raises(EvalError, match=re.escape(victim.name)):
+        run_eval(cfg(exports["gpt"], data))
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_cli_args_and_early_refusal(
+    data_dir: Path, exports: dict[str, str], tmp_path: Path
+) -> None:
+    import argparse
+
+    from jobs.evaluate import add_args, config_from_args, main
+
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    argv = ["--checkpoint", exports["gpthf"], "--checkpoint", exports["gpt"], "--data"]
+    argv += [str(data_dir), "--output", str(tmp_path / "r"), "--batching", "pad", "--actors", "3"]
+    cfg = config_from_args(parser.parse_args(argv))
+    assert cfg.checkpoints == [exports["gpthf"], exports["gpt"]]
+    assert (cfg.batching, cfg.actors, cfg.split, cfg.gpu) == ("pad", 3, "heldout", False)
+    with pytest.raises(ManifestError, match="nope"):
+        main(parser.parse_args([*argv, "--split", "nope"]))
+
+
+def test_failing_shard_is_named(data_dir: Path, exports: dict[str, str]) -> None:
+    import pyarrow as pa
+
+    from training.eval_job import _Scorer
+
+    sp = _manifest(data_dir)["special_tokens"]
+    scorer = _Scorer(
+        exports["gpt"], None, False, sp["pad"]["id"], sp["end_of_sentence"]["id"], "prepack", 256
+    )
+    bad = pa.table({**HAND, "path": ["x/heldout/u7.parquet"] * 2})
+    bad = bad.set_column(1, "sentence_lengths", pa.array([[3, 3], [4]]))  # 6 != 5 tokens
+    with pytest.raises(EvalError, match=r"u7\.parquet"):
+        scorer(bad)
+    good = scorer(bad.set_column(1, "sentence_lengths", pa.array([[3, 2], [4]])))
+    assert good["targets"].tolist() == [3, 3] and good["tokens"].tolist() == [5, 4]
