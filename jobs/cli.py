@@ -101,6 +101,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jobs.evaluate import main as run
+
+    return run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import main as run
 
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_args(tr)
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="batch perplexity evaluation of exports over held-out shards")
+    from jobs.evaluate import add_args as add_eval_args
+
+    add_eval_args(ev)
+    ev.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text from a trained export (cached, fast)")
     from jobs.generate import add_args as add_generate_args
@@ -168,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.tokenizer import TokenizerError
     from training.checkpoint import CheckpointError
     from training.config import TrainConfigError
+    from training.eval_job import EvalError
 
     user_errors = (
         ConfigError,
@@ -177,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ChangedInputError,
         TrainConfigError,
         CheckpointError,
+        EvalError,
     )
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -1,5 +1,6 @@
 """The main job on the embedded default (in-process Ray, local files, the sample corpus):
-tokenizer -> preprocess -> train a tiny GPTHF."""
+tokenizer -> preprocess -> train a tiny GPTHF and its GPT baseline -> evaluate both on the
+held-out split -> generate with every mode."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DEMO_VOCAB = 4096
 DEMO_HELDOUT = 0.05
@@ -16,7 +18,32 @@ DEMO_NEW_TOKENS = 48
 DEMO_PROMPTS = ["Enter the King and Queen. The king speaks.", "What news from the court?"]
 
 
+def demo_train_config(work: Path, preset: str) -> Any:
+    from training.config import load_train_config
+
+    return load_train_config(
+        None,
+        {
+            "data.uri": str(work / "data"),
+            "run.output": str(work / f"train-{preset}"),
+            "model.preset": preset,
+            "run.workers": 1,
+            "run.resume": True,  # a second `make demo` continues (or finds the run complete)
+            "deepspeed.zero_stage": 1,
+            "deepspeed.micro_batch_rows": 8,
+            "optim.total_steps": DEMO_STEPS,
+            "optim.warmup_steps": 20,
+            "optim.lr": 2e-3,
+            "run.checkpoint_every": 100,
+            "run.eval_every": 50,
+            "run.log_every": 25,
+        },
+    )
+
+
 def main(args: argparse.Namespace) -> int:
+    from training.trainer import format_summary, run_training
+
     from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
     from pipeline.preprocess import run_preprocess
     from pipeline.sample_corpus import ensure_sample_corpus
@@ -60,37 +87,26 @@ def main(args: argparse.Namespace) -> int:
     print(format_stats(result.stats))
     print(f"[demo] outputs in {work / 'data'} (manifest.json, stats.json, stats.png)")
 
-    from training.config import load_train_config
-    from training.trainer import format_summary, run_training
+    for preset in ("gpthf-tiny", "gpt-tiny"):  # GPTHF and its equal-size GPT baseline
+        t0 = time.perf_counter()
+        print(format_summary(run_training(demo_train_config(work, preset))))
+        print(f"[demo] {preset}: training took {time.perf_counter() - t0:.0f}s")
 
-    tcfg = load_train_config(
-        None,
-        {
-            "data.uri": str(work / "data"),
-            "run.output": str(work / "train-gpthf"),
-            "model.preset": "gpthf-tiny",
-            "run.workers": 1,
-            "run.resume": True,  # a second `make demo` continues (or finds the run complete)
-            "deepspeed.zero_stage": 1,
-            "deepspeed.micro_batch_rows": 8,
-            "optim.total_steps": DEMO_STEPS,
-            "optim.warmup_steps": 20,
-            "optim.lr": 2e-3,
-            "run.checkpoint_every": 100,
-            "run.eval_every": 50,
-            "run.log_every": 10,
-        },
+    from training.eval_job import EvalConfig, format_table, run_eval
+
+    report = run_eval(
+        EvalConfig(
+            checkpoints=[str(work / f"train-{p}" / "export") for p in ("gpthf-tiny", "gpt-tiny")],
+            data=str(work / "data"),
+            output=str(work / "eval"),
+        )
     )
-    t0 = time.perf_counter()
-    trained = run_training(tcfg)
-    print(format_summary(trained))
-    print(
-        f"[demo] training took {time.perf_counter() - t0:.0f}s; metrics in {work / 'train-gpthf'}"
-    )
+    print(f"\n[demo] held-out evaluation ({report['batching']}), report in {work / 'eval'}:")
+    print(format_table(report), end="")
 
     from jobs.generate import generate_from_export
 
-    export = str(work / "train-gpthf" / "export")
+    export = str(work / "train-gpthf-tiny" / "export")
     print(f"\n[demo] generation from {export}, greedy, {DEMO_NEW_TOKENS} new tokens per prompt:")
     for mode in ("full", "sentence-cache", "kv"):
         out = generate_from_export(export, DEMO_PROMPTS, max_new_tokens=DEMO_NEW_TOKENS, mode=mode)

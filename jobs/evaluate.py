@@ -56,6 +56,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="gpthf eval", description=__doc__)
-    add_args(parser)
-    sys.exit(main(parser.parse_args()))
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main(["eval", *sys.argv[1:]]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,11 +323,24 @@ def plot_png(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _strict_json(x: Any) -> Any:
+    """NaN/inf (a metric with no denominator) become null: report.json stays strict JSON."""
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_strict_json(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, str | bytes):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def write_report(output: str, report: dict[str, Any], storage: Any = None) -> None:
     """report.png, report.md, then report.json (last: its presence means the run completed)."""
     fs, root = filesystem_for(output, storage)
     fs.makedirs(root, exist_ok=True)
     write_bytes_atomic(fs, join(root, "report.png"), plot_png(report))
     write_bytes_atomic(fs, join(root, "report.md"), format_markdown(report).encode())
-    data = json.dumps(report, indent=1, sort_keys=True, default=float).encode()
+    data = json.dumps(_strict_json(report), indent=1, sort_keys=True, allow_nan=False).encode()
     write_bytes_atomic(fs, join(root, "report.json"), data)
