@@ -42,13 +42,12 @@ def demo_train_config(work: Path, preset: str) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.trainer import format_summary, run_training
-
     from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
     from pipeline.preprocess import run_preprocess
     from pipeline.sample_corpus import ensure_sample_corpus
     from pipeline.stats import format_stats
     from pipeline.tokenizer import train_tokenizer
+    from training.trainer import format_summary, run_training
 
     work = Path(args.workdir).absolute()
     if args.fresh and work.exists():
