@@ -1,0 +1,524 @@
+"""Structure of the deployment files under infra/ (no cluster, no docker, no network).
+
+What is checked is what the files rely on: every manifest parses and names itself, images are
+pinned to the one image the Dockerfile builds, every container has resources, entrypoints name
+job modules that exist (or are on the fixed list of jobs being written), credentials only come
+from Secrets, the Ray dashboard is never exposed outside the cluster, and the Dockerfile's
+versions equal pyproject's pins.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+DOCKERFILE = INFRA / "docker" / "Dockerfile"
+K8S = INFRA / "k8s"
+CLUSTER_YAML = INFRA / "vm" / "cluster.yaml"
+CRONTAB = INFRA / "vm" / "crontab"
+
+# The job modules an entrypoint may name (`python -m jobs.<name>`). preprocess, train and
+# generate exist already and must stay; evaluate and nightly are being written.
+JOB_MODULES = {"preprocess", "train", "evaluate", "nightly", "generate"}
+JOB_MODULES_PRESENT = {"preprocess", "train", "generate"}
+
+SECRET_WORDS = ("SECRET", "KEY", "TOKEN", "PASSWORD", "CREDENTIAL")
+DASHBOARD_PORT = 8265
+LITERAL_SECRET = re.compile(
+    r"(?i)(auth_token|secret_access_key|access_key_id|password)[\"']?\s*[=:]\s*[\"']?"
+    r"(?![$<{])[A-Za-z0-9+/=_\-]{16,}"
+)
+PY_MODULE = re.compile(r"python3?\s+-m\s+([\w.]+)")
+PIN = re.compile(
+    r"""(?<![\w.\-])([A-Za-z0-9][A-Za-z0-9_.\-]*(?:\[[^\]\s]*\])?)==([0-9][^\s"'\\]*)"""
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pyproject() -> dict[str, Any]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def _norm(name: str) -> str:
+    """PEP 503 name without extras: `ray[data,train]` -> `ray`."""
+    return re.sub(r"[-_.]+", "-", name.split("[", 1)[0]).lower()
+
+
+def _pyproject_pins() -> dict[str, str]:
+    """Normalised name -> the exact requirement string (`ray[data,train,default]==2.60.0`)."""
+    pins = {}
+    for req in _pyproject()["project"]["dependencies"]:
+        m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9_.\-]*(?:\[[^\]]*\])?)==(\S+)\s*", req)
+        assert m, f"pyproject dependency {req!r} is not an exact pin"
+        pins[_norm(m.group(1))] = f"{m.group(1)}=={m.group(2)}"
+    return pins
+
+
+def _ray_version() -> str:
+    return _pyproject_pins()["ray"].split("==", 1)[1]
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            word, _, rest = buf.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def _our_image() -> str:
+    """The image the Dockerfile builds, from its `gpthf.image` label."""
+    labels = " ".join(a for i, a in _dockerfile_instructions() if i == "LABEL")
+    m = re.search(r'gpthf\.image="?([^"\s]+)"?', labels)
+    assert m, "infra/docker/Dockerfile has no LABEL gpthf.image=<our image tag>"
+    return m.group(1)
+
+
+def _from_image() -> str:
+    froms = [a for i, a in _dockerfile_instructions() if i == "FROM"]
+    assert len(froms) == 1, f"expected one FROM, got {froms}"
+    return froms[0].split()[0]
+
+
+def _manifest_files() -> list[Path]:
+    return sorted([*K8S.glob("*.yaml"), *K8S.glob("*.yml")])
+
+
+def _manifests() -> list[tuple[Path, dict[str, Any]]]:
+    docs = []
+    for path in _manifest_files():
+        with path.open() as f:
+            for doc in yaml.safe_load_all(f):
+                if doc is not None:
+                    docs.append((path, doc))
+    return docs
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def _containers(doc: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for node in _walk(doc):
+        if isinstance(node, dict):
+            for key in ("containers", "initContainers"):
+                if isinstance(node.get(key), list):
+                    found.extend(node[key])
+    return found
+
+
+def _ray_cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every RayCluster spec in a manifest: RayCluster, RayJob's and RayCronJob's clusters."""
+    spec = doc.get("spec") or {}
+    kind = doc["kind"]
+    if kind == "RayCluster":
+        return [spec]
+    if kind == "RayJob":
+        return [spec["rayClusterSpec"]] if "rayClusterSpec" in spec else []
+    if kind == "RayCronJob":
+        tpl = spec.get("jobTemplate") or {}
+        tpl = tpl.get("spec", tpl)  # tolerate a metadata+spec style template
+        return [tpl["rayClusterSpec"]] if "rayClusterSpec" in tpl else []
+    return []
+
+
+def _strings(doc: Any) -> list[str]:
+    return [n for n in _walk(doc) if isinstance(n, str)]
+
+
+def _crontab_jobs() -> list[str]:
+    lines = []
+    for line in CRONTAB.read_text().splitlines():
+        s = line.strip()
+        if not s or s.startswith("#") or re.match(r"^[A-Za-z_][A-Za-z0-9_]*\s*=", s):
+            continue
+        lines.append(s)
+    return lines
+
+
+def _entrypoint_texts() -> list[tuple[str, str]]:
+    texts = [(f"{p.name}", s) for p, d in _manifests() for s in _strings(d)]
+    texts += [("crontab", s) for s in _crontab_jobs()]
+    with CLUSTER_YAML.open() as f:
+        texts += [("cluster.yaml", s) for s in _strings(yaml.safe_load(f))]
+    return [(where, s) for where, s in texts if PY_MODULE.search(s)]
+
+
+def _is_secret_name(name: str) -> bool:
+    up = name.upper()
+    if up.endswith(("_PATH", "_FILE")):  # where a secret lives, not the secret
+        return False
+    return any(w in up for w in SECRET_WORDS)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_every_folder_has_a_readme() -> None:
+    for folder in ("", "docker", "k8s", "vm", "local"):
+        readme = INFRA / folder / "README.md"
+        assert readme.is_file(), f"missing {readme.relative_to(ROOT)}"
+        assert readme.read_text().strip()
+
+
+def test_expected_files_exist() -> None:
+    for rel in (
+        "docker/Dockerfile",
+        "k8s/raycluster.yaml",
+        "k8s/rayjob-train.yaml",
+        "k8s/rayjob-evaluate.yaml",
+        "k8s/raycronjob-nightly.yaml",
+        "k8s/cronjob-nightly-submit.yaml",
+        "vm/cluster.yaml",
+        "vm/crontab",
+    ):
+        assert (INFRA / rel).is_file(), f"missing infra/{rel}"
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_base_image_matches_pyproject_ray() -> None:
+    image = _from_image()
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-cu(\d+)", image)
+    assert m, f"FROM {image}: want a pinned rayproject/ray:<version>-py311-cu12x tag"
+    assert m.group(1) == _ray_version(), f"FROM {image} but pyproject pins ray=={_ray_version()}"
+    assert (m.group(2), m.group(3)) == ("3", "11"), "the image's Python must be 3.11"
+    assert m.group(4).startswith("12"), f"FROM {image}: want a CUDA 12.x image"
+    assert "ray-ml" not in image
+
+
+def test_dockerfile_pins_equal_pyproject() -> None:
+    runs = " ".join(a for i, a in _dockerfile_instructions() if i == "RUN")
+    pinned: dict[str, set[str]] = {}
+    for m in PIN.finditer(runs):
+        pinned.setdefault(_norm(m.group(1)), set()).add(f"{m.group(1)}=={m.group(2)}")
+    want = _pyproject_pins()
+    assert want["torch"] == "torch==2.13.0"
+    for name, req in want.items():
+        assert name in pinned, f"Dockerfile does not install {req}"
+        assert pinned[name] == {req}, f"Dockerfile pins {sorted(pinned[name])}, pyproject {req}"
+    extra = sorted(set(pinned) - set(want))
+    assert not extra, f"Dockerfile pins packages pyproject does not: {extra}"
+
+
+def test_dockerfile_installs_cuda_torch_matching_the_base_image() -> None:
+    cuda = re.search(r"-cu(\d+)$", _from_image())
+    assert cuda
+    runs = [a for i, a in _dockerfile_instructions() if i == "RUN"]
+    torch_runs = [r for r in runs if "torch==2.13.0" in r]
+    assert torch_runs, "no RUN installs torch==2.13.0"
+    for r in torch_runs:
+        idx = re.findall(r"--(?:extra-)?index-url[ =](\S+)", r)
+        assert f"https://download.pytorch.org/whl/cu{cuda.group(1)}" in idx, (
+            f"torch must come from the PyTorch cu{cuda.group(1)} index: {r}"
+        )
+
+
+def test_dockerfile_copies_and_installs_our_packages() -> None:
+    ins = _dockerfile_instructions()
+    copied = " ".join(a for i, a in ins if i == "COPY")
+    for pkg in ("pipeline/", "training/", "jobs/", "pyproject.toml"):
+        assert pkg in copied, f"Dockerfile does not COPY {pkg}"
+    runs = " ".join(a for i, a in ins if i == "RUN")
+    assert re.search(r"pip install --no-deps \.(\s|$)", runs), "missing `pip install --no-deps .`"
+
+
+def test_our_image_tag_is_pinned_and_versioned() -> None:
+    image = _our_image()
+    _repo, sep, tag = image.rpartition(":")
+    assert sep and "/" not in tag and tag and tag != "latest", f"{image} is not pinned by tag"
+    version = _pyproject()["project"]["version"]
+    assert tag.startswith(f"{version}-ray{_ray_version()}-"), (
+        f"{image}: the tag should start with {version}-ray{_ray_version()}- (pyproject)"
+    )
+    assert tag.endswith(_from_image().rpartition("-")[2]), "tag's CUDA suffix != base image's"
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def test_manifests_parse_and_name_themselves() -> None:
+    files = _manifest_files()
+    assert files
+    docs = _manifests()
+    assert {p for p, _ in docs} == set(files), "a manifest file holds no document"
+    for path, doc in docs:
+        assert isinstance(doc, dict), path
+        assert doc.get("apiVersion"), f"{path.name}: no apiVersion"
+        assert doc.get("kind"), f"{path.name}: no kind"
+        assert (doc.get("metadata") or {}).get("name"), f"{path.name}: no metadata.name"
+
+
+def test_manifest_kinds_present() -> None:
+    kinds = [(d["apiVersion"], d["kind"]) for _, d in _manifests()]
+    for want in (
+        ("ray.io/v1", "RayCluster"),
+        ("ray.io/v1", "RayJob"),
+        ("ray.io/v1", "RayCronJob"),
+        ("batch/v1", "CronJob"),
+    ):
+        assert want in kinds, f"no {want[1]} ({want[0]}) manifest"
+
+
+def test_raycluster_has_head_and_gpu_workers() -> None:
+    clusters = [d for _, d in _manifests() if d["kind"] == "RayCluster"]
+    assert clusters
+    for doc in clusters:
+        spec = doc["spec"]
+        assert spec.get("headGroupSpec", {}).get("template"), "RayCluster without headGroupSpec"
+        groups = spec.get("workerGroupSpecs") or []
+        assert groups, "RayCluster without workerGroupSpecs"
+        gpus = [
+            c
+            for g in groups
+            for c in g["template"]["spec"]["containers"]
+            if int(str(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))) >= 1
+        ]
+        assert gpus, "no worker group requests nvidia.com/gpu in its limits"
+        for g in groups:
+            assert g.get("groupName")
+            assert g.get("minReplicas", 0) <= g.get("replicas", 0) <= g.get("maxReplicas", 0)
+
+
+def test_every_ray_cluster_spec_is_consistent() -> None:
+    specs = [s for _, d in _manifests() for s in _ray_cluster_specs(d)]
+    assert len(specs) >= 4  # RayCluster, two RayJobs, RayCronJob
+    for spec in specs:
+        assert str(spec.get("rayVersion")) == _ray_version()
+        assert spec.get("headGroupSpec", {}).get("template")
+        assert spec.get("workerGroupSpecs")
+        assert (spec.get("authOptions") or {}).get("mode") == "token", "token auth must be on"
+
+
+def test_every_container_image_is_our_pinned_image() -> None:
+    ours = _our_image()
+    for path, doc in _manifests():
+        for c in _containers(doc):
+            image = c.get("image", "")
+            assert ":" in image.rpartition("/")[2], f"{path.name}/{c.get('name')}: {image} unpinned"
+            assert not image.endswith(":latest"), f"{path.name}: {image}"
+            assert image == ours, f"{path.name}/{c.get('name')}: {image}, Dockerfile builds {ours}"
+
+
+def test_every_container_has_resource_requests_and_limits() -> None:
+    for path, doc in _manifests():
+        containers = _containers(doc)
+        assert containers, f"{path.name}: no containers"
+        for c in containers:
+            res = c.get("resources") or {}
+            for part in ("requests", "limits"):
+                got = res.get(part) or {}
+                assert "cpu" in got and "memory" in got, f"{path.name}/{c['name']}: {part} {got}"
+
+
+def test_entrypoints_name_job_modules() -> None:
+    texts = _entrypoint_texts()
+    assert texts
+    seen = set()
+    for where, text in texts:
+        for module in PY_MODULE.findall(text):
+            pkg, _, name = module.partition(".")
+            assert pkg == "jobs" and name in JOB_MODULES, f"{where}: python -m {module}"
+            if name in JOB_MODULES_PRESENT:
+                assert (ROOT / "jobs" / f"{name}.py").is_file(), f"{where}: jobs/{name}.py missing"
+            seen.add(name)
+    assert {"train", "evaluate", "nightly"} <= seen
+
+
+def test_job_modules_present_exist() -> None:
+    for name in JOB_MODULES_PRESENT:
+        assert (ROOT / "jobs" / f"{name}.py").is_file(), f"jobs/{name}.py"
+
+
+def test_rayjobs_for_training_and_evaluation() -> None:
+    entry = {
+        m
+        for _, d in _manifests()
+        if d["kind"] == "RayJob"
+        for m in PY_MODULE.findall(d["spec"]["entrypoint"])
+    }
+    assert {"jobs.train", "jobs.evaluate"} <= entry
+
+
+def test_raycronjob_runs_nightly_preprocessing() -> None:
+    crons = [d for _, d in _manifests() if d["kind"] == "RayCronJob"]
+    assert crons
+    for doc in crons:
+        spec = doc["spec"]
+        assert len(str(spec["schedule"]).split()) == 5
+        entry = spec["jobTemplate"]["entrypoint"]
+        assert PY_MODULE.findall(entry) == ["jobs.nightly"]
+        for flag in ("--input", "--output", "--tokenizer"):
+            assert re.search(rf"{flag}\s+s3://\S+", entry), f"RayCronJob entrypoint lacks {flag}"
+
+
+def test_cronjob_fallback_submits_to_the_raycluster_with_token_auth() -> None:
+    cluster = next(d for _, d in _manifests() if d["kind"] == "RayCluster")
+    svc = f"http://{cluster['metadata']['name']}-head-svc:{DASHBOARD_PORT}"
+    crons = [d for _, d in _manifests() if d["kind"] == "CronJob"]
+    assert crons
+    for doc in crons:
+        pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] in ("Never", "OnFailure")
+        (c,) = pod["containers"]
+        cmd = " ".join([*c.get("command", []), *c.get("args", [])])
+        assert "ray job submit" in cmd
+        assert f"--address {svc}" in cmd
+        assert "--submission-id nightly-$(date +%F)" in cmd
+        assert re.search(r"--\s+python -m jobs\.nightly\b", cmd)
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["RAY_AUTH_MODE"].get("value") == "token"
+        assert "secretKeyRef" in env["RAY_AUTH_TOKEN"].get("valueFrom", {})
+
+
+def test_no_inline_secrets() -> None:
+    for path, doc in _manifests():
+        assert doc["kind"] != "Secret", f"{path.name}: Secrets are created out of band, not here"
+        for node in _walk(doc):
+            if not isinstance(node, dict):
+                continue
+            for e in node.get("env") or []:
+                if _is_secret_name(e["name"]):
+                    assert "value" not in e, f"{path.name}: {e['name']} has an inline value"
+                    ref = e.get("valueFrom") or {}
+                    assert "secretKeyRef" in ref, f"{path.name}: {e['name']} not from a Secret"
+            for src in node.get("envFrom") or []:
+                assert "secretRef" in src or "configMapRef" in src, f"{path.name}: {src}"
+
+
+def test_credentials_come_from_secrets() -> None:
+    for path, doc in _manifests():
+        for spec in _ray_cluster_specs(doc):
+            pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+            for group in pods:
+                for c in group["template"]["spec"]["containers"]:
+                    env = {e["name"]: e for e in c.get("env", [])}
+                    from_secret = any("secretRef" in s for s in c.get("envFrom", []))
+                    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+                        assert from_secret or "secretKeyRef" in env.get(var, {}).get(
+                            "valueFrom", {}
+                        ), f"{path.name}/{c['name']}: {var} not from a Secret"
+
+
+def test_no_secret_looking_literals_anywhere_in_infra() -> None:
+    for path in INFRA.rglob("*"):
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), f"{path}: AWS access key id"
+        # NAME=value / NAME: value with a literal (not "$VAR", "$(cmd)", "<placeholder>")
+        m = LITERAL_SECRET.search(text)
+        assert not m, f"{path}: literal secret {m.group(0)[:30]}..."
+
+
+def test_dashboard_never_exposed_outside_the_cluster() -> None:
+    for path, doc in _manifests():
+        if doc["kind"] == "Service":
+            assert doc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP", path.name
+        if doc["kind"] == "Ingress":
+            pytest.fail(f"{path.name}: an Ingress exposes the cluster")
+        for spec in _ray_cluster_specs(doc):
+            head = spec["headGroupSpec"]
+            assert head.get("serviceType", "ClusterIP") == "ClusterIP", path.name
+            assert not head.get("enableIngress", False), path.name
+            for c in head["template"]["spec"]["containers"]:
+                for p in c.get("ports", []):
+                    assert "hostPort" not in p, f"{path.name}: hostPort {p}"
+        for node in _walk(doc):
+            if isinstance(node, dict) and node.get("type") in ("LoadBalancer", "NodePort"):
+                pytest.fail(f"{path.name}: a {node['type']} service")
+
+
+# --------------------------------------------------------------------------- VM launcher
+
+
+def _cluster_yaml() -> dict[str, Any]:
+    with CLUSTER_YAML.open() as f:
+        docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    assert len(docs) == 1
+    doc = docs[0]
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_cluster_yaml_head_and_gpu_workers() -> None:
+    cfg = _cluster_yaml()
+    assert cfg.get("cluster_name")
+    assert cfg.get("provider", {}).get("type")
+    types = cfg["available_node_types"]
+    head = cfg["head_node_type"]
+    assert head in types
+    gpu = [
+        n
+        for n, t in types.items()
+        if n != head and float((t.get("resources") or {}).get("GPU", 0)) >= 1
+    ]
+    assert gpu, "no GPU worker node type"
+    for n in gpu:
+        assert types[n].get("max_workers", 0) >= 1, n
+        assert types[n].get("node_config"), n
+
+
+def test_cluster_yaml_runs_our_pinned_image() -> None:
+    docker = _cluster_yaml()["docker"]
+    image = docker["image"]
+    assert image == _our_image()
+    assert ":" in image.rpartition("/")[2] and not image.endswith(":latest")
+    for key in ("head_image", "worker_image"):
+        assert docker.get(key, image) == image
+
+
+def test_cluster_yaml_token_auth_and_no_inline_secrets() -> None:
+    cfg = _cluster_yaml()
+    opts = " ".join(cfg["docker"].get("run_options", []))
+    assert "RAY_AUTH_MODE=token" in opts
+    for name, _value in re.findall(r"--env\s+([A-Za-z_][A-Za-z0-9_]*)=(\S*)", opts):
+        assert not _is_secret_name(name), f"cluster.yaml: --env {name}=... inline"
+    head_cmds = " ".join(cfg.get("head_start_ray_commands", []))
+    assert "--dashboard-host=0.0.0.0" not in head_cmds, "dashboard bound to all interfaces"
+
+
+def test_crontab_nightly_line() -> None:
+    jobs = _crontab_jobs()
+    assert len(jobs) == 1, jobs
+    line = jobs[0]
+    fields = line.split(None, 5)
+    assert len(fields) == 6, "want: m h dom mon dow command"
+    command = fields[5]
+    assert "ray job submit" in command
+    assert re.search(r"python -m jobs\.nightly\b", command)
+    assert "--submission-id nightly-$(date +\\%F)" in command
+    # cron turns an unescaped % into a newline: every % in the command must be \%
+    assert not re.search(r"(?<!\\)%", command), "unescaped % in the crontab command"
