@@ -142,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(ev)
     ev.set_defaults(func=cmd_eval)
 
+    from jobs.submit import add_jobs_args, add_submit_args, cmd_jobs, cmd_submit
+
+    sm = sub.add_parser("submit", help="run one of our commands as a Ray job on a cluster")
+    add_submit_args(sm)
+    sm.set_defaults(func=cmd_submit)
+    jb = sub.add_parser("jobs", help="list, inspect, follow or stop submitted Ray jobs")
+    add_jobs_args(jb)
+    jb.set_defaults(func=cmd_jobs)
+
+    ng = sub.add_parser(
+        "nightly", help="incremental preprocessing of what arrived since the last run"
+    )
+    from jobs.nightly import add_args as add_nightly_args
+    from jobs.nightly import main as nightly_main
+
+    add_nightly_args(ng)
+    ng.set_defaults(func=nightly_main)
+
     g = sub.add_parser("generate", help="generate text from a trained export (cached, fast)")
     from jobs.generate import add_args as add_generate_args
 
@@ -174,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jobs.submit import SubmitError
     from pipeline.manifest import ManifestError
     from pipeline.preprocess import ChangedInputError
     from pipeline.storage import StorageError
@@ -191,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrainConfigError,
         CheckpointError,
         EvalError,
+        SubmitError,
     )
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

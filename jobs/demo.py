@@ -13,7 +13,7 @@ from typing import Any
 
 DEMO_VOCAB = 4096
 DEMO_HELDOUT = 0.05
-DEMO_STEPS = 300
+DEMO_STEPS = 150
 DEMO_NEW_TOKENS = 48
 DEMO_PROMPTS = ["Enter the King and Queen. The king speaks.", "What news from the court?"]
 
@@ -30,7 +30,7 @@ def demo_train_config(work: Path, preset: str) -> Any:
             "run.workers": 1,
             "run.resume": True,  # a second `make demo` continues (or finds the run complete)
             "deepspeed.zero_stage": 1,
-            "deepspeed.micro_batch_rows": 8,
+            "deepspeed.micro_batch_rows": 4,
             "optim.total_steps": DEMO_STEPS,
             "optim.warmup_steps": 20,
             "optim.lr": 2e-3,

@@ -16,6 +16,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     from jobs.cli import _add_preprocess_args
 
     _add_preprocess_args(p)
+    p.add_argument(
+        "--input", action="append", dest="input_prefixes", help="input prefix (repeatable)"
+    )
     p.add_argument("--date", help="the nightly date (default: today, UTC)")
 
 
@@ -25,6 +28,7 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.preprocess import run_preprocess
     from pipeline.storage import filesystem_for, write_bytes_atomic
 
+    args.inputs = [*(args.inputs or []), *(args.input_prefixes or [])]
     date = args.date or dt.datetime.now(dt.UTC).date().isoformat()
     cfg = load_preprocess_config(args.config, preprocess_overrides(args))
     result = run_preprocess(cfg)

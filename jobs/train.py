@@ -15,6 +15,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-overrides", help="JSON of ModelConfig fields, e.g. '{\"d_model\": 64}'")
     p.add_argument("--workers", type=int)
     p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument(
+        "--placement-strategy", choices=["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"]
+    )
     p.add_argument("--gpu", action="store_true", default=None)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     p.add_argument("--micro-batch", type=int, help="blocks per worker per micro-batch")
@@ -41,6 +44,7 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
         "model.overrides": json.loads(args.model_overrides) if args.model_overrides else None,
         "run.workers": args.workers,
         "run.cpus_per_worker": args.cpus_per_worker,
+        "run.placement_strategy": args.placement_strategy,
         "run.gpu": args.gpu,
         "deepspeed.zero_stage": args.zero_stage,
         "deepspeed.micro_batch_rows": args.micro_batch,

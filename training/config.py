@@ -84,6 +84,8 @@ class RunSection:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+    """Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node), STRICT_PACK."""
     max_steps: int | None = None
     """Stop after this global step (the schedule is unchanged: resume continues the same run)."""
     checkpoint_every: int = 50

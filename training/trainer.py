@@ -195,7 +195,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         train_loop_config={"config": cfg.to_dict(), "context": context},
         torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=cfg.run.gpu, resources_per_worker=resources
+            num_workers=world,
+            use_gpu=cfg.run.gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=run_config,
         datasets=datasets,
