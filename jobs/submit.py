@@ -117,7 +117,18 @@ def submit(
             )
             return submission_id, status.split(".")[-1]
     entrypoint, runtime_env = build_job(command, args, cpu_cluster)
-    sid = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            sid = c.submit_job(
+                entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id
+            )
+            break
+        except RuntimeError as exc:
+            # A freshly started (or busy) head answers this until its job agents are up.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
     print(f"[submit] {sid}: {entrypoint}")
     status = "PENDING"
     if wait:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,11 +221,18 @@ def _commit(
     stats = build_stats(manifest, run_summary)
     write_stats(output, stats, cfg.storage, cfg.plot)
     write_manifest(output, manifest, cfg.storage)  # the commit point
-    with storage_errors(output, "clean up"):
-        if fs.exists(staging_path):
-            fs.rm(staging_path, recursive=True)
-        for old in plan.replaced:
-            for rel in old.get("shards", []):
-                if rel not in added and fs.exists(join(root, rel)):
-                    fs.rm(join(root, rel))
+    # The commit has happened: clean-up is best effort, and what it leaves is invisible to
+    # readers (staging is never listed; replaced shards are no longer in the manifest).
+    leftovers = [staging_path] + [
+        join(root, rel)
+        for old in plan.replaced
+        for rel in old.get("shards", [])
+        if rel not in added
+    ]
+    for path in leftovers:
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        except OSError as exc:
+            print(f"[preprocess] warning: could not remove {path}: {exc}", file=sys.stderr)
     return PreprocessResult(output, version, [r["uri"] for r in records], added, run_summary, stats)

@@ -174,6 +174,7 @@ def _stream(
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
+    import ray
     import ray.train
     from ray.train import Checkpoint
 
@@ -187,6 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     bf16 = cfg.deepspeed.bf16 if cfg.deepspeed.bf16 is not None else device.type == "cuda"
     mc = ModelConfig.from_dict(ctx["model_config"])
 
+    print(f"[train] rank {rank} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     torch.manual_seed(cfg.run.seed)
     model = build_model(mc)
     optimizer, scheduler = build_optimizer(model, cfg.optim)
