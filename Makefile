@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install sample-corpus bench clean
+.PHONY: demo test lint install sample-corpus bench cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ test: $(STAMP) sample-corpus lint
 
 bench: $(STAMP) sample-corpus
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/generation.py --quick
+	$(PY) benchmarks/train_step.py --quick
+	$(PY) benchmarks/eval.py --quick
+
+cluster-up: $(STAMP)
+	infra/local/up.sh
+
+cluster-down:
+	infra/local/down.sh
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
