@@ -172,17 +172,15 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_preprocess_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> PreprocessConfig:
-    """Defaults <- YAML file <- overrides (dotted keys such as ``packing.seed``; None = unset)."""
+def layered_config(
+    path: str | Path | None, overrides: dict[str, Any] | None, error: type[Exception] = ConfigError
+) -> dict[str, Any]:
+    """The YAML file's mapping with dotted-key overrides applied (``packing.seed``; None = unset)."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
-        if loaded is None:
-            loaded = {}
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config file must be a YAML mapping")
+            raise error(f"{path}: the config file must be a YAML mapping")
         data = loaded
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -192,6 +190,14 @@ def load_preprocess_config(
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    return data
+
+
+def load_preprocess_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> PreprocessConfig:
+    """Defaults <- YAML file <- overrides (dotted keys such as ``packing.seed``; None = unset)."""
+    data = layered_config(path, overrides)
     cfg = _build(PreprocessConfig, data, str(path) if path else "config")
     assert isinstance(cfg, PreprocessConfig)
     return cfg

@@ -97,3 +97,33 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     with seaweedfs(tmp_path_factory.mktemp("weed"), buckets=["corpus", "shards"]) as server:
         yield server
+
+
+def preprocessed(
+    root: Path, tokenizer: Path, *, files: int, docs: int, seed: int, heldout: float
+) -> Path:
+    """A small `gpthf preprocess` output (S=8, M=32) of made-up JSONL documents; returns its path."""
+    import json
+
+    from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
+    from pipeline.preprocess import run_preprocess
+
+    rng = random.Random(seed)
+    (root / "raw").mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        texts = [make_document(rng) for _ in range(docs)]
+        (root / "raw" / f"p{k}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in texts)
+        )
+    run_preprocess(
+        PreprocessConfig(
+            input=InputConfig(paths=[str(root / "raw")]),
+            output=str(root / "data"),
+            tokenizer=str(tokenizer),
+            packing=PackingConfig(
+                sentences_per_block=8, max_sentence_tokens=32, heldout_fraction=heldout
+            ),
+            plot=False,
+        )
+    )
+    return root / "data"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.cli import main as cli_main
 from jobs.submit import client, submit
 from tests.conftest import make_document
 
@@ -65,7 +66,7 @@ def _ok(address: str, command: str, args: list[str]) -> str:
 
 
 def test_submit_preprocess_train_evaluate_and_nightly_once(
-    cluster: str, tmp_path: Path, tokenizer_path: Path
+    cluster: str, tmp_path: Path, tokenizer_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rng = random.Random(5)
     raw = tmp_path / "raw"
@@ -127,3 +128,13 @@ def test_submit_preprocess_train_evaluate_and_nightly_once(
     assert [j.submission_id for j in c.list_jobs()].count(sid1) == 1, "the nightly job ran once"
     summary = json.loads((nightly_out / "nightly" / "2026-11-23.json").read_text())
     assert len(summary["new_inputs"]) == 4
+
+    # `gpthf jobs` reads the same cluster.
+    capsys.readouterr()
+    assert cli_main(["jobs", "--address", cluster, "status", sid1]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    assert cli_main(["jobs", "--address", cluster, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert sid1 in listed and "jobs.train" in listed
+    assert cli_main(["jobs", "--address", cluster, "logs", sid1]) == 0
+    assert "[nightly 2026-11-23] 4 new input file(s)" in capsys.readouterr().out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import shutil
 from pathlib import Path
@@ -18,10 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
 from pipeline.manifest import ManifestError, read_manifest, shard_uris
-from pipeline.preprocess import run_preprocess
-from tests.conftest import make_document
+from tests.conftest import preprocessed
 from training.checkpoint import write_export
 from training.datasets import BLOCK_COLUMNS
 from training.eval_job import EvalConfig, EvalError, format_table, run_eval
@@ -107,26 +104,9 @@ def test_first_fit_decreasing(lengths: list[int], budget: int) -> None:
 def data_dir(
     tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path, ray_session: None
 ) -> Path:
-    root = tmp_path_factory.mktemp("eval-data")
-    rng = random.Random(5)
-    (root / "raw").mkdir()
-    for k in range(4):
-        docs = [make_document(rng) for _ in range(25)]
-        (root / "raw" / f"p{k}.jsonl").write_text(
-            "".join(json.dumps({"text": d}) + "\n" for d in docs)
-        )
-    run_preprocess(
-        PreprocessConfig(
-            input=InputConfig(paths=[str(root / "raw")]),
-            output=str(root / "data"),
-            tokenizer=str(tokenizer_path),
-            packing=PackingConfig(
-                sentences_per_block=8, max_sentence_tokens=32, heldout_fraction=0.3
-            ),
-            plot=False,
-        )
+    return preprocessed(
+        tmp_path_factory.mktemp("eval-data"), tokenizer_path, files=4, docs=25, seed=5, heldout=0.3
     )
-    return root / "data"
 
 
 def _manifest(data: Path) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
-from pipeline.preprocess import run_preprocess
-from tests.conftest import make_document
+from tests.conftest import preprocessed
 from training.batching import IGNORE_INDEX, collate_blocks
 from training.checkpoint import CheckpointError, load_export
 from training.config import TrainConfig, TrainConfigError, load_train_config
@@ -26,26 +23,14 @@ TINY = {"d_model": 64, "n_heads": 2, "ffn_dim": 128, "n_layers": 3, "n_encoder_l
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    rng = random.Random(21)
-    for k in range(6):
-        (root / "raw").mkdir(exist_ok=True)
-        docs = [make_document(rng) for _ in range(40)]
-        (root / "raw" / f"p{k}.jsonl").write_text(
-            "".join(json.dumps({"text": d}) + "\n" for d in docs)
-        )
-    run_preprocess(
-        PreprocessConfig(
-            input=InputConfig(paths=[str(root / "raw")]),
-            output=str(root / "data"),
-            tokenizer=str(tokenizer_path),
-            packing=PackingConfig(
-                sentences_per_block=8, max_sentence_tokens=32, heldout_fraction=0.1
-            ),
-            plot=False,
-        )
+    return preprocessed(
+        tmp_path_factory.mktemp("train-data"),
+        tokenizer_path,
+        files=6,
+        docs=40,
+        seed=21,
+        heldout=0.1,
     )
-    return root / "data"
 
 
 def config(data: Path | str, out: Path | str, **kw: Any) -> TrainConfig:

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import StorageConfig
+from pipeline.config import StorageConfig, layered_config
 
 
 class TrainConfigError(ValueError):
@@ -177,18 +175,5 @@ class TrainConfig:
 def load_train_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise TrainConfigError(f"{path}: the config file must be a YAML mapping")
-        data = loaded
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return TrainConfig.from_dict(data)
+    """Defaults <- YAML file <- overrides (dotted keys such as ``optim.lr``; None = unset)."""
+    return TrainConfig.from_dict(layered_config(path, overrides, TrainConfigError))
