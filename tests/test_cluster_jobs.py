@@ -39,6 +39,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         "RAY_PORT": str(_free_port()),
         "RAY_DASHBOARD_PORT": str(_free_port()),
         "RAY_CLIENT_PORT": str(_free_port()),
+        "HEAD_AGENT_PORT": str(_free_port()),
+        "WORKER_AGENT_PORT": str(_free_port()),
         "HEAD_CPUS": "2",
         "WORKER_CPUS": "2",
     }
