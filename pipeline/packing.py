@@ -53,6 +53,15 @@ def _spread(total: int, weights: list[int]) -> list[int]:
     return out
 
 
+def sentence_pieces(ids: list[int], max_sentence_tokens: int) -> list[list[int]]:
+    """A sentence's token ids cut into pieces that, each with its EOS-S, hold at most M tokens.
+
+    The one rule shared by the data pipeline and generation's prompt encoding.
+    """
+    budget = max_sentence_tokens - 1
+    return [ids[j : j + budget] for j in range(0, len(ids), budget)] or [[]]
+
+
 def tokenize_documents(
     docs: list[tuple[str, list[str]]],
     tokenizer: Tokenizer,
@@ -88,7 +97,7 @@ def tokenize_documents(
                 doc.piece_bytes.append(n_bytes)
                 doc.piece_words.append(n_words)
                 continue
-            chunks = [ids[j : j + budget] for j in range(0, len(ids), budget)]
+            chunks = sentence_pieces(ids, max_sentence_tokens)
             counters.add("sentences_split", 1)
             counters.add("sentence_pieces_added", len(chunks) - 1)
             weights = [len(c) for c in chunks]

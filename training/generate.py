@@ -517,6 +517,7 @@ def encode_prompt(
     sentence stays open (no EOS-S, so the model continues it) unless ``close_last_sentence``,
     which by default is true when the text ends with sentence-final punctuation.
     """
+    from pipeline.packing import sentence_pieces
     from pipeline.text import normalise, split_sentences
 
     sentences = split_sentences(normalise(text))
@@ -524,12 +525,10 @@ def encode_prompt(
         raise ValueError("the prompt has no text to condition on")
     if close_last_sentence is None:
         close_last_sentence = bool(_SENTENCE_END.search(sentences[-1]))
-    budget = max_sentence_tokens - 1
     ids: list[int] = []
     encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
     for i, enc in enumerate(encodings):
-        toks = list(enc.ids)
-        pieces = [toks[j : j + budget] for j in range(0, len(toks), budget)] or [[]]
+        pieces = sentence_pieces(list(enc.ids), max_sentence_tokens)
         for k, piece in enumerate(pieces):
             last = i == len(encodings) - 1 and k == len(pieces) - 1
             ids += piece if last and not close_last_sentence else [*piece, eos_id]
