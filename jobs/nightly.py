@@ -13,9 +13,9 @@ import sys
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from jobs.cli import _add_preprocess_args
+    from jobs.preprocess import add_args as add_preprocess_args
 
-    _add_preprocess_args(p)
+    add_preprocess_args(p)
     p.add_argument(
         "--input", action="append", dest="input_prefixes", help="input prefix (repeatable)"
     )
@@ -23,7 +23,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.cli import preprocess_overrides
+    from jobs.preprocess import preprocess_overrides
     from pipeline.config import load_preprocess_config
     from pipeline.preprocess import run_preprocess
     from pipeline.storage import filesystem_for, write_bytes_atomic

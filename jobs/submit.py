@@ -19,14 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.registry import JOBS
+
 REPO = Path(__file__).resolve().parent.parent
-MODULES = {
-    "preprocess": "jobs.preprocess",
-    "nightly": "jobs.nightly",
-    "train": "jobs.train",
-    "eval": "jobs.evaluate",
-    "generate": "jobs.generate",
-}
+MODULES = {name: job.module for name, job in JOBS.items()}
 EXCLUDES = [
     ".git",
     ".venv",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -128,11 +127,3 @@ def train_tokenizer(
         with fs.open(path, "wb") as f:
             f.write(loaded.json.encode())
     return loaded
-
-
-def describe(loaded: LoadedTokenizer) -> dict[str, Any]:
-    return {
-        "sha256": loaded.sha256,
-        "vocab_size": loaded.vocab_size,
-        "special_ids": loaded.special_ids,
-    }

@@ -118,3 +118,14 @@ def test_too_little_data_is_refused_clearly() -> None:
     shards, _ = fake_shards([3, 3])
     with pytest.raises(ValueError, match="too small"):
         plans_until(shards, world=2, rows_per_step=8, seed=0, total_steps=1)
+
+
+def test_epoch_of_step_follows_the_plans() -> None:
+    from training.data import epoch_of_step
+
+    shards, _ = fake_shards([10] * 4)
+    plans = plans_until(shards, world=2, rows_per_step=4, seed=0, total_steps=12)
+    steps = [p.steps for p in plans]
+    assert epoch_of_step(plans, 0) == 0
+    assert epoch_of_step(plans, steps[0] - 1) == 0 and epoch_of_step(plans, steps[0]) == 1
+    assert epoch_of_step(plans, sum(steps)) == len(plans)

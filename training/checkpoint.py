@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeline.storage import filesystem_for, full_uri
 from training.model import ModelConfig, Transformer, build_model
 
 DS_TAG = "ds"
@@ -34,15 +35,9 @@ class CheckpointError(ValueError):
     pass
 
 
-def fs_and_path(uri: str, storage: Any = None) -> tuple[Any, str]:
-    from pipeline.storage import filesystem_for
-
-    return filesystem_for(uri, storage)
-
-
 def list_checkpoints(ray_run_dir: str, storage: Any = None) -> list[tuple[int, str]]:
     """Complete checkpoints (those with a trainer_state.json) under a Ray run dir, by step."""
-    fs, root = fs_and_path(ray_run_dir, storage)
+    fs, root = filesystem_for(ray_run_dir, storage)
     if not fs.exists(root):
         return []
     found = []
@@ -55,13 +50,12 @@ def list_checkpoints(ray_run_dir: str, storage: Any = None) -> list[tuple[int, s
             continue  # an upload that never finished
         with fs.open(state_path, "rb") as f:
             state = json.loads(f.read())
-        proto = "" if fs.protocol in ("file", ("file", "local")) else "s3://"
-        found.append((int(state["step"]), proto + entry.rstrip("/")))
+        found.append((int(state["step"]), full_uri(fs, entry.rstrip("/"))))
     return sorted(found)
 
 
 def read_state(checkpoint_uri: str, storage: Any = None) -> dict[str, Any]:
-    fs, path = fs_and_path(checkpoint_uri, storage)
+    fs, path = filesystem_for(checkpoint_uri, storage)
     with fs.open(f"{path}/{STATE}", "rb") as f:
         state: dict[str, Any] = json.loads(f.read())
     return state
@@ -128,7 +122,7 @@ def write_export(
     from safetensors.torch import save_file
 
     weights = {k: v.contiguous() for k, v in state_dict.items() if k != TIED}
-    fs, root = fs_and_path(out_dir, storage)
+    fs, root = filesystem_for(out_dir, storage)
     with tempfile.TemporaryDirectory() as tmp:
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         Path(tmp, "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
@@ -153,7 +147,7 @@ def load_export(uri: str, storage: Any = None, device: str | torch.device = "cpu
     """Load an export (local or URL) into a ready model, without DeepSpeed."""
     from safetensors.torch import load as load_safetensors
 
-    fs, root = fs_and_path(uri, storage)
+    fs, root = filesystem_for(uri, storage)
     try:
         with fs.open(f"{root}/config.json", "rb") as f:
             config = json.loads(f.read())

@@ -205,5 +205,16 @@ def rank_micro_batches(
         rows.take(total - used)  # this epoch's dropped tail: read past it
 
 
+def epoch_of_step(plans: list[EpochPlan], step: int) -> int:
+    """The epoch that global step ``step`` (the next one to run) belongs to; past the planned
+    steps, the epoch after the last."""
+    done = 0
+    for plan in plans:
+        done += plan.steps
+        if step < done:
+            return plan.epoch
+    return plans[-1].epoch + 1
+
+
 def dropped_rows(plans: list[EpochPlan], rows_per_step: int) -> int:
     return sum(p.rank_rows(r) - p.steps * rows_per_step for p in plans for r in range(len(p.ranks)))

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from training.batching import IGNORE_INDEX, collate_blocks
 from training.checkpoint import DS_TAG, STATE
 from training.config import TrainConfig
-from training.data import Shard, plans_until, rank_micro_batches, resume_point, stream_paths
+from training.data import (
+    Shard,
+    epoch_of_step,
+    plans_until,
+    rank_micro_batches,
+    resume_point,
+    stream_paths,
+)
 from training.flops import train_step_flops
 from training.model import ModelConfig, build_model
 from training.optim import build_optimizer
@@ -118,10 +125,11 @@ class _MetricsWriter:
                 self.fs.put_file(str(p), f"{self.root}/tb/{p.name}")
 
 
-def _all_sum(x: float, device: torch.device) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums over ranks, several values in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item())
+    return [float(v) for v in t.tolist()]
 
 
 def _val_loss(
@@ -237,13 +245,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             torch.save(torch.get_rng_state(), Path(tmp, f"rng_rank{rank}.pt"))
             if rank == 0:
-                plan_epoch = resume_point(
-                    plans,
-                    0,
-                    min(step, sum(p.steps for p in plans) - 1),
-                    rps,
-                    cfg.data.shuffle_chunk_rows,
-                ).epoch_index
                 Path(tmp, STATE).write_text(
                     json.dumps(
                         {
@@ -251,7 +252,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "tokens_seen": tokens_seen,
                             "data_cursor": {
                                 "global_step": step,
-                                "epoch": plan_epoch,
+                                "epoch": epoch_of_step(plans, step),
                                 "rows_per_step": rps * world,
                             },
                             "seed": cfg.run.seed,
@@ -295,9 +296,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for m in micros
         ]
         wait += time.perf_counter() - t0
-        global_targets = _all_sum(sum(b.num_targets for b in collated), device)
+        # Everything the step's metrics and loss scale need from other ranks, in one reduction.
+        local_flops = sum(train_step_flops(mc, _documents(m)).total for m in micros)
+        global_targets, global_tokens, flops = _all_sum(
+            [
+                sum(b.num_targets for b in collated),
+                sum(b.num_tokens for b in collated),
+                local_flops,
+            ],
+            device,
+        )
         lr = scheduler.get_last_lr()[0]
-        nll_sum = 0.0
+        nll_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in collated:
             b = b.to(device)
             logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
@@ -311,9 +321,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # that of the summed NLL over the global batch divided by its target count.
             engine.backward(nll * (world * accum) / global_targets)
             engine.step()
-            nll_sum += float(nll.detach())
-        loss = _all_sum(nll_sum, device) / global_targets
-        step_tokens = int(_all_sum(sum(b.num_tokens for b in collated), device))
+            nll_sum += nll.detach().double()
+        (global_nll,) = _all_sum([float(nll_sum)], device)
+        loss = global_nll / global_targets
+        step_tokens = int(global_tokens)
         tokens_seen += step_tokens
         step += 1
         now = time.perf_counter()
@@ -321,7 +332,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         session_tokens += step_tokens
         session_time += dt
         grad_norm = engine.get_global_grad_norm()
-        flops = _all_sum(sum(train_step_flops(mc, _documents(m)).total for m in micros), device)
         metrics: dict[str, Any] = {
             "step": step,
             "loss": loss,

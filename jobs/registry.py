@@ -1,0 +1,21 @@
+"""The commands that run as jobs: each module has ``add_args(parser)`` and ``main(args)`` and is
+runnable as ``python -m <module>``. The CLI and ``gpthf submit`` both read this table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Job:
+    module: str
+    help: str
+
+
+JOBS = {
+    "preprocess": Job("jobs.preprocess", "raw corpora -> packed sentence blocks + manifest"),
+    "nightly": Job("jobs.nightly", "incremental preprocessing of what arrived since the last run"),
+    "train": Job("jobs.train", "train GPTHF (or the GPT baseline) with Ray Train + DeepSpeed"),
+    "eval": Job("jobs.evaluate", "batch perplexity evaluation of exports over held-out shards"),
+    "generate": Job("jobs.generate", "generate text from a trained export (cached, fast)"),
+}
