@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/eval.py --quick                 # tiny models, synthetic mixes, CPU
     .venv/bin/python benchmarks/eval.py --data OUT [--device cuda]  # real held-out shards of OUT
 
-Both layouts score the same blocks with the same model through ``training.evaluate.score_blocks``
+Both layouts score the same blocks with the same model through ``training.eval.scoring.score_blocks``
 (forward, log-softmax, per-block sums), ``--batch-rows`` blocks per call; prepack packs each
 call's blocks first-fit decreasing into rows of ``--budget`` tokens, pad right-pads them to the
 longest block of the call. tokens/s counts real tokens; best of ``--repeats``. The summed NLLs
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.evaluate import score_blocks
+from training.eval.scoring import score_blocks
 from training.model import ModelConfig, build_model
 
 

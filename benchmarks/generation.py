@@ -14,7 +14,7 @@ number of tokens, and GPTHF works at a realistic, fixed sentence length.
 
 Reported per point and mode: tokens/s (new tokens over the wall time of the whole ``generate``
 call, prefill included), decode tokens/s (after the first new token, i.e. without the prefill),
-analytic FLOPs per token (``training.flops``), and cache bytes per sequence at the end (live
+analytic FLOPs per token (``training.model.flops``), and cache bytes per sequence at the end (live
 slots, and allocated). Ratios are taken within this one run. Results: ``benchmarks/results/generation[_quick].json``.
 """
 
@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.flops import decode_flops, prefill_flops
-from training.generate import MODES, generate
+from training.generation.decode import MODES, generate
 from training.model import ModelConfig, Transformer, build_model
+from training.model.flops import decode_flops, prefill_flops
 
 FULL = dict(
     preset="gpthf-8-4",

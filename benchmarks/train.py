@@ -48,9 +48,15 @@ def prepare_data(work: Path) -> Path:
 
 def ingest(data: Path, micro: int, rows_limit: int) -> dict[str, float]:
     from pipeline.manifest import read_manifest, shards
-    from training.batching import collate_blocks
-    from training.data import Shard, plans_until, rank_micro_batches, resume_point, stream_paths
-    from training.datasets import read_shards
+    from training.data.collate import collate_blocks
+    from training.data.order import (
+        Shard,
+        plans_until,
+        rank_micro_batches,
+        resume_point,
+        stream_paths,
+    )
+    from training.data.shards import read_shards
 
     manifest = read_manifest(str(data))
     assert manifest is not None
@@ -74,8 +80,8 @@ def ingest(data: Path, micro: int, rows_limit: int) -> dict[str, float]:
 
 
 def train(data: Path, out: Path, preset: str, args: argparse.Namespace) -> dict[str, float | None]:
-    from training.config import load_train_config
-    from training.trainer import read_metrics, run_training
+    from training.train.config import load_train_config
+    from training.train.driver import read_metrics, run_training
 
     cfg = load_train_config(
         None,

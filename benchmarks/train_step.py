@@ -6,7 +6,7 @@
 Both models get the same batches: packed blocks as the data pipeline writes them (exactly
 ``--sentences`` sentences per row, lengths ~ Poisson(25) capped at M=64, documents of
 ~``--doc-sentences`` sentences running across rows, or one long document per row),
-through ``training.batching``. The GPT gets a document-causal mask where a row holds several
+through ``training.data.collate``. The GPT gets a document-causal mask where a row holds several
 documents, ``is_causal`` SDPA where it holds one. A step is
 forward, cross-entropy over the labels, backward (no optimizer: it is the same for both).
 tokens/s counts real (non-pad) tokens; best of ``--repeats`` timings of ``--steps`` steps.
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.batching import PackedBatch, collate_blocks
-from training.flops import train_step_flops
+from training.data.collate import PackedBatch, collate_blocks
 from training.model import ModelConfig, Transformer, build_model
+from training.model.flops import train_step_flops
 
 
 def make_rows(

@@ -99,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.preprocess import ChangedInputError
     from pipeline.storage import StorageError
     from pipeline.tokenizer import TokenizerError
-    from training.checkpoint import CheckpointError
-    from training.config import TrainConfigError
-    from training.eval_job import EvalError
+    from training.eval.job import EvalError
+    from training.train.checkpoint import CheckpointError
+    from training.train.config import TrainConfigError
 
     user_errors = (
         ConfigError,

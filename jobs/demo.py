@@ -19,7 +19,7 @@ DEMO_PROMPTS = ["Enter the King and Queen. The king speaks.", "What news from th
 
 
 def demo_train_config(work: Path, preset: str) -> Any:
-    from training.config import load_train_config
+    from training.train.config import load_train_config
 
     return load_train_config(
         None,
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.sample_corpus import ensure_sample_corpus
     from pipeline.stats import format_stats
     from pipeline.tokenizer import train_tokenizer
-    from training.trainer import format_summary, run_training
+    from training.train.driver import format_summary, run_training
 
     work = Path(args.workdir).absolute()
     if args.fresh and work.exists():
@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_summary(run_training(demo_train_config(work, preset))))
         print(f"[demo] {preset}: training took {time.perf_counter() - t0:.0f}s")
 
-    from training.eval_job import EvalConfig, format_table, run_eval
+    from training.eval.job import EvalConfig, format_table, run_eval
 
     report = run_eval(
         EvalConfig(

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pipeline.config import StorageConfig
-from training.eval_job import EvalConfig
+from training.eval.job import EvalConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.eval_job import format_table, run_eval
+    from training.eval.job import format_table, run_eval
 
     report = run_eval(config_from_args(args))
     print(format_table(report), end="")

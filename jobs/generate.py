@@ -30,8 +30,8 @@ def generate_from_export(uri: str, prompts: list[str], **kw: Any) -> dict[str, A
     import torch
     from tokenizers import Tokenizer
 
-    from training.checkpoint import load_export
-    from training.generate import generate_text
+    from training.export import load_export
+    from training.generation.decode import generate_text
 
     device = kw.pop("device", "cpu")
     exported = load_export(uri, device=device)

@@ -10,7 +10,7 @@ import sys
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a `gpthf preprocess` output (its manifest is read)")
     p.add_argument("--output", help="run folder (local or s3://): checkpoints, metrics, export")
-    p.add_argument("--config", help="YAML file: any field of training.config.TrainConfig")
+    p.add_argument("--config", help="YAML file: any field of training.train.config.TrainConfig")
     p.add_argument("--model", help="model preset (gpthf-tiny, gpt-tiny, gpthf-8-4, gpt-12, ...)")
     p.add_argument("--model-overrides", help="JSON of ModelConfig fields, e.g. '{\"d_model\": 64}'")
     p.add_argument("--workers", type=int)
@@ -63,8 +63,8 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.config import load_train_config
-    from training.trainer import format_summary, run_training
+    from training.train.config import load_train_config
+    from training.train.driver import format_summary, run_training
 
     cfg = load_train_config(args.config, overrides(args))
     result = run_training(cfg)

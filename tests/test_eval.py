@@ -19,16 +19,16 @@ from torch import Tensor, nn
 
 from pipeline.manifest import ManifestError, read_manifest, shard_uris
 from tests.conftest import preprocessed
-from training.checkpoint import write_export
-from training.datasets import BLOCK_COLUMNS
-from training.eval_job import EvalConfig, EvalError, format_table, run_eval
-from training.evaluate import (
+from training.data.shards import BLOCK_COLUMNS
+from training.eval.job import EvalConfig, EvalError, format_table, run_eval
+from training.eval.scoring import (
     Sums,
     evaluate_rows,
     first_fit_decreasing,
     prepack_blocks,
     score_blocks,
 )
+from training.export import ExportConfig, write_export
 from training.model import ModelConfig, build_model
 
 TINY = {"d_model": 64, "n_heads": 2, "ffn_dim": 128, "n_layers": 3, "n_encoder_layers": 2}
@@ -134,12 +134,14 @@ def _export(data: Path, out: Path, arch: str, seed: int, sha: str | None = None)
     write_export(
         str(out),
         model.state_dict(),
-        {
-            "model": mc.to_dict(),
-            "step": 0,
-            "schedule_hash": "test",
-            "tokenizer_sha256": sha or m["tokenizer"]["sha256"],
-        },
+        ExportConfig(
+            model=mc,
+            step=0,
+            tokens_seen=0,
+            schedule_hash="test",
+            tokenizer_sha256=sha or m["tokenizer"]["sha256"],
+            special_ids={k: v["id"] for k, v in sp.items()},
+        ),
         (data / "tokenizer.json").read_text(),
     )
     return str(out)
@@ -167,7 +169,7 @@ def _heldout_table(data: Path) -> Any:
 def test_prepack_equals_pad_on_checkpoints(
     data_dir: Path, exports: dict[str, str], arch: str
 ) -> None:
-    from training.checkpoint import load_export
+    from training.export import load_export
 
     table = _heldout_table(data_dir)
     sp = _manifest(data_dir)["special_tokens"]
@@ -259,7 +261,7 @@ def test_cli_args_and_early_refusal(
 def test_failing_shard_is_named(data_dir: Path, exports: dict[str, str]) -> None:
     import pyarrow as pa
 
-    from training.eval_job import _Scorer
+    from training.eval.job import _Scorer
 
     sp = _manifest(data_dir)["special_tokens"]
     scorer = _Scorer(

@@ -17,7 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests._model_helpers import EOS, one_torch_thread, tiny_config, tiny_model
-from training.flops import (
+from training.generation.decode import MODES, generate, sentence_ids_for
+from training.model.flops import (
     document_forward_flops,
     flops_per_token,
     generation_flops,
@@ -25,7 +26,6 @@ from training.flops import (
     linear_flops_per_token_layer,
     train_step_flops,
 )
-from training.generate import MODES, generate, sentence_ids_for
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 

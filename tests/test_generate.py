@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tests._model_helpers import EOD, EOS, PAD, one_torch_thread, tiny_model
-from training.generate import (
+from training.generation.decode import (
     MODES,
     GenerationResult,
     encode_prompt,

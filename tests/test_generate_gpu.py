@@ -7,8 +7,8 @@ import torch
 
 from tests._model_helpers import PAD, row_from_documents, tiny_model
 from tests.test_generate import PROMPTS
-from training.batching import collate_blocks
-from training.generate import MODES, generate
+from training.data.collate import collate_blocks
+from training.generation.decode import MODES, generate
 
 pytestmark = [
     pytest.mark.gpu,

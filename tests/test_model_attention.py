@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import Tensor
 
-import training.attention as attention_module
+import training.model.attention as attention_module
 from tests._model_helpers import PAD, one_torch_thread, row_from_documents, tiny_model
-from training.attention import Attention, rope_tables
-from training.batching import collate_blocks
+from training.data.collate import collate_blocks
 from training.model import Transformer
+from training.model.attention import Attention, rope_tables
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 

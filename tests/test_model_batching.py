@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests._model_helpers import PAD, one_torch_thread, row_from_documents
-from training.batching import IGNORE_INDEX, collate_blocks
+from training.data.collate import IGNORE_INDEX, collate_blocks
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 

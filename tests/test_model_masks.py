@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from tests._model_helpers import PAD, VOCAB, one_torch_thread, row_from_documents, tiny_model
-from training.batching import collate_blocks
+from training.data.collate import collate_blocks
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import preprocessed
-from training.batching import IGNORE_INDEX, collate_blocks
-from training.checkpoint import CheckpointError, load_export
-from training.config import TrainConfig, TrainConfigError, load_train_config
-from training.optim import lr_factor
-from training.trainer import _val_rows, read_metrics, run_training
+from training.data.collate import IGNORE_INDEX, collate_blocks
+from training.export import load_export
+from training.train.checkpoint import CheckpointError
+from training.train.config import TrainConfig, TrainConfigError, load_train_config
+from training.train.driver import _val_rows, read_metrics, run_training
+from training.train.optimizer import lr_factor
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 TINY = {"d_model": 64, "n_heads": 2, "ffn_dim": 128, "n_layers": 3, "n_encoder_layers": 2}
@@ -81,7 +82,7 @@ def test_two_workers_zero2_learns_and_exports(full_run: Path, data_dir: Path) ->
     assert summary["tokens"] == next(r["tokens_seen"] for r in records if r.get("step") == 30)
     # The consolidated export scores the validation sample exactly as the workers did.
     exported = load_export(str(full_run / "export"))
-    assert exported.config["step"] == 30
+    assert exported.config.step == 30
     manifest = json.loads((data_dir / "manifest.json").read_text())
     rows = _val_rows(str(data_dir), manifest, 16, None)
     b = collate_blocks(rows, pad_id=exported.model_config.pad_id)
@@ -171,4 +172,4 @@ def test_zero3_with_checkpoints_on_s3(data_dir: Path, s3_server: Any) -> None:
     by_step = losses(out, storage)
     assert sorted(by_step) == list(range(1, 13)) and by_step[12] < by_step[1]
     exported = load_export(f"{out}/export", storage)
-    assert exported.model.num_parameters() > 0 and exported.config["step"] == 12
+    assert exported.model.num_parameters() > 0 and exported.config.step == 12

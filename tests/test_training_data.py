@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from training.data import (
+from training.data.order import (
     Shard,
     dropped_rows,
     plans_until,
@@ -121,7 +121,7 @@ def test_too_little_data_is_refused_clearly() -> None:
 
 
 def test_epoch_of_step_follows_the_plans() -> None:
-    from training.data import epoch_of_step
+    from training.data.order import epoch_of_step
 
     shards, _ = fake_shards([10] * 4)
     plans = plans_until(shards, world=2, rows_per_step=4, seed=0, total_steps=12)

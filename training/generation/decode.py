@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.attention import (
+from training.model import Transformer
+from training.model.attention import (
     KV,
     Attention,
     CausalAttention,
     KVCacheAttention,
     rope_tables,
 )
-from training.model import Transformer
 
 MODES = {"gpthf": ("full", "sentence-cache", "kv"), "gpt": ("full", "kv")}
 

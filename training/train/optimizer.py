@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from training.config import OptimSection
+from training.train.config import OptimSection
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:

@@ -22,9 +22,9 @@ import numpy as np
 from pipeline.config import StorageConfig
 from pipeline.manifest import ShardRef, read_manifest, shard_uris, shards
 from pipeline.storage import filesystem_for, join, write_bytes_atomic
-from training.checkpoint import CheckpointError, load_export
-from training.datasets import BLOCK_COLUMNS, read_shards
-from training.evaluate import BATCHINGS, SUM_FIELDS, Sums, block_counts, score_blocks
+from training.data.shards import BLOCK_COLUMNS, read_shards
+from training.eval.scoring import BATCHINGS, SUM_FIELDS, Sums, block_counts, score_blocks
+from training.export import ExportError, load_export
 
 
 class EvalError(ValueError):
@@ -119,14 +119,14 @@ def _check_inputs(cfg: EvalConfig) -> tuple[dict[str, Any], list[ShardRef], list
     for uri in cfg.checkpoints:
         try:
             exp = load_export(uri, cfg.storage)
-        except CheckpointError as exc:
+        except ExportError as exc:
             raise EvalError(f"unreadable checkpoint: {exc}") from exc
         except Exception as exc:  # e.g. safetensors' own error type for a corrupt file
             raise EvalError(
                 f"unreadable checkpoint: {uri} ({type(exc).__name__}: {exc}); point --checkpoint "
                 "at an intact OUT/export folder"
             ) from exc
-        theirs = exp.config.get("tokenizer_sha256")
+        theirs = exp.config.tokenizer_sha256
         if theirs != sha:
             raise EvalError(
                 f"{uri} was trained with tokenizer {str(theirs)[:12]}... but the shards of "
@@ -228,10 +228,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             {
                 "checkpoint": uri,
                 "arch": exp.model_config.arch,
-                "step": exp.config.get("step"),
-                "model_config_hash": _hash(exp.config.get("model")),
-                "schedule_hash": exp.config.get("schedule_hash"),
-                "tokenizer_sha256": exp.config.get("tokenizer_sha256"),
+                "step": exp.config.step,
+                "model_config_hash": _hash(exp.config.model.to_dict()),
+                "schedule_hash": exp.config.schedule_hash,
+                "tokenizer_sha256": exp.config.tokenizer_sha256,
                 "parameters": exp.model.num_parameters(),
                 **result,
             }

@@ -1,4 +1,4 @@
-"""Checkpoint contents, discovery, and the consolidated fp32 export (safetensors + config JSON).
+"""Checkpoint contents and discovery (the consolidated export is ``training.export``).
 
 A checkpoint directory (what ``ray.train.report`` uploads; every rank contributes its files)::
 
@@ -7,32 +7,26 @@ A checkpoint directory (what ``ray.train.report`` uploads; every rank contribute
     model_config.json      ModelConfig (rank 0)
     train_config.json      the resolved TrainConfig (rank 0)
     rng_rank{r}.pt         torch RNG state of each rank
-
-The export (``OUT/export``) loads without DeepSpeed: ``model.safetensors``, ``config.json``
-(model config, tokenizer sha256, special ids, step) and ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.storage import filesystem_for, full_uri
-from training.model import ModelConfig, Transformer, build_model
+from training.model import ModelConfig
 
 DS_TAG = "ds"
 STATE = "trainer_state.json"
-TIED = "lm_head.weight"
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from, or does not belong to this run."""
 
 
 def list_checkpoints(ray_run_dir: str, storage: Any = None) -> list[tuple[int, str]]:
@@ -110,62 +104,3 @@ def consolidate(checkpoint_dir: str, zero_stage: int) -> dict[str, torch.Tensor]
 
     sd = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
     return {k: v.float().contiguous() for k, v in sd.items()}
-
-
-def write_export(
-    out_dir: str,
-    state_dict: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    tokenizer_json: str,
-    storage: Any = None,
-) -> None:
-    from safetensors.torch import save_file
-
-    weights = {k: v.contiguous() for k, v in state_dict.items() if k != TIED}
-    fs, root = filesystem_for(out_dir, storage)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(weights, os.path.join(tmp, "model.safetensors"))
-        Path(tmp, "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-        Path(tmp, "tokenizer.json").write_text(tokenizer_json)
-        fs.makedirs(root, exist_ok=True)
-        for name in ("model.safetensors", "tokenizer.json", "config.json"):  # config last
-            fs.put_file(os.path.join(tmp, name), f"{root}/{name}")
-
-
-@dataclass
-class Exported:
-    model: Transformer
-    config: dict[str, Any]
-    tokenizer_json: str
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.model.config
-
-
-def load_export(uri: str, storage: Any = None, device: str | torch.device = "cpu") -> Exported:
-    """Load an export (local or URL) into a ready model, without DeepSpeed."""
-    from safetensors.torch import load as load_safetensors
-
-    fs, root = filesystem_for(uri, storage)
-    try:
-        with fs.open(f"{root}/config.json", "rb") as f:
-            config = json.loads(f.read())
-        with fs.open(f"{root}/model.safetensors", "rb") as f:
-            weights = load_safetensors(f.read())
-        with fs.open(f"{root}/tokenizer.json", "rb") as f:
-            tokenizer_json = f.read().decode()
-    except FileNotFoundError as exc:
-        raise CheckpointError(
-            f"{uri} is not a gpthf export (missing {exc.filename or exc}); point at OUT/export"
-        ) from exc
-    except (ValueError, RuntimeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{uri}: unreadable export ({exc})") from exc
-    model = build_model(ModelConfig.from_dict(config["model"]))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != TIED]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{uri}: weights do not fit the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    return Exported(model=model.to(device).eval(), config=config, tokenizer_json=tokenizer_json)

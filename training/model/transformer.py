@@ -9,8 +9,8 @@ with tied input/output embeddings. They differ only in the attention pattern eac
   sentence), then L_b body layers where a token sees the ends of the earlier sentences of its
   document plus itself (positions = sentence index in the document).
 
-The patterns live in ``training.attention``; none of them materialises a T x T mask for GPTHF.
-Generation (``training.generate``) reuses the same blocks with cached patterns.
+The patterns live in ``training.model.attention``; none of them materialises a T x T mask for GPTHF.
+Generation (``training.generation.decode``) reuses the same blocks with cached patterns.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from training.attention import (
+from training.model.attention import (
     Attention,
     DocumentCausalAttention,
     SentenceAttention,
@@ -130,7 +130,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(
                 f"ModelConfig.from_dict: unknown keys {unknown}; the checkpoint was written by "
-                "another version of training/model.py"
+                "another version of training/model/transformer.py"
             )
         return cls(**data)
 

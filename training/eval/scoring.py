@@ -1,6 +1,6 @@
 """Scoring packed blocks with a model: per-block NLL sums, prepacking, micro-averaged metrics.
 
-No Ray here (the Ray Data wiring is ``training.eval_job``): every function takes a batch of
+No Ray here (the Ray Data wiring is ``training.eval.job``): every function takes a batch of
 block rows (a pyarrow Table/RecordBatch, a dict of columns or a list of row dicts, as
 ``collate_blocks`` does) and returns numpy arrays, so tests call them directly.
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.batching import IGNORE_INDEX, _flatten, collate_blocks
+from training.data.collate import IGNORE_INDEX, _flatten, collate_blocks
 
 BATCHINGS = ("prepack", "pad")
 SUM_FIELDS = ("nll", "targets", "eos_targets", "eos_correct")

@@ -17,7 +17,7 @@ Patterns for a full forward over packed rows:
   sentences of its document, gathered into ``(B, N_max)``, plus its own key. Positions are the
   sentence index within the document.
 
-Patterns for generation (per-sequence state lives in the caches; see ``training.generate``):
+Patterns for generation (per-sequence state lives in the caches; see ``training.generation.decode``):
 
 * ``CausalAttention``: plain causal SDPA over right-padded rows with given positions.
 * ``KVCacheAttention``: one new token per row against a per-layer K/V cache. The GPT caches

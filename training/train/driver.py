@@ -11,18 +11,18 @@ from typing import Any
 
 from pipeline.manifest import read_manifest, shards
 from pipeline.storage import filesystem_for, write_bytes_atomic
-from training.checkpoint import (
+from training.data.order import Shard, dropped_rows, plans_until, resume_point, stream_paths
+from training.data.shards import arrow_filesystem, read_shards
+from training.export import ExportConfig, write_export
+from training.model import ModelConfig
+from training.train.checkpoint import (
     CheckpointError,
     check_resumable,
     consolidate,
     list_checkpoints,
     read_state,
-    write_export,
 )
-from training.config import TrainConfig, TrainConfigError
-from training.data import Shard, dropped_rows, plans_until, resume_point, stream_paths
-from training.datasets import arrow_filesystem, read_shards
-from training.model import ModelConfig
+from training.train.config import TrainConfig, TrainConfigError
 
 _DATA_IDS = ("vocab_size", "eos_id", "pad_id", "eod_id", "max_sentence_tokens")
 
@@ -108,7 +108,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.distributed import init_ray
-    from training.loop import train_loop_per_worker
+    from training.train.worker import train_loop_per_worker
 
     cfg.validate_for_run()
     data_uri, output = cfg.data.uri.rstrip("/"), cfg.run.output.rstrip("/")
@@ -223,16 +223,16 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     write_export(
         export_uri,
         weights,
-        {
-            "model": mc.to_dict(),
-            "step": state["step"],
-            "tokens_seen": state["tokens_seen"],
-            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-            "special_tokens": manifest["special_tokens"],
-            "data": data_uri,
-            "manifest_version": manifest["version"],
-            "schedule_hash": cfg.schedule_hash(),
-        },
+        ExportConfig(
+            model=mc,
+            step=state["step"],
+            tokens_seen=state["tokens_seen"],
+            tokenizer_sha256=manifest["tokenizer"]["sha256"],
+            special_ids={k: v["id"] for k, v in manifest["special_tokens"].items()},
+            data=data_uri,
+            manifest_version=manifest["version"],
+            schedule_hash=cfg.schedule_hash(),
+        ),
         tokenizer_json,
         cfg.storage,
     )

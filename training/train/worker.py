@@ -18,10 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from training.batching import IGNORE_INDEX, collate_blocks
-from training.checkpoint import DS_TAG, STATE
-from training.config import TrainConfig
-from training.data import (
+from training.data.collate import IGNORE_INDEX, collate_blocks
+from training.data.order import (
     Shard,
     epoch_of_step,
     plans_until,
@@ -29,9 +27,11 @@ from training.data import (
     resume_point,
     stream_paths,
 )
-from training.flops import train_step_flops
 from training.model import ModelConfig, build_model
-from training.optim import build_optimizer
+from training.model.flops import train_step_flops
+from training.train.checkpoint import DS_TAG, STATE
+from training.train.config import TrainConfig
+from training.train.optimizer import build_optimizer
 
 # Dense bf16 peak FLOP/s of known accelerators, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -174,7 +174,7 @@ def _stream(
         ds = ray.train.get_dataset_shard(f"train_rank{rank}")
     else:
         # Restarted after a failure from a later checkpoint than the datasets were built for.
-        from training.datasets import read_shards
+        from training.data.shards import read_shards
 
         ds = read_shards(paths, cfg.storage).iterator()
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
@@ -210,7 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_step, tokens_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and ctx.get("resume_from"):
-        from training.datasets import arrow_filesystem
+        from training.data.shards import arrow_filesystem
 
         fs, path = arrow_filesystem(ctx["resume_from"], cfg.storage)
         checkpoint = Checkpoint(path, filesystem=fs)

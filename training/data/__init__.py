@@ -1,0 +1,1 @@
+"""Training and evaluation input: the seeded resumable data order, Ray Data shard reads, collate."""

@@ -1,0 +1,1 @@
+"""Batch evaluation: scoring (sums per block), the Ray Data job, the report."""

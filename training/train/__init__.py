@@ -1,0 +1,1 @@
+"""Training: typed config, the driver (checks, Ray Train), the worker, optimizer, checkpoints."""
