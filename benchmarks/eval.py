@@ -58,14 +58,15 @@ def synthetic(n: int, S: int, vary: bool, c: ModelConfig, seed: int) -> pa.Table
 def heldout(data: str) -> tuple[pa.Table, dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import read_manifest, shard_uris
+    from pipeline.blocks import SCORING_COLUMNS
+    from pipeline.manifest import read_manifest
 
     m = read_manifest(data)
     if m is None:
         raise SystemExit(f"{data}: no manifest.json")
-    cols = ["input_ids", "sentence_lengths", "document_index", "num_bytes"]
-    uris = shard_uris(data, m, "heldout")
-    return pa.concat_tables([pq.read_table(u, columns=cols) for u in uris]), m
+    uris = m.shard_uris(data, "heldout")
+    tables = [pq.read_table(u, columns=list(SCORING_COLUMNS)) for u in uris]
+    return pa.concat_tables(tables), m
 
 
 def run(
@@ -112,13 +113,12 @@ def main() -> None:
     workloads: dict[str, pa.Table] = {}
     if args.data:
         table, m = heldout(args.data)
-        sp = m["special_tokens"]
         base.update(
-            vocab_size=m["tokenizer"]["vocab_size"],
-            eos_id=sp["end_of_sentence"]["id"],
-            pad_id=sp["pad"]["id"],
-            eod_id=sp["end_of_document"]["id"],
-            max_sentence_tokens=m["packing"].get("max_sentence_tokens", 64),
+            vocab_size=m.vocab_size,
+            eos_id=m.eos_id,
+            pad_id=m.pad_id,
+            eod_id=m.eod_id,
+            max_sentence_tokens=m.max_sentence_tokens,
         )
         workloads["heldout"] = table
     cfg = ModelConfig.preset(preset, **base)

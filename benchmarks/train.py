@@ -47,7 +47,7 @@ def prepare_data(work: Path) -> Path:
 
 
 def ingest(data: Path, micro: int, rows_limit: int) -> dict[str, float]:
-    from pipeline.manifest import read_manifest, shards
+    from pipeline.manifest import read_manifest
     from training.data.collate import collate_blocks
     from training.data.order import (
         Shard,
@@ -60,12 +60,12 @@ def ingest(data: Path, micro: int, rows_limit: int) -> dict[str, float]:
 
     manifest = read_manifest(str(data))
     assert manifest is not None
-    train = [Shard(s.path, s.rows) for s in shards(manifest, "train")]
+    train = [Shard(s.path, s.rows) for s in manifest.shards("train")]
     steps = max(1, rows_limit // micro)
     plans = plans_until(train, 1, micro, 0, steps)
     rp = resume_point(plans, 0, 0, micro, 256)
     ds = read_shards([f"{data}/{p}" for p in stream_paths(plans, 0, rp)])
-    pad = manifest["special_tokens"]["pad"]["id"]
+    pad = manifest.pad_id
     t0 = time.perf_counter()
     tokens = 0
     it = ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
         print(format_summary(run_training(demo_train_config(work, preset))))
         print(f"[demo] {preset}: training took {time.perf_counter() - t0:.0f}s")
 
-    from training.eval.job import EvalConfig, format_table, run_eval
+    from training.eval.job import EvalConfig, run_eval
+    from training.eval.report import format_table
 
     report = run_eval(
         EvalConfig(
@@ -100,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
             output=str(work / "eval"),
         )
     )
-    print(f"\n[demo] held-out evaluation ({report['batching']}), report in {work / 'eval'}:")
+    print(f"\n[demo] held-out evaluation ({report.batching}), report in {work / 'eval'}:")
     print(format_table(report), end="")
 
     from jobs.generate import generate_from_export

@@ -45,12 +45,13 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.eval.job import format_table, run_eval
+    from training.eval.job import run_eval
+    from training.eval.report import format_table
 
     report = run_eval(config_from_args(args))
     print(format_table(report), end="")
     print(
-        f"report: {args.output.rstrip('/')}/report.json ({report['batching']}, {report['wall_s']:.1f} s)"
+        f"report: {args.output.rstrip('/')}/report.json ({report.batching}, {report.wall_s:.1f} s)"
     )
     return 0
 

@@ -8,112 +8,305 @@ Layout of an output ``OUT``::
     OUT/train/<unit>.parquet    shards, deterministic names
     OUT/heldout/<unit>.parquet
     OUT/stats.json, OUT/stats.png
+
+``Manifest`` is the typed form every reader uses (preprocessing, training, evaluation,
+benchmarks): special ids, tokenizer, packing identity and the shards of each split. Shard paths
+are relative to the output and checked when a manifest is read: a path that leaves the output
+(``..``, absolute, another scheme) is refused, so a tampered manifest cannot make a job read
+files outside the data set.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import posixpath
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.blocks import COLUMN_DOCS
 from pipeline.config import StorageConfig
+from pipeline.errors import UserError
 from pipeline.storage import filesystem_for, join, storage_errors, write_bytes_atomic
 
 FORMAT = "gpthf-blocks/1"
 MANIFEST = "manifest.json"
+SPLITS = ("train", "heldout")
+TOTAL_KEYS = ("rows", "sentences", "tokens", "bytes", "words", "documents")
 
 
-class ManifestError(ValueError):
-    pass
+class ManifestError(UserError):
+    """A manifest that is missing, malformed, unsafe, or does not fit the request."""
 
 
 @dataclass(frozen=True)
 class ShardRef:
     split: str
     path: str
-    """Relative to the output root."""
+    """Relative to the output root, inside it (checked on read)."""
     rows: int
     sentences: int
     tokens: int
     bytes: int
     sha256: str
+    words: int = 0
+    documents: int = 0
+    added_in_version: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("split")
+        return out
 
 
-def read_manifest(output: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
-    fs, root = filesystem_for(output, storage)
-    path = join(root, MANIFEST)
-    with storage_errors(output, "read the manifest of"):
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-    try:
-        manifest: dict[str, Any] = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{output}/{MANIFEST} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT:
+@dataclass(frozen=True)
+class SpecialToken:
+    token: str
+    id: int
+
+
+@dataclass(frozen=True)
+class TokenizerRef:
+    source: str
+    """Where the tokenizer was read from when the output was created."""
+    path: str
+    """Its copy inside the output (relative)."""
+    sha256: str
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class InputEntry:
+    """One processed input file: what it was, and which shards it produced."""
+
+    uri: str
+    size: int
+    fingerprint: str
+    unit: str
+    added_in_version: int
+    shards: tuple[str, ...]
+    stats: dict[str, Any]
+    """Its stage counters (``pipeline.counters.Counters.to_dict``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shards"] = list(self.shards)
+        return out
+
+
+def safe_relative_path(path: str, where: str) -> str:
+    """``path`` if it names a file inside the output; otherwise a ManifestError."""
+    norm = posixpath.normpath(path) if path else ""
+    if (
+        not path
+        or "://" in path
+        or "\\" in path
+        or path.startswith("/")
+        or norm.startswith("..")
+        or norm != path
+        or norm.split("/", 1)[0] not in SPLITS
+    ):
         raise ManifestError(
-            f"{output}/{MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}"
+            f"{where}: shard path {path!r} is not a relative path inside the output's "
+            f"{'/'.join(SPLITS)} folders; the manifest is damaged or was tampered with. Restore it "
+            "from manifests/vNNNNN.json or re-run preprocessing into a new output."
         )
-    return manifest
+    return path
 
 
-def write_manifest(
-    output: str, manifest: dict[str, Any], storage: StorageConfig | None = None
-) -> None:
-    """Write the versioned copy, then ``manifest.json`` (the commit point)."""
-    fs, root = filesystem_for(output, storage)
-    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    with storage_errors(output, "write the manifest of"):
-        write_bytes_atomic(fs, join(root, "manifests", f"v{manifest['version']:05d}.json"), data)
-        write_bytes_atomic(fs, join(root, MANIFEST), data)
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    tokenizer: TokenizerRef
+    special_tokens: dict[str, SpecialToken]
+    """Role (end_of_sentence, end_of_document, pad) -> token and id."""
+    packing: dict[str, Any]
+    """The output's identity: S, M, held-out fraction, seed (changing any is refused)."""
+    splits: dict[str, tuple[ShardRef, ...]]
+    """Split -> its shards, sorted by path."""
+    inputs: tuple[InputEntry, ...] = ()
+    created: str = ""
+    run_id: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved preprocessing config of the run that wrote this version (secrets redacted)."""
+    config_hash: str = ""
+    format: str = FORMAT
 
+    # ---- what consumers need ----------------------------------------------------------------
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {role: t.id for role, t in self.special_tokens.items()}
 
-def shards(manifest: dict[str, Any], split: str) -> list[ShardRef]:
-    """The shards of a split, in a stable order (by path)."""
-    if split not in manifest["splits"]:
-        raise ManifestError(f"split {split!r} not in manifest (has {sorted(manifest['splits'])})")
-    return [
-        ShardRef(
-            split=split,
-            path=s["path"],
-            rows=s["rows"],
-            sentences=s["sentences"],
-            tokens=s["tokens"],
-            bytes=s["bytes"],
-            sha256=s["sha256"],
-        )
-        for s in sorted(manifest["splits"][split]["shards"], key=lambda s: s["path"])
-    ]
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens["end_of_sentence"].id
 
+    @property
+    def eod_id(self) -> int:
+        return self.special_tokens["end_of_document"].id
 
-def shard_uris(output: str, manifest: dict[str, Any], split: str) -> list[str]:
-    return [join(output.rstrip("/"), s.path) for s in shards(manifest, split)]
+    @property
+    def pad_id(self) -> int:
+        return self.special_tokens["pad"].id
 
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
 
-def check_compatible(
-    previous: dict[str, Any], identity: dict[str, Any], tokenizer_sha256: str, output: str
-) -> None:
-    """Refuse to add shards built with other settings to an existing output."""
-    problems = []
-    for key, value in identity.items():
-        if previous["packing"].get(key) != value:
+    @property
+    def max_sentence_tokens(self) -> int:
+        return int(self.packing["max_sentence_tokens"])
+
+    @property
+    def sentences_per_block(self) -> int:
+        return int(self.packing["sentences_per_block"])
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.splits.get(split))
+
+    def shards(self, split: str) -> list[ShardRef]:
+        """The shards of a split, in a stable order (by path)."""
+        if split not in self.splits:
+            raise ManifestError(f"split {split!r} not in manifest (has {sorted(self.splits)})")
+        return list(self.splits[split])
+
+    def shard_uris(self, output: str, split: str) -> list[str]:
+        return [join(output.rstrip("/"), s.path) for s in self.shards(split)]
+
+    def totals(self, split: str) -> dict[str, int]:
+        return split_totals(self.shards(split))
+
+    def check_compatible(
+        self, identity: dict[str, Any], tokenizer_sha256: str, output: str
+    ) -> None:
+        """Refuse to add shards built with other settings to this output."""
+        problems = [
+            f"{key}: existing {self.packing.get(key)!r}, requested {value!r}"
+            for key, value in identity.items()
+            if self.packing.get(key) != value
+        ]
+        if self.tokenizer.sha256 != tokenizer_sha256:
             problems.append(
-                f"{key}: existing {previous['packing'].get(key)!r}, requested {value!r}"
+                f"tokenizer sha256: existing {self.tokenizer.sha256[:12]}..., requested "
+                f"{tokenizer_sha256[:12]}..."
             )
-    if previous["tokenizer"]["sha256"] != tokenizer_sha256:
-        problems.append(
-            f"tokenizer sha256: existing {previous['tokenizer']['sha256'][:12]}..., requested "
-            f"{tokenizer_sha256[:12]}..."
-        )
-    if problems:
-        raise ManifestError(
-            f"{output} was built with other settings ({'; '.join(problems)}). Mixing them would "
-            "give shards that do not belong together: write to a new --output, or use the "
-            f"existing settings (the tokenizer is at {output.rstrip('/')}/tokenizer.json)."
-        )
+        if problems:
+            raise ManifestError(
+                f"{output} was built with other settings ({'; '.join(problems)}). Mixing them "
+                "would give shards that do not belong together: write to a new --output, or use "
+                f"the existing settings (the tokenizer is at {output.rstrip('/')}/tokenizer.json)."
+            )
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "created": self.created,
+            "run_id": self.run_id,
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "tokenizer": asdict(self.tokenizer),
+            "special_tokens": {k: asdict(v) for k, v in self.special_tokens.items()},
+            "packing": self.packing,
+            "block_schema": COLUMN_DOCS,
+            "inputs": [e.to_dict() for e in self.inputs],
+            "splits": {
+                name: {"shards": [s.to_dict() for s in refs], **split_totals(list(refs))}
+                for name, refs in self.splits.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise ManifestError(f"{where} has format {d.get('format')!r}, expected {FORMAT!r}")
+        try:
+            splits = {
+                name: tuple(
+                    sorted(
+                        (
+                            ShardRef(
+                                split=name,
+                                path=safe_relative_path(str(s["path"]), where),
+                                rows=int(s["rows"]),
+                                sentences=int(s["sentences"]),
+                                tokens=int(s["tokens"]),
+                                bytes=int(s["bytes"]),
+                                sha256=str(s["sha256"]),
+                                words=int(s.get("words", 0)),
+                                documents=int(s.get("documents", 0)),
+                                added_in_version=int(s.get("added_in_version", 0)),
+                            )
+                            for s in body["shards"]
+                        ),
+                        key=lambda r: r.path,
+                    )
+                )
+                for name, body in d["splits"].items()
+            }
+            return cls(
+                version=int(d["version"]),
+                tokenizer=TokenizerRef(**d["tokenizer"]),
+                special_tokens={k: SpecialToken(**v) for k, v in d["special_tokens"].items()},
+                packing=dict(d["packing"]),
+                splits=splits,
+                inputs=tuple(
+                    InputEntry(**{**e, "shards": tuple(e.get("shards", ()))})
+                    for e in d.get("inputs", [])
+                ),
+                created=str(d.get("created", "")),
+                run_id=str(d.get("run_id", "")),
+                config=dict(d.get("config", {})),
+                config_hash=str(d.get("config_hash", "")),
+            )
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(
+                f"{where} is not a valid manifest ({type(exc).__name__}: {exc}); restore it from "
+                "manifests/vNNNNN.json or re-run preprocessing into a new output"
+            ) from exc
+
+    @classmethod
+    def read(cls, output: str, storage: StorageConfig | None = None) -> Manifest | None:
+        """The committed manifest of ``output``, or None if nothing was committed there."""
+        fs, root = filesystem_for(output, storage)
+        path = join(root, MANIFEST)
+        with storage_errors(output, "read the manifest of"):
+            if not fs.exists(path):
+                return None
+            with fs.open(path, "rb") as f:
+                raw = f.read()
+        where = f"{output.rstrip('/')}/{MANIFEST}"
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def require(cls, output: str, storage: StorageConfig | None = None) -> Manifest:
+        """Like ``read``, but a missing manifest is an error that says what to do."""
+        manifest = cls.read(output, storage)
+        if manifest is None:
+            raise ManifestError(
+                f"{output} has no {MANIFEST}: point at the output of `gpthf preprocess` "
+                "(readers trust only the manifest, never a listing)"
+            )
+        return manifest
+
+    def write(self, output: str, storage: StorageConfig | None = None) -> None:
+        """Write the versioned copy, then ``manifest.json`` (the commit point)."""
+        fs, root = filesystem_for(output, storage)
+        data = json.dumps(self.to_dict(), indent=1, sort_keys=True).encode()
+        with storage_errors(output, "write the manifest of"):
+            write_bytes_atomic(fs, join(root, "manifests", f"v{self.version:05d}.json"), data)
+            write_bytes_atomic(fs, join(root, MANIFEST), data)
 
 
-def split_totals(shard_list: list[dict[str, Any]]) -> dict[str, int]:
-    keys = ("rows", "sentences", "tokens", "bytes", "words", "documents")
-    return {k: sum(int(s.get(k, 0)) for s in shard_list) for k in keys}
+def split_totals(refs: list[ShardRef]) -> dict[str, int]:
+    return {k: sum(int(getattr(s, k)) for s in refs) for k in TOTAL_KEYS}
+
+
+def read_manifest(output: str, storage: StorageConfig | None = None) -> Manifest | None:
+    return Manifest.read(output, storage)

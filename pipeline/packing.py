@@ -10,27 +10,8 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from pipeline.blocks import BLOCK_SCHEMA, LIST_COLUMNS
 from pipeline.counters import Counters
-
-BLOCK_SCHEMA = pa.schema(
-    [
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("sentence_lengths", pa.list_(pa.int32())),
-        pa.field("document_index", pa.list_(pa.int32())),
-        pa.field("num_bytes", pa.int64()),
-        pa.field("num_words", pa.int64()),
-        pa.field("document_ids", pa.list_(pa.string())),
-        pa.field("first_sentence_offset", pa.int32()),
-    ],
-    metadata={
-        b"description": (
-            b"One row = one block of S sentences. document_index is per sentence and block-local; "
-            b"document_ids[k] names block-local document k; first_sentence_offset is the index, "
-            b"within its document, of the block's first sentence (> 0: the document continues "
-            b"from the previous block)."
-        )
-    },
-)
 
 
 @dataclass
@@ -173,10 +154,9 @@ def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    columns = {
-        name: _list_array([r[name] for r in rows])
-        for name in ("input_ids", "sentence_lengths", "document_index")
-    }
-    for name in ("num_bytes", "num_words", "document_ids", "first_sentence_offset"):
+    columns = {name: _list_array([r[name] for r in rows]) for name in LIST_COLUMNS}
+    for name in BLOCK_SCHEMA.names:
+        if name in columns:
+            continue
         columns[name] = [r[name] for r in rows]
     return pa.Table.from_pydict(columns, schema=BLOCK_SCHEMA)

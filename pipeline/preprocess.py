@@ -12,11 +12,12 @@ from pipeline.config import PreprocessConfig, config_hash
 from pipeline.counters import Counters
 from pipeline.distributed import run_units
 from pipeline.manifest import (
-    FORMAT,
-    check_compatible,
-    read_manifest,
-    split_totals,
-    write_manifest,
+    SPLITS,
+    InputEntry,
+    Manifest,
+    ShardRef,
+    SpecialToken,
+    TokenizerRef,
 )
 from pipeline.stats import build_stats, write_stats
 from pipeline.storage import (
@@ -29,7 +30,7 @@ from pipeline.storage import (
     write_bytes_atomic,
 )
 from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
-from pipeline.unit import SPLITS, UnitContext, unit_key
+from pipeline.unit import UnitContext, unit_key
 
 
 class ChangedInputError(ValueError):
@@ -40,7 +41,7 @@ class ChangedInputError(ValueError):
 class Plan:
     todo: list[InputFile] = field(default_factory=list)
     unchanged: list[InputFile] = field(default_factory=list)
-    replaced: list[dict[str, Any]] = field(default_factory=list)
+    replaced: list[InputEntry] = field(default_factory=list)
     """Previous manifest entries whose file changed and is re-processed (on_changed=replace)."""
 
 
@@ -59,15 +60,15 @@ class PreprocessResult:
         return bool(self.new_inputs)
 
 
-def plan_inputs(inputs: list[InputFile], previous: dict[str, Any] | None, on_changed: str) -> Plan:
+def plan_inputs(inputs: list[InputFile], previous: Manifest | None, on_changed: str) -> Plan:
     plan = Plan()
-    done = {e["uri"]: e for e in (previous or {}).get("inputs", [])}
+    done = {e.uri: e for e in (previous.inputs if previous else ())}
     changed = []
     for f in inputs:
         old = done.get(f.uri)
         if old is None:
             plan.todo.append(f)
-        elif old["fingerprint"] == f.fingerprint and old["size"] == f.size:
+        elif old.fingerprint == f.fingerprint and old.size == f.size:
             plan.unchanged.append(f)
         else:
             changed.append((f, old))
@@ -92,14 +93,14 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
     inputs = expand_inputs(cfg.input.paths, cfg.storage)
     tok = load_tokenizer(cfg.tokenizer, cfg.storage)
     check_writable(output, cfg.storage)
-    previous = read_manifest(output, cfg.storage)
+    previous = Manifest.read(output, cfg.storage)
     identity = cfg.output_identity()
     if previous is not None:
-        check_compatible(previous, identity, tok.sha256, output)
+        previous.check_compatible(identity, tok.sha256, output)
     plan = plan_inputs(inputs, previous, cfg.on_changed)
     if not plan.todo:
         assert previous is not None
-        return PreprocessResult(output, previous["version"], [], [], {}, build_stats(previous))
+        return PreprocessResult(output, previous.version, [], [], {}, build_stats(previous))
 
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     staging = join(output, "_staging", run_id)
@@ -127,13 +128,13 @@ def _commit(
     staging: str,
     run_id: str,
     tok: Any,
-    previous: dict[str, Any] | None,
+    previous: Manifest | None,
     plan: Plan,
     records: list[dict[str, Any]],
 ) -> PreprocessResult:
     fs, root = filesystem_for(output, cfg.storage)
     _, staging_path = filesystem_for(staging, cfg.storage)
-    version = (previous["version"] if previous else 0) + 1
+    version = (previous.version if previous else 0) + 1
     records.sort(key=lambda r: r["uri"])
     added: list[str] = []
     with storage_errors(output, "commit shards to"):
@@ -146,66 +147,54 @@ def _commit(
         if previous is None:
             write_bytes_atomic(fs, join(root, "tokenizer.json"), tok.json.encode())
 
-    replaced_units = {e["unit"] for e in plan.replaced}
-    inputs = [e for e in (previous or {}).get("inputs", []) if e["unit"] not in replaced_units]
-    for r in records:
-        inputs.append(
-            {
-                "uri": r["uri"],
-                "size": r["size"],
-                "fingerprint": r["fingerprint"],
-                "unit": r["unit"],
-                "added_in_version": version,
-                "shards": sorted(i["path"] for i in r["shards"].values()),
-                "stats": r["stats"],
-            }
+    replaced_units = {e.unit for e in plan.replaced}
+    inputs = [e for e in (previous.inputs if previous else ()) if e.unit not in replaced_units]
+    inputs += [
+        InputEntry(
+            uri=r["uri"],
+            size=r["size"],
+            fingerprint=r["fingerprint"],
+            unit=r["unit"],
+            added_in_version=version,
+            shards=tuple(sorted(i["path"] for i in r["shards"].values())),
+            stats=r["stats"],
         )
-    inputs.sort(key=lambda e: e["uri"])
-    splits: dict[str, Any] = {}
+        for r in records
+    ]
+    splits: dict[str, tuple[ShardRef, ...]] = {}
     for split in SPLITS:
         kept = [
             s
-            for s in ((previous or {}).get("splits", {}).get(split, {}).get("shards", []))
-            if s["path"].split("/", 1)[1].rsplit(".", 1)[0] not in replaced_units
+            for s in (previous.splits.get(split, ()) if previous else ())
+            if s.path.split("/", 1)[1].rsplit(".", 1)[0] not in replaced_units
         ]
         new = [
-            {**r["shards"][split], "added_in_version": version}
+            ShardRef(split=split, **{**r["shards"][split], "added_in_version": version})
             for r in records
             if split in r["shards"]
         ]
-        shard_list = sorted(kept + new, key=lambda s: s["path"])
-        splits[split] = {"shards": shard_list, **split_totals(shard_list)}
+        splits[split] = tuple(sorted(kept + new, key=lambda s: s.path))
 
-    resolved = cfg.to_dict(redact=True)
-    manifest = {
-        "format": FORMAT,
-        "version": version,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "run_id": run_id,
-        "config": resolved,
-        "config_hash": config_hash(cfg.output_identity()),
-        "tokenizer": {
-            "source": cfg.tokenizer,
-            "path": "tokenizer.json",
-            "sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
+    manifest = Manifest(
+        version=version,
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        run_id=run_id,
+        config=cfg.to_dict(redact=True),
+        config_hash=config_hash(cfg.output_identity()),
+        tokenizer=TokenizerRef(
+            source=cfg.tokenizer,
+            path="tokenizer.json",
+            sha256=tok.sha256,
+            vocab_size=tok.vocab_size,
+        ),
+        special_tokens={
+            role: SpecialToken(token=SPECIAL_TOKENS[role], id=i)
+            for role, i in tok.special_ids.items()
         },
-        "special_tokens": {
-            role: {"token": SPECIAL_TOKENS[role], "id": i} for role, i in tok.special_ids.items()
-        },
-        "packing": cfg.output_identity(),
-        "block_schema": {
-            "input_ids": "list<int32>: the block's tokens",
-            "sentence_lengths": "list<int32>: tokens per sentence (EOS-S included)",
-            "document_index": "list<int32>: per sentence, block-local document number",
-            "num_bytes": "int64: UTF-8 bytes of the normalised sentence texts covered",
-            "num_words": "int64: whitespace-separated words covered",
-            "document_ids": "list<string>: stable id of each block-local document",
-            "first_sentence_offset": "int32: index in its document of the block's first sentence",
-        },
-        "inputs": inputs,
-        "splits": splits,
-    }
+        packing=cfg.output_identity(),
+        inputs=tuple(sorted(inputs, key=lambda e: e.uri)),
+        splits=splits,
+    )
     run_counters = Counters()
     for r in records:
         run_counters.merge(Counters.from_dict(r["stats"]))
@@ -220,14 +209,11 @@ def _commit(
     run_summary.pop("doc_sentences_hist_log2")
     stats = build_stats(manifest, run_summary)
     write_stats(output, stats, cfg.storage, cfg.plot)
-    write_manifest(output, manifest, cfg.storage)  # the commit point
+    manifest.write(output, cfg.storage)  # the commit point
     # The commit has happened: clean-up is best effort, and what it leaves is invisible to
     # readers (staging is never listed; replaced shards are no longer in the manifest).
     leftovers = [staging_path] + [
-        join(root, rel)
-        for old in plan.replaced
-        for rel in old.get("shards", [])
-        if rel not in added
+        join(root, rel) for old in plan.replaced for rel in old.shards if rel not in added
     ]
     for path in leftovers:
         try:

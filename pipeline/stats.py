@@ -10,21 +10,21 @@ import numpy as np
 
 from pipeline.config import StorageConfig
 from pipeline.counters import Counters
-from pipeline.manifest import split_totals
+from pipeline.manifest import Manifest
 from pipeline.storage import filesystem_for, join, storage_errors, write_bytes_atomic
 
 
-def build_stats(manifest: dict[str, Any], run: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_stats(manifest: Manifest, run: dict[str, Any] | None = None) -> dict[str, Any]:
     total = Counters()
-    for entry in manifest["inputs"]:
-        total.merge(Counters.from_dict(entry["stats"]))
+    for entry in manifest.inputs:
+        total.merge(Counters.from_dict(entry.stats))
     d = total.to_dict()
     hist = np.asarray(d["sentence_tokens_hist"], dtype=np.float64)
     n = hist.sum()
     mean_len = float((hist * np.arange(hist.size)).sum() / n) if n else 0.0
     return {
-        "manifest_version": manifest["version"],
-        "inputs": len(manifest["inputs"]),
+        "manifest_version": manifest.version,
+        "inputs": len(manifest.inputs),
         "documents": d["counts"].get("documents", 0),
         "sentences": d["counts"].get("sentences", 0),
         "sentence_pieces": d["counts"].get("sentence_pieces", 0),
@@ -33,7 +33,7 @@ def build_stats(manifest: dict[str, Any], run: dict[str, Any] | None = None) -> 
         "bytes": d["counts"].get("bytes", 0),
         "source_bytes": d["counts"].get("source_bytes", 0),
         "mean_sentence_tokens": round(mean_len, 3),
-        "splits": {k: split_totals(v["shards"]) for k, v in manifest["splits"].items()},
+        "splits": {k: manifest.totals(k) for k in manifest.splits},
         "skipped": d["skipped"],
         "skipped_examples": d["skipped_examples"],
         "counts": d["counts"],

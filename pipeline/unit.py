@@ -18,14 +18,15 @@ import numpy as np
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
+from pipeline.blocks import BLOCK_SCHEMA
 from pipeline.config import InputConfig, PackingConfig, StorageConfig
 from pipeline.counters import Counters
-from pipeline.packing import BLOCK_SCHEMA, BlockPacker, rows_to_table, tokenize_documents
+from pipeline.manifest import SPLITS
+from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
 from pipeline.readers import read_documents
 from pipeline.storage import InputFile, filesystem_for, join, storage_errors
 from pipeline.text import normalise, split_sentences
 
-SPLITS = ("train", "heldout")
 DOC_BATCH = 256
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 

@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from pipeline.manifest import ManifestError, read_manifest, shard_uris
+from pipeline.blocks import SCORING_COLUMNS
+from pipeline.manifest import Manifest, ManifestError
 from tests.conftest import preprocessed
-from training.data.shards import BLOCK_COLUMNS
-from training.eval.job import EvalConfig, EvalError, format_table, run_eval
+from training.eval.job import EvalConfig, EvalError, run_eval
+from training.eval.report import EvalReport, format_table
 from training.eval.scoring import (
     Sums,
     evaluate_rows,
@@ -109,21 +110,18 @@ def data_dir(
     )
 
 
-def _manifest(data: Path) -> dict[str, Any]:
-    m = read_manifest(str(data))
-    assert m is not None
-    return m
+def _manifest(data: Path) -> Manifest:
+    return Manifest.require(str(data))
 
 
 def _export(data: Path, out: Path, arch: str, seed: int, sha: str | None = None) -> str:
     m = _manifest(data)
-    sp = m["special_tokens"]
     mc = ModelConfig.preset(
         "gpthf-tiny",
-        vocab_size=m["tokenizer"]["vocab_size"],
-        eos_id=sp["end_of_sentence"]["id"],
-        pad_id=sp["pad"]["id"],
-        eod_id=sp["end_of_document"]["id"],
+        vocab_size=m.vocab_size,
+        eos_id=m.eos_id,
+        pad_id=m.pad_id,
+        eod_id=m.eod_id,
         max_sentence_tokens=32,
         **TINY,
     )
@@ -139,8 +137,8 @@ def _export(data: Path, out: Path, arch: str, seed: int, sha: str | None = None)
             step=0,
             tokens_seen=0,
             schedule_hash="test",
-            tokenizer_sha256=sha or m["tokenizer"]["sha256"],
-            special_ids={k: v["id"] for k, v in sp.items()},
+            tokenizer_sha256=sha or m.tokenizer.sha256,
+            special_ids=m.special_ids,
         ),
         (data / "tokenizer.json").read_text(),
     )
@@ -161,7 +159,10 @@ def _heldout_table(data: Path) -> Any:
 
     m = _manifest(data)
     return pa.concat_tables(
-        [pq.read_table(u, columns=BLOCK_COLUMNS) for u in shard_uris(str(data), m, "heldout")]
+        [
+            pq.read_table(u, columns=list(SCORING_COLUMNS))
+            for u in m.shard_uris(str(data), "heldout")
+        ]
     )
 
 
@@ -172,9 +173,9 @@ def test_prepack_equals_pad_on_checkpoints(
     from training.export import load_export
 
     table = _heldout_table(data_dir)
-    sp = _manifest(data_dir)["special_tokens"]
+    m = _manifest(data_dir)
     model = load_export(exports[arch]).model
-    kw = dict(pad_id=sp["pad"]["id"], eos_id=sp["end_of_sentence"]["id"])
+    kw = dict(pad_id=m.pad_id, eos_id=m.eos_id)
     pad = score_blocks(model, table, batching="pad", **kw)  # type: ignore[arg-type]
     for budget in (64, 256):
         pre = score_blocks(model, table, batching="prepack", token_budget=budget, **kw)  # type: ignore[arg-type]
@@ -183,7 +184,7 @@ def test_prepack_equals_pad_on_checkpoints(
         np.testing.assert_allclose(pre["nll"], pad["nll"], rtol=1e-5)
         assert pre["nll"].sum() == pytest.approx(pad["nll"].sum(), rel=1e-5)
     a = evaluate_rows(model, table, batching="pad", **kw)  # type: ignore[arg-type]
-    assert a.tokens == _manifest(data_dir)["splits"]["heldout"]["tokens"]
+    assert a.tokens == m.totals("heldout")["tokens"]
     assert 1 < a.token_perplexity < 1.5 * model.config.vocab_size
 
 
@@ -199,19 +200,20 @@ def test_eval_job_report(data_dir: Path, exports: dict[str, str], tmp_path: Path
     )
     report = run_eval(cfg)
     m = _manifest(data_dir)
-    split = m["splits"]["heldout"]
-    assert [c["arch"] for c in report["checkpoints"]] == ["gpthf", "gpt"]
-    for c in report["checkpoints"]:
-        assert c["total"]["rows"] == split["rows"] and c["total"]["tokens"] == split["tokens"]
-        total = sum(
-            (Sums(**{k: s[k] for k in Sums.__dataclass_fields__}) for s in c["shards"]), Sums()
-        )
-        assert total.nll == pytest.approx(c["total"]["nll"], rel=1e-12)
-        assert c["total"]["token_perplexity"] == pytest.approx(
-            math.exp(c["total"]["nll"] / c["total"]["targets"]), rel=1e-12
+    split = m.totals("heldout")
+    assert [c.arch for c in report.checkpoints] == ["gpthf", "gpt"]
+    for c in report.checkpoints:
+        assert c.total.rows == split["rows"] and c.total.tokens == split["tokens"]
+        total = sum((s.sums for s in c.shards), Sums())
+        assert total.nll == pytest.approx(c.total.nll, rel=1e-12)
+        assert c.total.token_perplexity == pytest.approx(
+            math.exp(c.total.nll / c.total.targets), rel=1e-12
         )
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["manifest_version"] == m["version"]
+    assert on_disk["manifest_version"] == m.version
+    # The report reads back into the same typed object.
+    again = EvalReport.read(str(out))
+    assert [c.total.nll for c in again.checkpoints] == [c.total.nll for c in report.checkpoints]
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "| gpthf |" in (out / "report.md").read_text()
     assert "token ppl" in format_table(report)
@@ -263,10 +265,8 @@ def test_failing_shard_is_named(data_dir: Path, exports: dict[str, str]) -> None
 
     from training.eval.job import _Scorer
 
-    sp = _manifest(data_dir)["special_tokens"]
-    scorer = _Scorer(
-        exports["gpt"], None, False, sp["pad"]["id"], sp["end_of_sentence"]["id"], "prepack", 256
-    )
+    m = _manifest(data_dir)
+    scorer = _Scorer(exports["gpt"], None, False, m.pad_id, m.eos_id, "prepack", 256)
     bad = pa.table({**HAND, "path": ["x/heldout/u7.parquet"] * 2})
     bad = bad.set_column(1, "sentence_lengths", pa.array([[3, 3], [4]]))  # 6 != 5 tokens
     with pytest.raises(EvalError, match=r"u7\.parquet"):

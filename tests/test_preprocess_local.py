@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
-from pipeline.manifest import ManifestError, read_manifest, shard_uris
+from pipeline.manifest import ManifestError, read_manifest
 from pipeline.preprocess import ChangedInputError, run_preprocess
 from pipeline.storage import StorageError
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
@@ -74,35 +74,36 @@ def test_full_run_manifest_matches_the_shards(
     manifest = read_manifest(str(out))
     assert manifest is not None
     tok = load_tokenizer(str(tokenizer_path))
-    assert manifest["tokenizer"]["sha256"] == tok.sha256
+    assert manifest.tokenizer.sha256 == tok.sha256
     assert (out / "tokenizer.json").read_text() == tok.json
-    assert manifest["special_tokens"]["end_of_sentence"]["id"] == tok.special_ids["end_of_sentence"]
-    assert manifest["packing"]["sentences_per_block"] == 8
+    assert manifest.eos_id == tok.special_ids["end_of_sentence"]
+    assert manifest.sentences_per_block == 8
     doc_split: dict[str, str] = {}
     for split in ("train", "heldout"):
-        entry = manifest["splits"][split]
-        assert entry["shards"], f"no {split} shards"
+        refs = manifest.shards(split)
+        assert refs, f"no {split} shards"
         rows = tokens = 0
-        for s, uri in zip(entry["shards"], shard_uris(str(out), manifest, split), strict=True):
+        for s, uri in zip(refs, manifest.shard_uris(str(out), split), strict=True):
             data = Path(uri).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == s["sha256"]
+            assert hashlib.sha256(data).hexdigest() == s.sha256
             table = pq.read_table(uri)
-            assert table.num_rows == s["rows"]
+            assert table.num_rows == s.rows
             n_tok = sum(len(x) for x in table.column("input_ids").to_pylist())
-            assert n_tok == s["tokens"]
+            assert n_tok == s.tokens
             assert sum(sum(x) for x in table.column("sentence_lengths").to_pylist()) == n_tok
-            assert sum(table.column("num_bytes").to_pylist()) == s["bytes"]
+            assert sum(table.column("num_bytes").to_pylist()) == s.bytes
             for ids in table.column("document_ids").to_pylist():
                 for d in ids:
                     assert doc_split.setdefault(d, split) == split, f"{d} in both splits"
-            rows += s["rows"]
-            tokens += s["tokens"]
-        assert (rows, tokens) == (entry["rows"], entry["tokens"])
+            rows += s.rows
+            tokens += s.tokens
+        totals = manifest.totals(split)
+        assert (rows, tokens) == (totals["rows"], totals["tokens"])
     assert len(doc_split) == 120
     assert 0.05 < sum(v == "heldout" for v in doc_split.values()) / 120 < 0.4
     stats = json.loads((out / "stats.json").read_text())
     assert stats["documents"] == 120 and stats["skipped"] == {}
-    assert stats["tokens"] == sum(manifest["splits"][s]["tokens"] for s in ("train", "heldout"))
+    assert stats["tokens"] == sum(manifest.totals(s)["tokens"] for s in ("train", "heldout"))
     assert (out / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "_staging").glob("2*")), "staging cleaned up after the commit"
 
@@ -127,10 +128,10 @@ def test_rerun_writes_nothing_and_new_file_adds_only_its_shards(
     assert new == {"manifests/v00002.json", *third.shards_added}
     assert all("part-9-" in p for p in third.shards_added)
     manifest = read_manifest(str(out))
-    assert manifest is not None and manifest["version"] == 2
-    assert {e["added_in_version"] for e in manifest["inputs"]} == {1, 2}
+    assert manifest is not None and manifest.version == 2
+    assert {e.added_in_version for e in manifest.inputs} == {1, 2}
     assert len(first.shards_added) + len(third.shards_added) == sum(
-        len(manifest["splits"][s]["shards"]) for s in ("train", "heldout")
+        len(manifest.shards(s)) for s in ("train", "heldout")
     )
 
 
@@ -167,8 +168,8 @@ def test_changed_input_is_refused_or_replaced(
     assert old and not any((out / p).exists() for p in old), "replaced shards are removed"
     manifest = read_manifest(str(out))
     assert manifest is not None
-    entry = next(e for e in manifest["inputs"] if e["uri"] == str(target))
-    assert entry["stats"]["counts"]["documents"] == 1
+    entry = next(e for e in manifest.inputs if e.uri == str(target))
+    assert entry.stats["counts"]["documents"] == 1
 
 
 def test_hostile_inputs_are_counted_and_skipped(tmp_path: Path, tokenizer_path: Path) -> None:

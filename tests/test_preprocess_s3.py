@@ -12,7 +12,7 @@ import pytest
 import s3fs
 
 from pipeline.config import InputConfig, PackingConfig, PreprocessConfig, StorageConfig
-from pipeline.manifest import read_manifest, shard_uris
+from pipeline.manifest import read_manifest
 from pipeline.preprocess import run_preprocess
 from pipeline.storage import StorageError, filesystem_for
 from tests.conftest import make_document
@@ -85,12 +85,12 @@ def test_s3_full_run_rerun_and_incremental(
     rows = 0
     for split in ("train", "heldout"):
         for s, uri in zip(
-            manifest["splits"][split]["shards"], shard_uris(out, manifest, split), strict=True
+            manifest.shards(split), manifest.shard_uris(out, split), strict=True
         ):
             with fs.open(uri, "rb") as f:
-                assert pq.read_table(f).num_rows == s["rows"]
-            rows += s["rows"]
-    assert rows == sum(manifest["splits"][s]["rows"] for s in ("train", "heldout"))
+                assert pq.read_table(f).num_rows == s.rows
+            rows += s.rows
+    assert rows == sum(manifest.totals(s)["rows"] for s in ("train", "heldout"))
     assert fs.exists(f"shards/{prefix}/out/tokenizer.json")
     # (SeaweedFS keeps empty directories; what matters is that no staged object is left.)
     staged = fs.find(f"shards/{prefix}/out/_staging/{first.run_stats['run_id']}", detail=True)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.blocks import MODEL_COLUMNS
+
 IGNORE_INDEX = -100
-COLUMNS = ("input_ids", "sentence_lengths", "document_index")
 
 
 @dataclass
@@ -106,16 +107,16 @@ def _flatten(rows: Any) -> _Flat:
     if hasattr(rows, "schema") and hasattr(rows, "column"):  # pyarrow Table / RecordBatch
         return _flatten_arrow(rows)
     if isinstance(rows, Mapping):  # columnar dict (e.g. Ray's numpy batch format)
-        missing = [c for c in COLUMNS if c not in rows]
+        missing = [c for c in MODEL_COLUMNS if c not in rows]
         if missing:
             raise ValueError(f"collate_blocks: batch lacks columns {missing}; got {sorted(rows)}")
         return _flatten_lists(rows)
     rows = list(rows)
     for i, row in enumerate(rows):
-        missing = [c for c in COLUMNS if c not in row]
+        missing = [c for c in MODEL_COLUMNS if c not in row]
         if missing:
             raise ValueError(f"collate_blocks: row {i} lacks columns {missing}")
-    cols: dict[str, list[Any]] = {c: [r[c] for r in rows] for c in COLUMNS}
+    cols: dict[str, list[Any]] = {c: [r[c] for r in rows] for c in MODEL_COLUMNS}
     cols["num_bytes"] = [r.get("num_bytes", 0) for r in rows]
     return _flatten_lists(cols)
 

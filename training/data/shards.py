@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-BLOCK_COLUMNS = ["input_ids", "sentence_lengths", "document_index", "num_bytes", "num_words"]
+from pipeline.blocks import SCORING_COLUMNS
 
 
 def arrow_filesystem(uri: str, storage: Any = None) -> tuple[Any, str]:
@@ -38,7 +38,7 @@ def read_shards(
     return ray.data.read_parquet(
         stripped,
         filesystem=fs,
-        columns=columns or BLOCK_COLUMNS,
+        columns=list(columns or SCORING_COLUMNS),
         shuffle=None,
         include_paths=include_paths,
         # One read task per file keeps the order trivially the file order.

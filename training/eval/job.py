@@ -10,21 +10,21 @@ shards, sums per shard, checks the row and token counts against the manifest, an
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pipeline.blocks import SCORING_COLUMNS
 from pipeline.config import StorageConfig
-from pipeline.manifest import ShardRef, read_manifest, shard_uris, shards
-from pipeline.storage import filesystem_for, join, write_bytes_atomic
-from training.data.shards import BLOCK_COLUMNS, read_shards
+from pipeline.manifest import Manifest, ShardRef
+from pipeline.storage import filesystem_for, join
+from training.data.shards import read_shards
+from training.eval.report import CheckpointScore, EvalReport, ShardScore
 from training.eval.scoring import BATCHINGS, SUM_FIELDS, Sums, block_counts, score_blocks
-from training.export import ExportError, load_export
+from training.export import Exported, ExportError, load_export
 
 
 class EvalError(ValueError):
@@ -97,13 +97,9 @@ class _Scorer:
         return {"path": np.asarray(paths, dtype=object), **scored, **counts}
 
 
-def _check_inputs(cfg: EvalConfig) -> tuple[dict[str, Any], list[ShardRef], list[Any]]:
-    manifest = read_manifest(cfg.data, cfg.storage)
-    if manifest is None:
-        raise EvalError(
-            f"{cfg.data} has no manifest.json: point --data at a `gpthf preprocess` output"
-        )
-    refs = shards(manifest, cfg.split)
+def _check_inputs(cfg: EvalConfig) -> tuple[Manifest, list[ShardRef], list[Exported]]:
+    manifest = Manifest.require(cfg.data, cfg.storage)
+    refs = manifest.shards(cfg.split)
     if not refs:
         raise EvalError(f"split {cfg.split!r} of {cfg.data} has no shards")
     fs, root = filesystem_for(cfg.data, cfg.storage)
@@ -113,8 +109,8 @@ def _check_inputs(cfg: EvalConfig) -> tuple[dict[str, Any], list[ShardRef], list
             f"{cfg.data}: shard(s) {missing} listed in the manifest are missing; re-run "
             "preprocessing into this output or restore them"
         )
-    sha = manifest["tokenizer"]["sha256"]
-    special = {k: v["id"] for k, v in manifest["special_tokens"].items()}
+    sha = manifest.tokenizer.sha256
+    special = manifest.special_ids
     exports = []
     for uri in cfg.checkpoints:
         try:
@@ -143,13 +139,14 @@ def _check_inputs(cfg: EvalConfig) -> tuple[dict[str, Any], list[ShardRef], list
 
 
 def _evaluate_one(
-    cfg: EvalConfig, uri: str, manifest: dict[str, Any], refs: list[ShardRef]
-) -> dict[str, Any]:
-    special = manifest["special_tokens"]
+    cfg: EvalConfig, exp: Exported, uri: str, manifest: Manifest, refs: list[ShardRef]
+) -> CheckpointScore:
+    import ray.data
+
     ds = read_shards(
-        shard_uris(cfg.data, manifest, cfg.split),
+        manifest.shard_uris(cfg.data, cfg.split),
         cfg.storage,
-        columns=BLOCK_COLUMNS,
+        columns=list(SCORING_COLUMNS),
         include_paths=True,
     )
     scored = ds.map_batches(
@@ -158,14 +155,14 @@ def _evaluate_one(
             checkpoint=uri,
             storage=cfg.storage,
             gpu=cfg.gpu,
-            pad_id=special["pad"]["id"],
-            eos_id=special["end_of_sentence"]["id"],
+            pad_id=manifest.pad_id,
+            eos_id=manifest.eos_id,
             batching=cfg.batching,
             token_budget=cfg.token_budget,
         ),
         batch_size=cfg.batch_rows,
         batch_format="pyarrow",
-        concurrency=cfg.actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=1 if cfg.gpu else 0,
     )
     start = time.perf_counter()
@@ -200,147 +197,45 @@ def _evaluate_one(
     if bad:
         raise EvalError(f"scored counts differ from the manifest (scored/manifest): {bad}")
     total = sum(per_shard.values(), Sums())
-    split = manifest["splits"][cfg.split]
-    if (total.rows, total.tokens) != (
-        split.get("rows", total.rows),
-        split.get("tokens", total.tokens),
-    ):
+    split = manifest.totals(cfg.split)
+    if (total.rows, total.tokens) != (split["rows"], split["tokens"]):
         raise EvalError(
             f"totals rows {total.rows}, tokens {total.tokens} differ from the manifest's "
-            f"{split.get('rows')}, {split.get('tokens')} for split {cfg.split!r}"
+            f"{split['rows']}, {split['tokens']} for split {cfg.split!r}"
         )
-    return {
-        "shards": [{"shard": p, **s.to_dict()} for p, s in per_shard.items()],
-        "total": total.to_dict(),
-        "wall_s": wall,
-        "tokens_per_s": total.tokens / wall if wall > 0 else None,
-    }
+    return CheckpointScore(
+        checkpoint=uri,
+        arch=exp.model_config.arch,
+        step=exp.config.step,
+        model_config_hash=_hash(exp.config.model.to_dict()),
+        schedule_hash=exp.config.schedule_hash,
+        tokenizer_sha256=exp.config.tokenizer_sha256,
+        parameters=exp.model.num_parameters(),
+        shards=tuple(ShardScore(p, s) for p, s in per_shard.items()),
+        total=total,
+        wall_s=wall,
+    )
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig) -> EvalReport:
     """Evaluate every checkpoint; write and return the report."""
     manifest, refs, exports = _check_inputs(cfg)
     started = time.perf_counter()
-    results = []
-    for uri, exp in zip(cfg.checkpoints, exports, strict=True):
-        result = _evaluate_one(cfg, uri, manifest, refs)
-        results.append(
-            {
-                "checkpoint": uri,
-                "arch": exp.model_config.arch,
-                "step": exp.config.step,
-                "model_config_hash": _hash(exp.config.model.to_dict()),
-                "schedule_hash": exp.config.schedule_hash,
-                "tokenizer_sha256": exp.config.tokenizer_sha256,
-                "parameters": exp.model.num_parameters(),
-                **result,
-            }
-        )
-    report = {
-        "data": cfg.data,
-        "split": cfg.split,
-        "manifest_version": manifest.get("version"),
-        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-        "batching": cfg.batching,
-        "token_budget": cfg.token_budget if cfg.batching == "prepack" else None,
-        "actors": cfg.actors,
-        "gpu": cfg.gpu,
-        "wall_s": time.perf_counter() - started,
-        "checkpoints": results,
-    }
-    write_report(cfg.output, report, cfg.storage)
-    return report
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The comparison table (markdown): one line per checkpoint, micro-averaged totals."""
-    head = (
-        "| checkpoint | arch | step | tokens | token ppl | bits/byte | word ppl | EOS-S acc "
-        "| tokens/s |\n|---|---|---|---|---|---|---|---|---|\n"
+    scores = tuple(
+        _evaluate_one(cfg, exp, uri, manifest, refs)
+        for uri, exp in zip(cfg.checkpoints, exports, strict=True)
     )
-    lines = [
-        f"| {c['checkpoint']} | {c['arch']} | {c['step']} | {c['total']['tokens']} "
-        f"| {_fmt(c['total']['token_perplexity'], 3)} | {_fmt(c['total']['bits_per_byte'])} "
-        f"| {_fmt(c['total']['word_perplexity'], 3)} | {_fmt(c['total']['eos_accuracy'])} "
-        f"| {_fmt(c['tokens_per_s'], 0)} |"
-        for c in report["checkpoints"]
-    ]
-    return head + "\n".join(lines) + "\n"
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    parts = [
-        f"# Evaluation on {report['data']} ({report['split']}, manifest v{report['manifest_version']})\n\n",
-        f"Batching: **{report['batching']}**"
-        + (f" (token budget {report['token_budget']})" if report["token_budget"] else "")
-        + f", {report['actors']} actor(s), {'GPU' if report['gpu'] else 'CPU'}, "
-        f"wall {report['wall_s']:.1f} s. Totals are micro-averages (sums over all shards).\n\n",
-        format_table(report),
-    ]
-    for c in report["checkpoints"]:
-        parts.append(
-            f"\n## {c['checkpoint']}\n\n| shard | rows | tokens | bytes | words | token ppl | bits/byte | word ppl |\n|---|---|---|---|---|---|---|---|\n"
-        )
-        parts.append(
-            "\n".join(
-                f"| {s['shard']} | {s['rows']} | {s['tokens']} | {s['bytes']} | {s['words']} "
-                f"| {_fmt(s['token_perplexity'], 3)} | {_fmt(s['bits_per_byte'])} "
-                f"| {_fmt(s['word_perplexity'], 3)} |"
-                for s in c["shards"]
-            )
-            + "\n"
-        )
-    return "".join(parts)
-
-
-def plot_png(report: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for c in report["checkpoints"]:
-        ppl = [s["token_perplexity"] for s in c["shards"]]
-        ax.plot(range(len(ppl)), ppl, marker="o", label=f"{c['arch']} {c['checkpoint']}")
-    names = [s["shard"] for s in report["checkpoints"][0]["shards"]]
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("token perplexity")
-    ax.set_title(f"Per-shard perplexity ({report['split']})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _strict_json(x: Any) -> Any:
-    """NaN/inf (a metric with no denominator) become null: report.json stays strict JSON."""
-    if isinstance(x, dict):
-        return {k: _strict_json(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_strict_json(v) for v in x]
-    if hasattr(x, "item") and not isinstance(x, str | bytes):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def write_report(output: str, report: dict[str, Any], storage: Any = None) -> None:
-    """report.png, report.md, then report.json (last: its presence means the run completed)."""
-    fs, root = filesystem_for(output, storage)
-    fs.makedirs(root, exist_ok=True)
-    write_bytes_atomic(fs, join(root, "report.png"), plot_png(report))
-    write_bytes_atomic(fs, join(root, "report.md"), format_markdown(report).encode())
-    data = json.dumps(_strict_json(report), indent=1, sort_keys=True, allow_nan=False).encode()
-    write_bytes_atomic(fs, join(root, "report.json"), data)
+    report = EvalReport(
+        data=cfg.data,
+        split=cfg.split,
+        manifest_version=manifest.version,
+        tokenizer_sha256=manifest.tokenizer.sha256,
+        batching=cfg.batching,
+        token_budget=cfg.token_budget if cfg.batching == "prepack" else None,
+        actors=cfg.actors,
+        gpu=cfg.gpu,
+        wall_s=time.perf_counter() - started,
+        checkpoints=scores,
+    )
+    report.write(cfg.output, cfg.storage)
+    return report

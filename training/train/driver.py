@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.manifest import read_manifest, shards
+from pipeline.blocks import SCORING_COLUMNS
+from pipeline.manifest import Manifest
 from pipeline.storage import filesystem_for, write_bytes_atomic
 from training.data.order import Shard, dropped_rows, plans_until, resume_point, stream_paths
 from training.data.shards import arrow_filesystem, read_shards
@@ -36,14 +37,14 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def model_config_for(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfig:
+def model_config_for(cfg: TrainConfig, manifest: Manifest) -> ModelConfig:
     """The preset, sized to the data's tokenizer; a config that contradicts the data is refused."""
     data = {
-        "vocab_size": manifest["tokenizer"]["vocab_size"],
-        "eos_id": manifest["special_tokens"]["end_of_sentence"]["id"],
-        "pad_id": manifest["special_tokens"]["pad"]["id"],
-        "eod_id": manifest["special_tokens"]["end_of_document"]["id"],
-        "max_sentence_tokens": manifest["packing"]["max_sentence_tokens"],
+        "vocab_size": manifest.vocab_size,
+        "eos_id": manifest.eos_id,
+        "pad_id": manifest.pad_id,
+        "eod_id": manifest.eod_id,
+        "max_sentence_tokens": manifest.max_sentence_tokens,
     }
     clash = [
         f"{k}: model config {cfg.model.overrides[k]}, data {data[k]}"
@@ -82,21 +83,17 @@ def check_resources(cfg: TrainConfig) -> None:
         )
 
 
-def _val_rows(
-    data_uri: str, manifest: dict[str, Any], n: int, storage: Any
-) -> list[dict[str, Any]]:
+def _val_rows(data_uri: str, manifest: Manifest, n: int, storage: Any) -> list[dict[str, Any]]:
     """The first ``n`` held-out blocks (shards by path): the same sample at every validation."""
     import pyarrow.parquet as pq
 
     rows: list[dict[str, Any]] = []
-    if n <= 0 or "heldout" not in manifest["splits"]:
+    if n <= 0 or not manifest.has_split("heldout"):
         return rows
-    for s in shards(manifest, "heldout"):
+    for s in manifest.shards("heldout"):
         fs, path = filesystem_for(f"{data_uri}/{s.path}", storage)
         with fs.open(path, "rb") as f:
-            table = pq.read_table(
-                f, columns=["input_ids", "sentence_lengths", "document_index", "num_bytes"]
-            )
+            table = pq.read_table(f, columns=list(SCORING_COLUMNS))
         rows.extend(table.slice(0, n - len(rows)).to_pylist())
         if len(rows) >= n:
             break
@@ -112,13 +109,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     cfg.validate_for_run()
     data_uri, output = cfg.data.uri.rstrip("/"), cfg.run.output.rstrip("/")
-    manifest = read_manifest(data_uri, cfg.storage)
-    if manifest is None:
-        raise TrainConfigError(
-            f"{data_uri} has no manifest.json: point --data at a `gpthf preprocess` output"
-        )
+    manifest = Manifest.require(data_uri, cfg.storage)
     mc = model_config_for(cfg, manifest)
-    train_shards = [Shard(s.path, s.rows) for s in shards(manifest, "train")]
+    train_shards = [Shard(s.path, s.rows) for s in manifest.shards("train")]
     world = cfg.run.workers
     rps = cfg.deepspeed.micro_batch_rows * cfg.deepspeed.grad_accum
     plans = plans_until(train_shards, world, rps, cfg.data.shuffle_seed, cfg.optim.total_steps)
@@ -135,7 +128,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if existing:
         step, resume_from = existing[-1]
         state = read_state(resume_from, cfg.storage)
-        check_resumable(state, mc, cfg.schedule_hash(), world, manifest["tokenizer"]["sha256"])
+        check_resumable(state, mc, cfg.schedule_hash(), world, manifest.tokenizer.sha256)
         start_step = step
         print(f"[train] resuming from {resume_from} (step {step})", flush=True)
     elif cfg.run.resume:
@@ -174,8 +167,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         "val_rows": _val_rows(data_uri, manifest, cfg.run.eval_rows, cfg.storage),
         "output": output,
         "schedule_hash": cfg.schedule_hash(),
-        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-        "manifest_version": manifest["version"],
+        "tokenizer_sha256": manifest.tokenizer.sha256,
+        "manifest_version": manifest.version,
     }
     storage_fs, storage_path = arrow_filesystem(f"{output}/ray", cfg.storage)
     env = {"DS_ACCELERATOR": "cuda" if cfg.run.gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
@@ -227,10 +220,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             model=mc,
             step=state["step"],
             tokens_seen=state["tokens_seen"],
-            tokenizer_sha256=manifest["tokenizer"]["sha256"],
-            special_ids={k: v["id"] for k, v in manifest["special_tokens"].items()},
+            tokenizer_sha256=manifest.tokenizer.sha256,
+            special_ids=manifest.special_ids,
             data=data_uri,
-            manifest_version=manifest["version"],
+            manifest_version=manifest.version,
             schedule_hash=cfg.schedule_hash(),
         ),
         tokenizer_json,
