@@ -1,7 +1,8 @@
 """Typed configuration of the preprocessing job: the single source of truth.
 
-YAML files and CLI flags only override these dataclasses; the resolved config (secrets
-removed) is written into every manifest.
+YAML files and CLI flags only override these dataclasses (``pipeline.settings`` reads both and
+generates the flags, help included, from the fields and their docstrings); the resolved config
+(secrets removed) is written into every manifest.
 """
 
 from __future__ import annotations
@@ -11,31 +12,37 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from pipeline.settings import ConfigError, cli, load_config
 
-INPUT_FORMATS = ("auto", "jsonl", "parquet", "text")
-TEXT_DOCUMENT_UNITS = ("file", "paragraph")
-ON_CHANGED = ("error", "replace")
+InputFormat = Literal["auto", "jsonl", "parquet", "text"]
+TextDocument = Literal["file", "paragraph"]
+OnChanged = Literal["error", "replace"]
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which and what to do."""
+__all__ = [
+    "ConfigError",
+    "InputConfig",
+    "PackingConfig",
+    "PreprocessConfig",
+    "StorageConfig",
+    "config_hash",
+    "load_preprocess_config",
+]
 
 
 @dataclass
 class StorageConfig:
-    """How to reach object storage. Empty fields fall back to the standard AWS variables."""
+    """Object storage (s3://); empty fields fall back to the standard AWS variables."""
 
-    endpoint_url: str | None = None
-    """S3-protocol endpoint, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL or AWS)."""
-    key: str | None = None
+    endpoint_url: str | None = field(default=None, metadata=cli("--endpoint-url"))
+    """S3-protocol endpoint, e.g. http://127.0.0.1:8333 (none: AWS_ENDPOINT_URL or AWS)."""
+    key: str | None = field(default=None, metadata=cli(secret=True))
     """Access key id (default: AWS_ACCESS_KEY_ID). Never written to outputs."""
-    secret: str | None = None
+    secret: str | None = field(default=None, metadata=cli(secret=True))
     """Secret access key (default: AWS_SECRET_ACCESS_KEY). Never written to outputs."""
     region: str | None = None
-    """Region name (default: AWS_DEFAULT_REGION)."""
+    """Region name (none: AWS_DEFAULT_REGION)."""
 
     def redacted(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -47,35 +54,31 @@ class StorageConfig:
 
 @dataclass
 class InputConfig:
-    paths: list[str] = field(default_factory=list)
-    """Local paths or fsspec URLs (s3://...); a directory/prefix or a glob means all matching files."""
-    format: str = "auto"
-    """auto (by extension), jsonl, parquet or text."""
-    text_field: str = "text"
-    """Field (JSONL) or column (Parquet) that holds the document text."""
-    id_field: str | None = None
-    """Field holding a stable document id; default: derived from source path + record index."""
-    text_document: str = "file"
-    """For plain text: one document per file, or one per blank-line-separated paragraph."""
+    """What to read and how to find the text in it."""
 
-    def __post_init__(self) -> None:
-        if self.format not in INPUT_FORMATS:
-            raise ConfigError(f"input.format must be one of {INPUT_FORMATS}, got {self.format!r}")
-        if self.text_document not in TEXT_DOCUMENT_UNITS:
-            raise ConfigError(
-                f"input.text_document must be one of {TEXT_DOCUMENT_UNITS}, got {self.text_document!r}"
-            )
+    paths: list[str] = field(default_factory=list, metadata=cli("--input", positional="INPUT"))
+    """Local paths or fsspec URLs (s3://...); a directory/prefix or a glob means all matching files."""
+    format: InputFormat = field(default="auto", metadata=cli("--format"))
+    """auto (by extension), jsonl, parquet or text."""
+    text_field: str = field(default="text", metadata=cli("--text-field"))
+    """Field (JSONL) or column (Parquet) that holds the document text."""
+    id_field: str | None = field(default=None, metadata=cli("--id-field"))
+    """Field holding a stable document id; none: derived from source path + record index."""
+    text_document: TextDocument = field(default="file", metadata=cli("--text-document"))
+    """For plain text: one document per file, or one per blank-line-separated paragraph."""
 
 
 @dataclass
 class PackingConfig:
-    sentences_per_block: int = 32
+    """Sentence blocks and the held-out split (an existing output refuses changes to these)."""
+
+    sentences_per_block: int = field(default=32, metadata=cli("-S", "--sentences-per-block"))
     """S: sentences per block (only the last block of a shard may hold fewer)."""
-    max_sentence_tokens: int = 64
+    max_sentence_tokens: int = field(default=64, metadata=cli("-M", "--max-sentence-tokens"))
     """M: a longer sentence is split into pieces of at most M tokens, each ending with EOS-S."""
-    heldout_fraction: float = 0.01
+    heldout_fraction: float = field(default=0.01, metadata=cli("--heldout-fraction"))
     """Fraction of documents (by seeded hash of the document id) held out for evaluation."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=cli("--seed"))
     """Seed of the held-out hash; recorded in the manifest."""
     row_group_blocks: int = 1024
     """Blocks per Parquet row group."""
@@ -94,6 +97,8 @@ class PackingConfig:
 
 @dataclass
 class PreprocessConfig:
+    """Raw corpora -> packed sentence blocks + manifest (``gpthf preprocess``)."""
+
     input: InputConfig = field(default_factory=InputConfig)
     output: str = ""
     """Output location (local path or fsspec URL); holds train/, heldout/ and manifest.json."""
@@ -105,16 +110,14 @@ class PreprocessConfig:
     """Make every skipped record fatal instead of counted."""
     workers: int = 0
     """Concurrent processing tasks (0: one per available CPU)."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = field(default=1.0, metadata=cli("--cpus-per-worker"))
     """Logical CPUs each processing task reserves in Ray."""
-    on_changed: str = "error"
+    on_changed: OnChanged = field(default="error", metadata=cli("--on-changed"))
     """An input whose size/etag changed since it was processed: error, or replace its shards."""
     plot: bool = True
     """Write stats.png next to stats.json."""
 
     def __post_init__(self) -> None:
-        if self.on_changed not in ON_CHANGED:
-            raise ConfigError(f"on_changed must be one of {ON_CHANGED}, got {self.on_changed!r}")
         if self.workers < 0:
             raise ConfigError("workers must be >= 0")
         if self.cpus_per_worker <= 0:
@@ -151,53 +154,8 @@ def config_hash(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown} in {where}; known: {sorted(names)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        sub = {
-            "input": InputConfig,
-            "packing": PackingConfig,
-            "storage": StorageConfig,
-        }.get(name)
-        if cls is PreprocessConfig and sub is not None:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{name} must be a mapping")
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-def layered_config(
-    path: str | Path | None, overrides: dict[str, Any] | None, error: type[Exception] = ConfigError
-) -> dict[str, Any]:
-    """The YAML file's mapping with dotted-key overrides applied (``packing.seed``; None = unset)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise error(f"{path}: the config file must be a YAML mapping")
-        data = loaded
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return data
-
-
 def load_preprocess_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> PreprocessConfig:
     """Defaults <- YAML file <- overrides (dotted keys such as ``packing.seed``; None = unset)."""
-    data = layered_config(path, overrides)
-    cfg = _build(PreprocessConfig, data, str(path) if path else "config")
-    assert isinstance(cfg, PreprocessConfig)
-    return cfg
+    return load_config(PreprocessConfig, path, overrides)

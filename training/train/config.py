@@ -1,4 +1,5 @@
-"""Typed training configuration: the single source of truth (YAML and flags only override it)."""
+"""Typed training configuration: the single source of truth (YAML and flags only override it;
+``pipeline.settings`` reads both and generates the flags from these fields and docstrings)."""
 
 from __future__ import annotations
 
@@ -7,45 +8,61 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline.config import StorageConfig, layered_config
+from pipeline.config import StorageConfig
+from pipeline.settings import ConfigError, build, cli, load_config
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"]
+ZeroStage = Literal[0, 1, 2, 3]
 
 
-class TrainConfigError(ValueError):
-    pass
+class TrainConfigError(ConfigError):
+    """A training config or run setup is invalid; the message names the setting and the fix."""
 
 
 @dataclass
 class DataSection:
-    uri: str = ""
-    """A preprocessing output (its manifest.json is read; never a raw listing)."""
+    """The preprocessed shards and their order."""
+
+    uri: str = field(default="", metadata=cli("--data"))
+    """A `gpthf preprocess` output (its manifest.json is read; never a raw listing)."""
     shuffle_seed: int = 0
     """Seed of the epoch shard order and the chunk shuffle; recorded in checkpoints."""
     shuffle_chunk_rows: int = 256
     """Rows shuffled together inside a rank's stream (a resume re-reads at most this many)."""
     pad_to_multiple: int = 8
+    """Micro-batch rows are right-padded to a multiple of this many tokens."""
 
 
 @dataclass
 class ModelSection:
-    preset: str = "gpthf-tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    """Any ModelConfig field except the vocabulary and special ids (those come from the data)."""
+    """Which model: a preset plus field overrides."""
+
+    preset: str = field(default="gpthf-tiny", metadata=cli("--model"))
+    """Model preset: gpthf-tiny, gpt-tiny, gpthf-8-4, gpt-12, gpthf-16-8 or gpt-24 (gpt-* are the GPT baselines)."""
+    overrides: dict[str, Any] = field(default_factory=dict, metadata=cli("--model-overrides"))
+    """ModelConfig fields to change, as JSON (e.g. '{"d_model": 64}'); not the vocabulary or special ids (those come from the data)."""
 
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-3
+    """AdamW and the warmup + cosine schedule."""
+
+    lr: float = field(default=1e-3, metadata=cli("--lr"))
+    """Peak learning rate (reached after the warmup)."""
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at lr * min_lr_ratio."""
-    warmup_steps: int = 20
-    total_steps: int = 200
+    warmup_steps: int = field(default=20, metadata=cli("--warmup-steps"))
+    """Steps of linear warmup from 0 to lr."""
+    total_steps: int = field(default=200, metadata=cli("--total-steps"))
     """Length of the schedule; --max-steps can stop earlier without changing the run."""
     weight_decay: float = 0.1
     """Applied to matrices only (not norms, not embeddings)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's beta1 and beta2."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -59,45 +76,64 @@ class OptimSection:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 2
-    micro_batch_rows: int = 8
+    """DeepSpeed ZeRO, batch shape and precision."""
+
+    zero_stage: ZeroStage = field(default=2, metadata=cli("--zero-stage"))
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) sharded."""
+    micro_batch_rows: int = field(default=8, metadata=cli("--micro-batch"))
     """Blocks per worker per micro-batch."""
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata=cli("--grad-accum"))
+    """Micro-batches accumulated per optimizer step."""
     bf16: bool | None = None
-    """None: bf16 on GPU, fp32 on CPU."""
-    activation_checkpointing: bool = False
+    """DeepSpeed bf16 mixed precision; none: bf16 on GPU, fp32 on CPU."""
+    activation_checkpointing: bool = field(
+        default=False, metadata=cli("--activation-checkpointing")
+    )
+    """Recompute each block in the backward pass (less memory, same maths)."""
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise TrainConfigError(f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
         if self.micro_batch_rows < 1 or self.grad_accum < 1:
             raise TrainConfigError("deepspeed: micro_batch_rows and grad_accum must be >= 1")
 
 
 @dataclass
 class RunSection:
-    output: str = ""
+    """Where the run goes, its workers, checkpoints and validation."""
+
+    output: str = field(default="", metadata=cli("--output"))
     """Run folder (local or s3://): checkpoints, metrics, export."""
-    name: str = "train"
-    workers: int = 1
-    gpu: bool = False
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"
+    name: str = field(default="train", metadata=cli("--name"))
+    """Run name inside the output (Ray Train's folder RUN/ray/<name>)."""
+    workers: int = field(default=1, metadata=cli("--workers"))
+    """Ray Train workers (data-parallel ranks)."""
+    gpu: bool = field(default=False, metadata=cli("--gpu"))
+    """One GPU per worker (NCCL, bf16); otherwise CPU workers over gloo."""
+    cpus_per_worker: float = field(default=1.0, metadata=cli("--cpus-per-worker"))
+    """Logical CPUs each worker reserves (leave some for the data tasks)."""
+    placement_strategy: PlacementStrategy = field(
+        default="PACK", metadata=cli("--placement-strategy")
+    )
     """Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node), STRICT_PACK."""
-    max_steps: int | None = None
+    max_steps: int | None = field(default=None, metadata=cli("--max-steps"))
     """Stop after this global step (the schedule is unchanged: resume continues the same run)."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = field(default=50, metadata=cli("--checkpoint-every"))
+    """Steps between checkpoints (one is also written at the end)."""
     keep_checkpoints: int = 2
-    eval_every: int = 50
+    """Checkpoints kept (older ones are deleted)."""
+    eval_every: int = field(default=50, metadata=cli("--eval-every"))
+    """Steps between held-out validations."""
     eval_rows: int = 64
     """Held-out blocks scored at each validation (a fixed sample, the same every time)."""
     log_every: int = 1
-    seed: int = 0
+    """Steps between metric records (console, metrics.jsonl, TensorBoard)."""
+    seed: int = field(default=0, metadata=cli("--seed"))
     """Model initialisation seed."""
-    resume: bool = False
+    resume: bool = field(default=False, metadata=cli("--resume"))
+    """Continue from the last checkpoint in the output (otherwise an output with checkpoints is refused)."""
     max_failures: int = 0
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     peak_flops_per_worker: float | None = None
-    """Peak FLOP/s of one worker's device, for MFU; None: known GPUs only."""
+    """Peak FLOP/s of one worker's device, for MFU; none: known GPUs only."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -108,6 +144,8 @@ class RunSection:
 
 @dataclass
 class TrainConfig:
+    """Training GPTHF or its GPT baseline with Ray Train + DeepSpeed (``gpthf train``)."""
+
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -124,28 +162,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        sections = {
-            "data": DataSection,
-            "model": ModelSection,
-            "optim": OptimSection,
-            "deepspeed": DeepSpeedSection,
-            "run": RunSection,
-            "storage": StorageConfig,
-        }
-        unknown = sorted(set(data) - set(sections))
-        if unknown:
-            raise TrainConfigError(
-                f"unknown config section(s) {unknown}; known: {sorted(sections)}"
-            )
-        kwargs = {}
-        for name, section in sections.items():
-            values = data.get(name) or {}
-            known = {f.name for f in dataclasses.fields(section)}
-            bad = sorted(set(values) - known)
-            if bad:
-                raise TrainConfigError(f"unknown key(s) {bad} in {name}; known: {sorted(known)}")
-            kwargs[name] = section(**values)
-        return cls(**kwargs)
+        """The config ``to_dict`` wrote (a checkpoint's, the workers' copy)."""
+        return build(cls, data, error=TrainConfigError)
 
     def schedule_hash(self) -> str:
         """What must not change between a run and its resume (the run's identity)."""
@@ -176,4 +194,4 @@ def load_train_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Defaults <- YAML file <- overrides (dotted keys such as ``optim.lr``; None = unset)."""
-    return TrainConfig.from_dict(layered_config(path, overrides, TrainConfigError))
+    return load_config(TrainConfig, path, overrides, error=TrainConfigError)
