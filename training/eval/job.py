@@ -12,54 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.blocks import SCORING_COLUMNS
-from pipeline.config import StorageConfig
+from pipeline.errors import UserError
 from pipeline.manifest import Manifest, ShardRef
 from pipeline.storage import filesystem_for, join
 from training.data.shards import read_shards
+from training.eval.config import EvalConfig
 from training.eval.report import CheckpointScore, EvalReport, ShardScore
-from training.eval.scoring import BATCHINGS, SUM_FIELDS, Sums, block_counts, score_blocks
+from training.eval.scoring import SUM_FIELDS, Sums, block_counts, score_blocks
 from training.export import Exported, ExportError, load_export
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     pass
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    checkpoints: list[str]
-    """Export folders (``OUT/export`` of a training run), local or s3://."""
-    data: str
-    """A ``gpthf preprocess`` output (its manifest is read)."""
-    output: str
-    """Where report.json, report.md and report.png go."""
-    split: str = "heldout"
-    actors: int = 1
-    """Size of the scoring actor pool (one model per actor)."""
-    gpu: bool = False
-    """One GPU per actor."""
-    batching: str = "prepack"
-    """``prepack`` (first-fit decreasing into token-budget rows) or ``pad`` (one block a row)."""
-    token_budget: int = 1024
-    """Prepack: tokens per packed row."""
-    batch_rows: int = 64
-    """Blocks per actor call (one forward)."""
-    storage: StorageConfig | None = field(default=None)
-
-    def __post_init__(self) -> None:
-        if not self.checkpoints:
-            raise EvalError("give at least one --checkpoint (an export folder)")
-        if self.batching not in BATCHINGS:
-            raise EvalError(f"--batching must be one of {BATCHINGS}, got {self.batching!r}")
-        for name in ("actors", "token_budget", "batch_rows"):
-            if getattr(self, name) < 1:
-                raise EvalError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _hash(obj: Any) -> str:

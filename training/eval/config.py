@@ -1,0 +1,61 @@
+"""Typed evaluation configuration (``gpthf eval``): YAML files and flags only override it.
+
+``pipeline.settings`` reads both and generates the flags from these fields and docstrings.
+Imports neither torch nor ray, so the CLI can build its parser without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config import StorageConfig
+from pipeline.settings import ConfigError, cli, load_config
+
+Batching = Literal["prepack", "pad"]
+"""The values of ``training.eval.scoring.BATCHINGS`` (tests/test_cli.py checks they agree)."""
+
+
+class EvalConfigError(ConfigError):
+    """An evaluation config value is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Batch perplexity evaluation of exports over a split's shards (``gpthf eval``)."""
+
+    checkpoints: list[str] = field(metadata=cli("--checkpoint"))
+    """Export folders (OUT/export of a training run, or the run folder), local or s3://; several are compared."""
+    data: str
+    """A `gpthf preprocess` output (its manifest is read)."""
+    output: str
+    """Folder for report.json, report.md and report.png."""
+    split: str = "heldout"
+    """Split of the manifest to score."""
+    actors: int = 1
+    """Size of the scoring actor pool (one model per actor)."""
+    gpu: bool = False
+    """One GPU per actor."""
+    batching: Batching = "prepack"
+    """prepack (first-fit decreasing into token-budget rows, per-block masks) or pad (one block a row); same numbers."""
+    token_budget: int = field(default=1024, metadata=cli("--token-budget"))
+    """Prepack: tokens per packed row."""
+    batch_rows: int = field(default=64, metadata=cli("--batch-rows"))
+    """Blocks per actor call (one forward)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage endpoint/credentials (default: the AWS_* variables)."""
+
+    def __post_init__(self) -> None:
+        if not self.checkpoints:
+            raise EvalConfigError("give at least one --checkpoint (an export folder)")
+        for name in ("actors", "token_budget", "batch_rows"):
+            if getattr(self, name) < 1:
+                raise EvalConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def load_eval_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> EvalConfig:
+    """Defaults <- YAML file <- overrides (dotted keys such as ``storage.endpoint_url``)."""
+    return load_config(EvalConfig, path, overrides, error=EvalConfigError)
