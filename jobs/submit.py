@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.registry import JOBS
+from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = {name: job.module for name, job in JOBS.items()}
@@ -41,8 +42,8 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(RuntimeError):
-    pass
+class SubmitError(UserError):
+    """The cluster cannot be reached or a job cannot be submitted; the message says why."""
 
 
 def client(address: str | None) -> Any:

@@ -8,13 +8,17 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 MAX_EXAMPLES_PER_REASON = 5
 # Sentences per document are binned by powers of two: bin b holds counts in [2**(b-1), 2**b).
 DOC_SENTENCE_BINS = 24
 
 
-class StrictModeError(ValueError):
+class StrictModeError(UserError):
     """A record would have been skipped, but --strict makes that fatal."""
+
+    exit_code = 1
 
 
 @dataclass

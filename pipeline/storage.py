@@ -13,13 +13,14 @@ import fsspec
 from fsspec.core import split_protocol
 
 from pipeline.config import StorageConfig
+from pipeline.errors import UserError
 
 # Spark/Hadoop convention: names starting with these are bookkeeping, not data.
 _HIDDEN_PREFIXES = (".", "_")
 _GLOB_CHARS = "*?["
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError):
     """Object storage or a path cannot be used; the message names it and the fix."""
 
 

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.counters import Counters
+from pipeline.errors import UserError
 from pipeline.readers import read_documents
 from pipeline.storage import expand_inputs, filesystem_for, read_bytes, storage_errors
 from pipeline.text import normalise, split_sentences
@@ -22,7 +23,7 @@ SPECIAL_TOKENS = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     pass
 
 
