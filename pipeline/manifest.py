@@ -18,7 +18,9 @@ files outside the data set.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +28,14 @@ from typing import Any
 from pipeline.blocks import COLUMN_DOCS
 from pipeline.config import StorageConfig
 from pipeline.errors import UserError
-from pipeline.storage import filesystem_for, join, storage_errors, write_bytes_atomic
+from pipeline.storage import (
+    filesystem_for,
+    full_uri,
+    join,
+    protocol_of,
+    storage_errors,
+    write_bytes_atomic,
+)
 
 FORMAT = "gpthf-blocks/1"
 MANIFEST = "manifest.json"
@@ -36,6 +45,14 @@ TOTAL_KEYS = ("rows", "sentences", "tokens", "bytes", "words", "documents")
 
 class ManifestError(UserError):
     """A manifest that is missing, malformed, unsafe, or does not fit the request."""
+
+
+class ManifestConflict(Exception):
+    """Another run committed this version first (not a user error: the writer rebases)."""
+
+    def __init__(self, output: str, version: int) -> None:
+        super().__init__(f"{output}: manifest version {version} was committed by another run")
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -295,13 +312,27 @@ class Manifest:
             )
         return manifest
 
-    def write(self, output: str, storage: StorageConfig | None = None) -> None:
-        """Write the versioned copy, then ``manifest.json`` (the commit point)."""
+    def commit(self, output: str, storage: StorageConfig | None = None) -> None:
+        """Commit this version: one writer wins each version number.
+
+        ``manifests/vNNNNN.json`` is created exclusively (a hard link on local disks, a PUT with
+        ``If-None-Match: *`` on S3): a run that finds its version taken gets ``ManifestConflict``
+        and rebases onto the winner instead of overwriting it. ``manifest.json`` is then pointed
+        at the newest committed version; a writer that finds a newer version after writing it
+        re-points it, so concurrent commits converge on the newest, never an older one.
+        """
         fs, root = filesystem_for(output, storage)
         data = json.dumps(self.to_dict(), indent=1, sort_keys=True).encode()
         with storage_errors(output, "write the manifest of"):
-            write_bytes_atomic(fs, join(root, "manifests", f"v{self.version:05d}.json"), data)
+            if not create_exclusive(fs, _version_path(root, self.version), data):
+                raise ManifestConflict(output, self.version)
             write_bytes_atomic(fs, join(root, MANIFEST), data)
+            version = self.version
+            while fs.exists(_version_path(root, version + 1)):
+                version += 1
+            if version != self.version:
+                with fs.open(_version_path(root, version), "rb") as f:
+                    write_bytes_atomic(fs, join(root, MANIFEST), f.read())
 
 
 def split_totals(refs: list[ShardRef]) -> dict[str, int]:
@@ -310,3 +341,39 @@ def split_totals(refs: list[ShardRef]) -> dict[str, int]:
 
 def read_manifest(output: str, storage: StorageConfig | None = None) -> Manifest | None:
     return Manifest.read(output, storage)
+
+
+def _version_path(root: str, version: int) -> str:
+    return join(root, "manifests", f"v{version:05d}.json")
+
+
+def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
+    """Write ``data`` to ``path`` only if nothing is there; False if something already was.
+
+    Readers never see a partial file: locally the content is written aside and hard-linked into
+    place (``link`` fails if the name exists); on S3 a single conditional PUT does both.
+    """
+    if protocol_of(full_uri(fs, path)) == "file":
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        # s3fs reports a failed If-None-Match as PreconditionFailed (EINVAL) on some servers.
+        if exc.errno == errno.EINVAL and "condition" in str(exc).lower():
+            return False
+        raise

@@ -16,9 +16,12 @@ from pipeline.manifest import (
     SPLITS,
     InputEntry,
     Manifest,
+    ManifestConflict,
+    ManifestError,
     ShardRef,
     SpecialToken,
     TokenizerRef,
+    create_exclusive,
 )
 from pipeline.stats import build_stats, write_stats
 from pipeline.storage import (
@@ -28,7 +31,6 @@ from pipeline.storage import (
     filesystem_for,
     join,
     storage_errors,
-    write_bytes_atomic,
 )
 from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from pipeline.unit import UnitContext, unit_key
@@ -133,21 +135,90 @@ def _commit(
     plan: Plan,
     records: list[dict[str, Any]],
 ) -> PreprocessResult:
+    """Move the staged shards into place and commit the next manifest version.
+
+    Runs into one output may overlap (a nightly cron and a manual run): each version number is
+    won by exactly one of them (``Manifest.commit``). The loser rebases onto the winner: inputs
+    the winner already committed are dropped from its commit (their shards have the same
+    deterministic names and bytes), the rest are added under the next version. Nothing either
+    run processed is lost, and no shard is left on disk unlisted.
+    """
     fs, root = filesystem_for(output, cfg.storage)
     _, staging_path = filesystem_for(staging, cfg.storage)
-    version = (previous.version if previous else 0) + 1
-    records.sort(key=lambda r: r["uri"])
-    added: list[str] = []
-    with storage_errors(output, "commit shards to"):
-        for r in records:
-            for info in r["shards"].values():
-                target = join(root, info["path"])
-                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                fs.mv(join(staging_path, info["path"]), target)
-                added.append(info["path"])
-        if previous is None:
-            write_bytes_atomic(fs, join(root, "tokenizer.json"), tok.json.encode())
+    records = sorted(records, key=lambda r: r["uri"])
+    files = {f.uri: f for f in plan.todo}
+    moved: set[str] = set()
+    while True:
+        with storage_errors(output, "commit shards to"):
+            for r in records:
+                for info in r["shards"].values():
+                    if info["path"] in moved:
+                        continue
+                    target = join(root, info["path"])
+                    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                    fs.mv(join(staging_path, info["path"]), target)
+                    moved.add(info["path"])
+            if previous is None:
+                _write_tokenizer(fs, root, tok, output)
+        manifest = _next_manifest(cfg, run_id, tok, previous, plan, records)
+        added = sorted(i["path"] for r in records for i in r["shards"].values())
+        run_summary = _run_summary(run_id, manifest.version, records, added)
+        stats = build_stats(manifest, run_summary)
+        write_stats(output, stats, cfg.storage, cfg.plot)
+        try:
+            manifest.commit(output, cfg.storage)  # the commit point
+            break
+        except ManifestConflict as conflict:
+            previous = Manifest.require(output, cfg.storage)
+            previous.check_compatible(cfg.output_identity(), tok.sha256, output)
+            replan = plan_inputs([files[r["uri"]] for r in records], previous, cfg.on_changed)
+            todo = {f.uri for f in replan.todo}
+            print(
+                f"[preprocess] another run committed manifest v{conflict.version} first; "
+                f"rebasing onto v{previous.version}: {len(records) - len(todo)} of my "
+                f"{len(records)} input(s) are already in it",
+                file=sys.stderr,
+            )
+            records = [r for r in records if r["uri"] in todo]
+            plan = Plan(todo=replan.todo, replaced=replan.replaced)
+            if not records:
+                _remove(fs, [staging_path])
+                return PreprocessResult(output, previous.version, [], [], {}, build_stats(previous))
+    # The commit has happened: clean-up is best effort, and what it leaves is invisible to
+    # readers (staging is never listed; replaced shards are no longer in the manifest).
+    _remove(
+        fs,
+        [staging_path]
+        + [join(root, rel) for old in plan.replaced for rel in old.shards if rel not in added],
+    )
+    return PreprocessResult(
+        output, manifest.version, [r["uri"] for r in records], added, run_summary, stats
+    )
 
+
+def _write_tokenizer(fs: Any, root: str, tok: Any, output: str) -> None:
+    """The output's first commit stores its tokenizer; a racing first run with another
+    tokenizer is refused rather than overwriting it."""
+    path = join(root, "tokenizer.json")
+    if create_exclusive(fs, path, tok.json.encode()):
+        return
+    with fs.open(path, "rb") as f:
+        if f.read() != tok.json.encode():
+            raise ManifestError(
+                f"{output}/tokenizer.json was just written by another run with another "
+                "tokenizer: write to a new --output, or use that tokenizer"
+            )
+
+
+def _next_manifest(
+    cfg: PreprocessConfig,
+    run_id: str,
+    tok: Any,
+    previous: Manifest | None,
+    plan: Plan,
+    records: list[dict[str, Any]],
+) -> Manifest:
+    version = (previous.version if previous else 0) + 1
     replaced_units = {e.unit for e in plan.replaced}
     inputs = [e for e in (previous.inputs if previous else ()) if e.unit not in replaced_units]
     inputs += [
@@ -175,8 +246,7 @@ def _commit(
             if split in r["shards"]
         ]
         splits[split] = tuple(sorted(kept + new, key=lambda s: s.path))
-
-    manifest = Manifest(
+    return Manifest(
         version=version,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         run_id=run_id,
@@ -196,30 +266,30 @@ def _commit(
         inputs=tuple(sorted(inputs, key=lambda e: e.uri)),
         splits=splits,
     )
+
+
+def _run_summary(
+    run_id: str, version: int, records: list[dict[str, Any]], added: list[str]
+) -> dict[str, Any]:
     run_counters = Counters()
     for r in records:
         run_counters.merge(Counters.from_dict(r["stats"]))
-    run_summary = {
+    summary = {
         "run_id": run_id,
         "version": version,
         "new_inputs": [r["uri"] for r in records],
         "shards_added": added,
         **run_counters.to_dict(),
     }
-    run_summary.pop("sentence_tokens_hist")
-    run_summary.pop("doc_sentences_hist_log2")
-    stats = build_stats(manifest, run_summary)
-    write_stats(output, stats, cfg.storage, cfg.plot)
-    manifest.write(output, cfg.storage)  # the commit point
-    # The commit has happened: clean-up is best effort, and what it leaves is invisible to
-    # readers (staging is never listed; replaced shards are no longer in the manifest).
-    leftovers = [staging_path] + [
-        join(root, rel) for old in plan.replaced for rel in old.shards if rel not in added
-    ]
-    for path in leftovers:
+    summary.pop("sentence_tokens_hist")
+    summary.pop("doc_sentences_hist_log2")
+    return summary
+
+
+def _remove(fs: Any, paths: list[str]) -> None:
+    for path in paths:
         try:
             if fs.exists(path):
                 fs.rm(path, recursive=True)
         except OSError as exc:
             print(f"[preprocess] warning: could not remove {path}: {exc}", file=sys.stderr)
-    return PreprocessResult(output, version, [r["uri"] for r in records], added, run_summary, stats)

@@ -39,7 +39,7 @@ def test_round_trip_and_derived_fields(tmp_path: Path) -> None:
     assert m.max_sentence_tokens == 16 and m.sentences_per_block == 4
     assert [s.path for s in m.shards("train")] == ["train/a.parquet", "train/b.parquet"]
     assert m.totals("train")["tokens"] == 80
-    m.write(str(tmp_path))
+    m.commit(str(tmp_path))
     again = Manifest.require(str(tmp_path))
     assert again == m
     assert (tmp_path / "manifests" / "v00003.json").read_bytes() == (

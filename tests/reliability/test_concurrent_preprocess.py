@@ -1,0 +1,156 @@
+"""Two preprocessing runs into one output at once: nothing either run processed is lost.
+
+Fault injected for real: a second, complete run commits into the output while the first is
+between processing and commit (the first run's commit is entered only after the second has
+committed); and two `gpthf preprocess` processes started together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
+from pipeline.manifest import Manifest
+from pipeline.preprocess import run_preprocess
+from tests.conftest import make_document
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(path: Path, n_docs: int, seed: int) -> None:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"{path.stem}-{i}", "text": make_document(rng)}) + "\n"
+            for i in range(n_docs)
+        )
+    )
+
+
+def _cfg(inputs: list[Path], out: Path, tok: Path) -> PreprocessConfig:
+    return PreprocessConfig(
+        input=InputConfig(paths=[str(p) for p in inputs], id_field="id"),
+        output=str(out),
+        tokenizer=str(tok),
+        packing=PackingConfig(sentences_per_block=8, max_sentence_tokens=16, heldout_fraction=0.2),
+        workers=1,
+        plot=False,
+    )
+
+
+def _listed(out: Path) -> dict[str, str]:
+    m = Manifest.require(str(out))
+    return {s.path: s.sha256 for split in m.splits for s in m.shards(split)}
+
+
+def _on_disk(out: Path) -> set[str]:
+    return {
+        str(p.relative_to(out)) for split in ("train", "heldout") for p in (out / split).glob("*")
+    }
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_run_that_loses_the_commit_race_rebases_onto_the_winner(
+    tmp_path: Path, tokenizer_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = tmp_path / "raw"
+    a = [raw / f"a{k}.jsonl" for k in range(3)]
+    b = [raw / f"b{k}.jsonl" for k in range(2)]
+    shared = raw / "shared.jsonl"
+    for k, p in enumerate([*a, *b, shared]):
+        _write(p, 20, k)
+    out = tmp_path / "out"
+
+    # The reference: one run over everything.
+    reference = tmp_path / "reference"
+    run_preprocess(_cfg([raw], reference, tokenizer_path))
+
+    real_commit = Manifest.commit
+    calls: list[int] = []
+
+    def commit_after_the_other_run(self: Manifest, output: str, storage: object = None) -> None:
+        if not calls:
+            calls.append(self.version)
+            # The other run (B and the shared file) starts and commits while A waits to commit.
+            monkeypatch.setattr(Manifest, "commit", real_commit)
+            other = run_preprocess(_cfg([*b, shared], out, tokenizer_path))
+            assert other.version == 1
+            monkeypatch.setattr(Manifest, "commit", commit_after_the_other_run)
+        real_commit(self, output, storage)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Manifest, "commit", commit_after_the_other_run)
+    first = run_preprocess(_cfg([*a, shared], out, tokenizer_path))
+    monkeypatch.setattr(Manifest, "commit", real_commit)
+
+    assert calls == [1], "run A tried version 1 first and lost it"
+    assert first.version == 2
+    assert sorted(first.new_inputs) == sorted(str(p) for p in a), "shared.jsonl came from B"
+    m = Manifest.require(str(out))
+    assert {e.uri for e in m.inputs} == {str(p) for p in [*a, *b, shared]}
+    assert _listed(out) == _listed(reference), "same shards, same bytes as one run"
+    assert _on_disk(out) == set(_listed(out)), "no shard on disk is unlisted"
+    assert json.loads((out / "manifest.json").read_text())["version"] == 2
+    assert not list((out / "_staging").glob("2*")), "both runs cleaned their staging"
+
+
+@pytest.mark.slow
+def test_two_cli_runs_started_together_lose_nothing(tmp_path: Path, tokenizer_path: Path) -> None:
+    raw = tmp_path / "raw"
+    groups = {"x": [raw / "x" / f"x{k}.jsonl" for k in range(4)]}
+    groups["y"] = [raw / "y" / f"y{k}.jsonl" for k in range(4)]
+    for k, p in enumerate(groups["x"] + groups["y"]):
+        _write(p, 15, 100 + k)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobs.cli",
+                "preprocess",
+                str(raw / name),
+                "--output",
+                str(out),
+                "--tokenizer",
+                str(tokenizer_path),
+                "-S",
+                "8",
+                "-M",
+                "16",
+                "--workers",
+                "1",
+                "--no-plot",
+                "--json",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("x", "y")
+    ]
+    results = [p.communicate(timeout=240) for p in procs]
+    for p, (_stdout, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    m = Manifest.require(str(out))
+    assert {e.uri for e in m.inputs} == {str(p) for p in groups["x"] + groups["y"]}
+    assert m.version == 2 and len(list((out / "manifests").glob("v*.json"))) == 2
+    assert _on_disk(out) == set(_listed(out))
+    reference = tmp_path / "reference"
+    run_reference = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "preprocess", str(raw), "--output", str(reference),
+         "--tokenizer", str(tokenizer_path), "-S", "8", "-M", "16", "--workers", "1", "--no-plot"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run_reference.returncode == 0, run_reference.stderr[-3000:]
+    assert _listed(out) == _listed(reference)
