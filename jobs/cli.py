@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from jobs.entry import add_job_parser, run_command
 from jobs.registry import JOBS
-from pipeline.config import ConfigError, InputConfig, StorageConfig
-
-EXIT_USAGE = 2
+from pipeline.config import InputConfig, StorageConfig
+from pipeline.settings import choices_of
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from pipeline.tokenizer import train_tokenizer
 
     input_cfg = InputConfig(
-        format=args.format or "auto",
-        text_field=args.text_field or "text",
-        text_document=args.text_document or "file",
+        format=args.format, text_field=args.text_field, text_document=args.text_document
     )
     loaded = train_tokenizer(
         args.inputs,
@@ -54,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, job in JOBS.items():
-        module = importlib.import_module(job.module)
-        p = sub.add_parser(name, help=job.help)
-        module.add_args(p)
-        p.set_defaults(func=module.main)
+        add_job_parser(sub.add_parser(name, help=job.help, description=job.help), name)
 
     from jobs.submit import add_jobs_args, add_submit_args, cmd_jobs, cmd_submit
 
@@ -75,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", required=True, help="where to write tokenizer.json (local or URL)")
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--sample-bytes", type=int, default=50_000_000, help="text sampled for training")
-    t.add_argument("--format", choices=["auto", "jsonl", "parquet", "text"])
-    t.add_argument("--text-field")
-    t.add_argument("--text-document", choices=["file", "paragraph"])
-    t.add_argument("--endpoint-url")
+    t.add_argument("--format", choices=choices_of(InputConfig, "format"), default="auto")
+    t.add_argument("--text-field", default="text", help="JSONL field / Parquet column")
+    t.add_argument(
+        "--text-document", choices=choices_of(InputConfig, "text_document"), default="file"
+    )
+    t.add_argument("--endpoint-url", help="S3-protocol endpoint (default: AWS_ENDPOINT_URL)")
     t.set_defaults(func=cmd_tokenizer_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded default, end to end")
@@ -94,33 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jobs.submit import SubmitError
-    from pipeline.manifest import ManifestError
-    from pipeline.preprocess import ChangedInputError
-    from pipeline.storage import StorageError
-    from pipeline.tokenizer import TokenizerError
-    from training.eval.job import EvalError
-    from training.train.checkpoint import CheckpointError
-    from training.train.config import TrainConfigError
-
-    user_errors = (
-        ConfigError,
-        StorageError,
-        ManifestError,
-        TokenizerError,
-        ChangedInputError,
-        TrainConfigError,
-        CheckpointError,
-        EvalError,
-        SubmitError,
-    )
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except user_errors as exc:
-        print(f"gpthf {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
         print(format_summary(run_training(demo_train_config(work, preset))))
         print(f"[demo] {preset}: training took {time.perf_counter() - t0:.0f}s")
 
-    from training.eval.job import EvalConfig, run_eval
+    from training.eval.config import EvalConfig
+    from training.eval.job import run_eval
     from training.eval.report import format_table
 
     report = run_eval(
@@ -104,16 +105,16 @@ def main(args: argparse.Namespace) -> int:
     print(f"\n[demo] held-out evaluation ({report.batching}), report in {work / 'eval'}:")
     print(format_table(report), end="")
 
-    from jobs.generate import generate_from_export
+    from training.generation.text import generate_from_export
 
     export = str(work / "train-gpthf-tiny" / "export")
     print(f"\n[demo] generation from {export}, greedy, {DEMO_NEW_TOKENS} new tokens per prompt:")
     for mode in ("full", "sentence-cache", "kv"):
         out = generate_from_export(export, DEMO_PROMPTS, max_new_tokens=DEMO_NEW_TOKENS, mode=mode)
         print(
-            f"  {mode:15s} {out['tokens_per_s']:7.0f} tok/s  "
-            f"natural sentence ends {out['natural_end_rate']:.0%}"
+            f"  {mode:15s} {out.tokens_per_s or 0:7.0f} tok/s  "
+            f"natural sentence ends {out.natural_end_rate:.0%}"
         )
-    for prompt, text in zip(DEMO_PROMPTS, out["texts"], strict=True):
+    for prompt, text in zip(DEMO_PROMPTS, out.texts, strict=True):
         print(f"  > {prompt}\n    {text}")
     return 0

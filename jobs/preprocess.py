@@ -1,4 +1,8 @@
-"""Preprocessing job: ``python -m jobs.preprocess INPUT... --output URI --tokenizer PATH``."""
+"""Preprocessing job: ``python -m jobs.preprocess INPUT... --output URI --tokenizer PATH``.
+
+Every flag but ``--json`` is a field of ``pipeline.config.PreprocessConfig`` (``--help`` lists
+them all).
+"""
 
 from __future__ import annotations
 
@@ -6,68 +10,24 @@ import argparse
 import json
 import sys
 
-from pipeline.config import load_preprocess_config
-from pipeline.counters import StrictModeError
+from pipeline import settings
+from pipeline.config import PreprocessConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "inputs", nargs="*", metavar="INPUT", help="files, prefixes or globs (local or s3://)"
-    )
-    p.add_argument("--output", help="output location (local path or s3://bucket/prefix)")
-    p.add_argument("--tokenizer", help="tokenizer JSON (local or URL)")
-    p.add_argument("--config", help="YAML file; any field of PreprocessConfig (flags override it)")
-    p.add_argument("--sentences-per-block", "-S", type=int, dest="S", help="S (default 32)")
-    p.add_argument("--max-sentence-tokens", "-M", type=int, dest="M", help="M (default 64)")
-    p.add_argument("--heldout-fraction", type=float, help="documents held out (default 0.01)")
-    p.add_argument("--seed", type=int, help="seed of the held-out split (default 0)")
-    p.add_argument("--strict", action="store_true", default=None, help="skipped records are fatal")
-    p.add_argument("--format", choices=["auto", "jsonl", "parquet", "text"])
-    p.add_argument("--text-field", help="JSONL field / Parquet column with the text (default text)")
-    p.add_argument("--id-field", help="field with a stable document id (default: path#record)")
-    p.add_argument(
-        "--text-document", choices=["file", "paragraph"], help="plain-text document unit"
-    )
-    p.add_argument("--workers", type=int, help="concurrent tasks (default: one per CPU)")
-    p.add_argument(
-        "--on-changed", choices=["error", "replace"], help="inputs changed since processed"
-    )
-    p.add_argument("--endpoint-url", help="S3-protocol endpoint (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--no-plot", action="store_true", help="skip stats.png")
+    settings.add_flags(p, PreprocessConfig)
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
 
-def preprocess_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "input.paths": args.inputs or None,
-        "output": args.output,
-        "tokenizer": args.tokenizer,
-        "packing.sentences_per_block": args.S,
-        "packing.max_sentence_tokens": args.M,
-        "packing.heldout_fraction": args.heldout_fraction,
-        "packing.seed": args.seed,
-        "strict": args.strict,
-        "input.format": args.format,
-        "input.text_field": args.text_field,
-        "input.id_field": args.id_field,
-        "input.text_document": args.text_document,
-        "workers": args.workers,
-        "on_changed": args.on_changed,
-        "storage.endpoint_url": args.endpoint_url,
-        "plot": False if args.no_plot else None,
-    }
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    return settings.from_args(PreprocessConfig, args)
 
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.preprocess import run_preprocess
     from pipeline.stats import format_stats
 
-    cfg = load_preprocess_config(args.config, preprocess_overrides(args))
-    try:
-        result = run_preprocess(cfg, progress=sys.stderr.isatty())
-    except StrictModeError as exc:
-        print(f"gpthf preprocess: strict mode: {exc}", file=sys.stderr)
-        return 1
+    result = run_preprocess(config_from_args(args), progress=sys.stderr.isatty())
     if args.json:
         summary = {
             "version": result.version,
@@ -87,6 +47,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main as cli_main
+    from jobs.entry import run_job
 
-    sys.exit(cli_main(["preprocess", *sys.argv[1:]]))
+    sys.exit(run_job("preprocess"))

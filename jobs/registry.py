@@ -1,5 +1,6 @@
-"""The commands that run as jobs: each module has ``add_args(parser)`` and ``main(args)`` and is
-runnable as ``python -m <module>``. The CLI and ``gpthf submit`` both read this table."""
+"""The commands that run as jobs: each module has ``add_args(parser)`` (its flags, generated from
+its config dataclass) and ``main(args)``, and is runnable as ``python -m <module>`` through
+``jobs.entry.run_job``. The CLI and ``gpthf submit`` both read this table."""
 
 from __future__ import annotations
 

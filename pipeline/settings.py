@@ -413,6 +413,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, config_file: bool =
             "(`section: {field: value}` is --section.field VALUE); flags given override it",
         )
     docs = {path: (sec.__doc__ or "").strip().split("\n")[0] for path, sec in sections(cls)}
+    for path in docs:
+        hidden = [x.path for x in leaves(cls) if x.secret and x.path.rpartition(".")[0] == path]
+        if hidden:
+            docs[path] += (
+                f" {', '.join(hidden)}: secrets, never flags; set them in the --config file "
+                "or the environment."
+            )
     groups: dict[str, Any] = {}
     for leaf in leaves(cls):
         if leaf.secret:

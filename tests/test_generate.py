@@ -13,12 +13,11 @@ from tests._model_helpers import EOD, EOS, PAD, one_torch_thread, tiny_model
 from training.generation.decode import (
     MODES,
     GenerationResult,
-    encode_prompt,
     generate,
-    generate_text,
     sample_next,
     sentence_ids_for,
 )
+from training.generation.text import encode_prompt, generate_text
 from training.model import Transformer, build_model
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)

@@ -15,11 +15,11 @@ logits against it). Prompts are ragged; rows are right-padded and each carries i
 state. A sentence that reaches ``max_sentence_tokens`` (EOS-S included, as in the data
 pipeline) gets EOS-S forced; ``GenerationResult`` counts natural and forced sentence ends.
 Generation of a row stops after ``max_new_tokens`` or when it produces end-of-document.
+Text prompts and exports: ``training.generation.text``.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -493,65 +493,3 @@ def generate(
         cache_bytes=decoder.cache_bytes(),
         seconds={"prefill": t_first - t_start, "decode": t_end - t_first},
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Text
-
-
-_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
-
-
-def encode_prompt(
-    tokenizer: Any,
-    text: str,
-    *,
-    eos_id: int,
-    max_sentence_tokens: int,
-    close_last_sentence: bool | None = None,
-) -> list[int]:
-    """Token ids of a prompt, sentence by sentence as the data pipeline encodes documents.
-
-    Sentences come from blingfire (via ``pipeline.text``), are tokenized alone and end with
-    EOS-S; longer ones are split into pieces of at most M tokens, EOS-S included. The last
-    sentence stays open (no EOS-S, so the model continues it) unless ``close_last_sentence``,
-    which by default is true when the text ends with sentence-final punctuation.
-    """
-    from pipeline.packing import sentence_pieces
-    from pipeline.text import normalise, split_sentences
-
-    sentences = split_sentences(normalise(text))
-    if not sentences:
-        raise ValueError("the prompt has no text to condition on")
-    if close_last_sentence is None:
-        close_last_sentence = bool(_SENTENCE_END.search(sentences[-1]))
-    ids: list[int] = []
-    encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
-    for i, enc in enumerate(encodings):
-        pieces = sentence_pieces(list(enc.ids), max_sentence_tokens)
-        for k, piece in enumerate(pieces):
-            last = i == len(encodings) - 1 and k == len(pieces) - 1
-            ids += piece if last and not close_last_sentence else [*piece, eos_id]
-    return ids
-
-
-def generate_text(
-    model: Transformer,
-    tokenizer: Any,
-    prompts: str | Sequence[str],
-    *,
-    max_new_tokens: int,
-    close_last_sentence: bool | None = None,
-    **kwargs: Any,
-) -> tuple[list[str], GenerationResult]:
-    """Generate continuations of text prompts; returns the decoded new text and the result."""
-    texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    c = model.config
-    M = kwargs.get("max_sentence_tokens") or c.max_sentence_tokens
-    ids = [
-        encode_prompt(tokenizer, t, eos_id=c.eos_id, max_sentence_tokens=M, close_last_sentence=close_last_sentence)
-        for t in texts
-    ]  # fmt: skip
-    result = generate(model, ids, max_new_tokens=max_new_tokens, **kwargs)
-    out = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in result.tokens]
-    return out, result

@@ -1,0 +1,42 @@
+"""Typed generation configuration (``gpthf generate``): flags and YAML only override it.
+
+``pipeline.settings`` generates the flags from these fields and docstrings. Imports neither
+torch nor ray, so the CLI can build its parser without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import StorageConfig
+from pipeline.settings import cli
+
+Mode = Literal["kv", "sentence-cache", "full"]
+"""The modes of ``training.generation.decode.MODES`` (the GPT has kv and full only)."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Text generation from a trained export with GPTHF's caches (``gpthf generate``)."""
+
+    checkpoint: str
+    """An export folder (RUN/export of `gpthf train`, or the run folder), local or s3://."""
+    prompts: list[str] = field(metadata=cli("--prompt"))
+    """Prompt text; several prompts are generated as one batch."""
+    max_new_tokens: int = field(default=64, metadata=cli("--max-new-tokens"))
+    """New tokens per prompt at most (a row also stops at end-of-document)."""
+    mode: Mode = "kv"
+    """kv (exact encoder + sentence-end KV caches), sentence-cache (the paper's) or full (the reference); the GPT has kv and full."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy."""
+    top_k: int = field(default=0, metadata=cli("--top-k"))
+    """Sample among the k most likely tokens only (0: all)."""
+    top_p: float = field(default=1.0, metadata=cli("--top-p"))
+    """Nucleus sampling: the smallest set of tokens with this much probability (1: all)."""
+    seed: int = 0
+    """Seed of the sampling generator."""
+    gpu: bool = False
+    """Generate on the GPU (cuda)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage endpoint/credentials (default: the AWS_* variables)."""
