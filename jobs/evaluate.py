@@ -22,10 +22,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # a bad flag or file fails here, before torch and ray load
     from training.eval.job import run_eval
     from training.eval.report import format_table
 
-    cfg = config_from_args(args)
     report = run_eval(cfg)
     print(format_table(report), end="")
     print(

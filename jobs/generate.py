@@ -19,9 +19,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    cfg = settings.from_args(GenerateConfig, args)  # fails before torch loads
     from training.generation.text import generate_from_export
 
-    cfg = settings.from_args(GenerateConfig, args)
     out = generate_from_export(
         cfg.checkpoint,
         cfg.prompts,

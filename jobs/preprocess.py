@@ -24,10 +24,11 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     from pipeline.preprocess import run_preprocess
     from pipeline.stats import format_stats
 
-    result = run_preprocess(config_from_args(args), progress=sys.stderr.isatty())
+    result = run_preprocess(cfg, progress=sys.stderr.isatty())
     if args.json:
         summary = {
             "version": result.version,

@@ -21,9 +21,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # a bad flag or file fails here, before torch and ray load
     from training.train.driver import format_summary, run_training
 
-    result = run_training(config_from_args(args))
+    result = run_training(cfg)
     print(format_summary(result))
     return 0
 

@@ -369,7 +369,8 @@ def _dest(path: str) -> str:
     return f"{_DEST}{path}"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A value as the help text shows it (``none``, ``true``, ``""``, JSON for containers)."""
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -388,7 +389,7 @@ def flag_help(leaf: Leaf) -> str:
         parts.append(f"One of: {', '.join(map(str, leaf.choices))}.")
     if get_origin(_strip_optional(leaf.type)[0]) is list:
         parts.append("Repeatable.")
-    parts.append("(required)" if leaf.required else f"(default: {_show(leaf.default)})")
+    parts.append("(required)" if leaf.required else f"(default: {show_value(leaf.default)})")
     return " ".join(p for p in parts if p).replace("%", "%%")
 
 
@@ -445,7 +446,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, config_file: bool =
                 _dest(leaf.path) + ":pos",
                 nargs="*",
                 metavar=leaf.positional,
-                help=f"{leaf.doc} (or {leaf.flags[0]}; default: {_show(leaf.default)})",
+                help=f"{leaf.doc} (or {leaf.flags[0]}; default: {show_value(leaf.default)})",
             )
         group.add_argument(*leaf.flags, **kw)
 
