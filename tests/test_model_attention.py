@@ -10,7 +10,7 @@ import training.model.attention as attention_module
 from tests._model_helpers import PAD, one_torch_thread, row_from_documents, tiny_model
 from training.data.collate import collate_blocks
 from training.model import Transformer
-from training.model.attention import Attention, rope_tables
+from training.model.attention import Attention
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
@@ -22,13 +22,33 @@ ROWS = [
 ]
 
 
+def reference_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """RoPE written from its formula, as complex multiplication, independent of the project's
+    tables: the pair (x_i, x_{i + hd/2}) is the complex number x_i + 1j * x_{i + hd/2}, rotated
+    by the angle position * theta^(-2i / hd), in float64. x: (B, T, ..., hd); positions: (B, T).
+    """
+    hd = x.shape[-1]
+    half = hd // 2
+    freq = torch.tensor([theta ** (-2.0 * i / hd) for i in range(half)], dtype=torch.float64)
+    angle = positions.to(torch.float64)[..., None] * freq  # (B, T, hd/2)
+    rotation = torch.polar(torch.ones_like(angle), angle)  # e^{1j angle}, (B, T, hd/2)
+    rotation = rotation.view(*positions.shape, *[1] * (x.dim() - 3), half)  # (B, T, ..., hd/2)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * rotation
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)  # (B, T, ..., hd)
+
+
 class DenseReference(Attention):
-    """Masked softmax over a full (B, T, T) boolean mask: the naive implementation."""
+    """Masked softmax over a full (B, T, T) boolean mask with its own RoPE: the naive
+    implementation. Nothing of ``training.model.attention`` runs but the base class's slots."""
 
     def __init__(self, positions: Tensor, mask: Tensor, model: Transformer) -> None:
-        c = model.config
-        super().__init__(*rope_tables(positions, c.head_dim, c.rope_theta))
+        unused = torch.empty(0)
+        super().__init__(unused, unused)  # no project RoPE tables: ``rotate`` is ours
+        self.positions, self.theta = positions, model.config.rope_theta  # (B, T)
         self.mask = mask  # (B, T, T)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        return reference_rope(x, self.positions, self.theta)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scores = torch.einsum("bihd,bjhd->bhij", q, k) / q.shape[-1] ** 0.5
@@ -144,3 +164,25 @@ def test_backward_through_packed_rows(arch: str) -> None:
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_reference_rope_is_a_relative_rotation() -> None:
+    """The reference's own check: norms kept, position 0 is the identity, and a query-key
+    product depends only on the distance between their positions."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 2, 16, generator=g, dtype=torch.float64).unbind(0)  # (1,1,2,hd)
+    at = lambda x, p: reference_rope(x, torch.tensor([[p]]), 1e4)  # noqa: E731
+    torch.testing.assert_close(at(q, 0), q)
+    torch.testing.assert_close(at(q, 5).norm(dim=-1), q.norm(dim=-1))
+    score = lambda m, n: (at(q, m) * at(k, n)).sum(-1)  # noqa: E731
+    torch.testing.assert_close(score(7, 3), score(4, 0))
+    assert not torch.allclose(score(7, 3), score(3, 7))
+
+
+def test_project_rope_equals_the_reference() -> None:
+    """The project's tables and ``rotate`` against the formula, on (B, T, 2, H, hd) like a block."""
+    g = torch.Generator().manual_seed(1)
+    positions = torch.randint(0, 64, (2, 5), generator=g)  # fp32 angles: exact to ~1e-6 here
+    x = torch.randn(2, 5, 2, 3, 16, generator=g)
+    got = Attention(*attention_module.rope_tables(positions, 16, 500.0)).rotate(x)
+    torch.testing.assert_close(got, reference_rope(x, positions, 500.0), atol=1e-5, rtol=1e-5)
