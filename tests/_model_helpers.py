@@ -38,6 +38,30 @@ def tiny_model(arch: str = "gpthf", seed: int = 0, **overrides: Any) -> Transfor
     return build_model(tiny_config(arch, **overrides)).eval()
 
 
+def generation_model(arch: str = "gpthf", seed: int = 1) -> Transformer:
+    """``tiny_model`` edited so that greedy decoding writes multi-token sentences that also end
+    naturally (with EOS-S before the cap), so the generation tests exercise the caches of a
+    sentence begun during generation and the sentence-end appends that follow it.
+
+    A random model with tied embeddings mostly predicts its input token again (the residual
+    stream is dominated by the input's embedding): once it emits EOS-S it emits EOS-S at every
+    step, i.e. one-token sentences forever. Two deterministic edits, which change no maths:
+
+    * the final norm's gain is -1, so "repeat the input token" becomes "avoid it": right after
+      EOS-S, EOS-S is among the least likely tokens;
+    * EOS-S's embedding row is doubled so it still wins now and then, and end-of-document's is
+      zeroed (its logit is 0 at every step) so rows rarely stop before ``max_new_tokens``.
+
+    tests/test_generate.py asserts that the sentences it generates really are long.
+    """
+    model = tiny_model(arch, seed=seed)
+    with torch.no_grad():
+        model.norm.weight.fill_(-1.0)
+        model.embed.weight[EOS] *= 2.0  # tied: the output row and the input embedding
+        model.embed.weight[EOD] = 0.0
+    return model
+
+
 def row_from_documents(docs: list[list[int]], tokens: list[int] | None = None) -> dict[str, Any]:
     """A packed-block row from documents given as sentence lengths (EOS-S at each end)."""
     lengths = [n for d in docs for n in d]
