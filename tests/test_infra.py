@@ -2,7 +2,7 @@
 
 What is checked is what the files rely on: every manifest parses and names itself, images are
 pinned to the one image the Dockerfile builds, every container has resources, entrypoints name
-job modules that exist (or are on the fixed list of jobs being written), credentials only come
+job modules of `jobs.registry.JOBS` (whose files exist), credentials only come
 from Secrets, the Ray dashboard is never exposed outside the cluster, and the Dockerfile's
 versions equal pyproject's pins.
 """
@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from jobs.registry import JOBS
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
@@ -25,10 +27,9 @@ K8S = INFRA / "k8s"
 CLUSTER_YAML = INFRA / "vm" / "cluster.yaml"
 CRONTAB = INFRA / "vm" / "crontab"
 
-# The job modules an entrypoint may name (`python -m jobs.<name>`). preprocess, train and
-# generate exist already and must stay; evaluate and nightly are being written.
-JOB_MODULES = {"preprocess", "train", "evaluate", "nightly", "generate"}
-JOB_MODULES_PRESENT = {"preprocess", "train", "generate"}
+# The job modules an entrypoint may name (`python -m jobs.<name>`): those of the one job
+# registry that the CLI and `gpthf submit` read (read here, never edited).
+JOB_MODULES = {job.module for job in JOBS.values()}
 
 SECRET_WORDS = ("SECRET", "KEY", "TOKEN", "PASSWORD", "CREDENTIAL")
 DASHBOARD_PORT = 8265
@@ -349,17 +350,20 @@ def test_entrypoints_name_job_modules() -> None:
     seen = set()
     for where, text in texts:
         for module in PY_MODULE.findall(text):
-            pkg, _, name = module.partition(".")
-            assert pkg == "jobs" and name in JOB_MODULES, f"{where}: python -m {module}"
-            if name in JOB_MODULES_PRESENT:
-                assert (ROOT / "jobs" / f"{name}.py").is_file(), f"{where}: jobs/{name}.py missing"
-            seen.add(name)
-    assert {"train", "evaluate", "nightly"} <= seen
+            assert module in JOB_MODULES, (
+                f"{where}: python -m {module} is not a job of jobs.registry.JOBS "
+                f"({sorted(JOB_MODULES)})"
+            )
+            seen.add(module)
+    assert {"jobs.train", "jobs.evaluate", "jobs.nightly"} <= seen
 
 
-def test_job_modules_present_exist() -> None:
-    for name in JOB_MODULES_PRESENT:
-        assert (ROOT / "jobs" / f"{name}.py").is_file(), f"jobs/{name}.py"
+def test_registry_job_modules_exist() -> None:
+    assert JOB_MODULES
+    for module in JOB_MODULES:
+        pkg, _, name = module.partition(".")
+        assert pkg == "jobs" and name and "." not in name, f"registry names {module}"
+        assert (ROOT / "jobs" / f"{name}.py").is_file(), f"{module}: jobs/{name}.py missing"
 
 
 def test_rayjobs_for_training_and_evaluation() -> None:
