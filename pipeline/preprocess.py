@@ -105,8 +105,9 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         assert previous is not None
         return PreprocessResult(output, previous.version, [], [], {}, build_stats(previous))
 
-    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    run_id = dt.datetime.now(dt.UTC).strftime(_RUN_TIME) + "-" + uuid.uuid4().hex[:8]
     staging = join(output, "_staging", run_id)
+    sweep_staging(output, cfg.storage)
     ctx = UnitContext(
         input=cfg.input,
         packing=cfg.packing,
@@ -123,6 +124,46 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
     if missing:
         raise RuntimeError(f"work units produced no record: {sorted(missing)}; nothing committed")
     return _commit(cfg, output, staging, run_id, tok, previous, plan, records)
+
+
+_RUN_TIME = "%Y%m%dT%H%M%SZ"
+STALE_STAGING_S = 24 * 3600
+"""A staging folder this old belongs to a run that was killed: no run of ours lasts a day
+between writing its first shard and committing (a longer one would lose its staging)."""
+
+
+def sweep_staging(output: str, storage: Any = None, now: dt.datetime | None = None) -> list[str]:
+    """Remove the staging folders of killed runs (older than ``STALE_STAGING_S``); report the
+    younger ones, which may belong to a run still in progress. Returns what was removed."""
+    fs, root = filesystem_for(output, storage)
+    base = join(root, "_staging")
+    now = now or dt.datetime.now(dt.UTC)
+    removed, recent = [], []
+    with storage_errors(output, "list the staging area of"):
+        entries = fs.ls(base, detail=False) if fs.exists(base) else []
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            started = dt.datetime.strptime(name.split("-", 1)[0], _RUN_TIME).replace(tzinfo=dt.UTC)
+        except ValueError:
+            continue  # not a run folder (the writability probe, a directory marker)
+        if (now - started).total_seconds() > STALE_STAGING_S:
+            _remove(fs, [entry])
+            removed.append(name)
+        else:
+            recent.append(name)
+    if removed:
+        print(
+            f"[preprocess] removed the staging of {len(removed)} killed run(s): {removed}",
+            file=sys.stderr,
+        )
+    if recent:
+        print(
+            f"[preprocess] staging of {len(recent)} other run(s) started in the last day "
+            f"(running now, or killed): {recent}",
+            file=sys.stderr,
+        )
+    return removed
 
 
 def _commit(
