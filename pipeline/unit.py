@@ -28,6 +28,10 @@ from pipeline.storage import InputFile, filesystem_for, join, storage_errors
 from pipeline.text import normalise, split_sentences
 
 DOC_BATCH = 256
+DOC_BATCH_BYTES = 4 << 20
+"""A batch is tokenized once it holds DOC_BATCH documents or this many bytes of text, so that
+its memory (tokenizer encodings cost tens of bytes per input byte) does not grow with the
+documents' size: at most this plus one document of up to input.max_record_bytes."""
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -123,8 +127,10 @@ def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
             for s in SPLITS
         }
         batch: list[tuple[str, list[str]]] = []
+        batch_bytes = 0
 
         def run_batch() -> None:
+            nonlocal batch_bytes
             tokenized = tokenize_documents(
                 batch,
                 tok,
@@ -146,6 +152,7 @@ def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
                 )
                 writers[split].write(packers[split].add(doc))
             batch.clear()
+            batch_bytes = 0
 
         with storage_errors(f.uri, "read"):
             for doc in read_documents(in_fs, in_path, f.uri, ctx.input, counters):
@@ -156,9 +163,11 @@ def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
                     continue
                 counters.add("documents")
                 counters.add("sentences", len(sentences))
-                counters.add("source_bytes", len(doc.text.encode("utf-8")))
+                n_bytes = len(doc.text.encode("utf-8"))
+                counters.add("source_bytes", n_bytes)
                 batch.append((doc.doc_id, sentences))
-                if len(batch) >= DOC_BATCH:
+                batch_bytes += n_bytes
+                if len(batch) >= DOC_BATCH or batch_bytes >= DOC_BATCH_BYTES:
                     run_batch()
             if batch:
                 run_batch()

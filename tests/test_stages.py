@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 from pathlib import Path
 
 import fsspec
@@ -14,7 +16,7 @@ import zstandard
 
 from pipeline.config import InputConfig
 from pipeline.counters import Counters, StrictModeError
-from pipeline.readers import detect, read_documents
+from pipeline.readers import detect, read_documents, sniff_compression
 from pipeline.text import normalise, split_sentences
 
 
@@ -41,16 +43,35 @@ def test_split_sentences_never_glues_a_heading_to_the_next_paragraph() -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("a.jsonl", ("jsonl", None)),
-        ("a.json.gz", ("jsonl", "gzip")),
-        ("a.jsonl.zst", ("jsonl", "zstd")),
-        ("a.parquet", ("parquet", None)),
-        ("a.txt", ("text", None)),
-        ("a.weird", ("text", None)),
+        ("a.jsonl", "jsonl"),
+        ("a.json.gz", "jsonl"),
+        ("a.jsonl.zst", "jsonl"),
+        ("a.parquet", "parquet"),
+        ("a.txt", "text"),
+        ("a.txt.xz", "text"),
+        ("a.weird", "text"),
     ],
 )
-def test_detect_format_and_compression(name: str, expected: tuple[str, str | None]) -> None:
+def test_detect_format_by_name(name: str, expected: str) -> None:
     assert detect(name) == expected
+    assert detect(name, "parquet") == "parquet"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (gzip.compress(b"x"), "gzip"),
+        (zstandard.ZstdCompressor().compress(b"x"), "zstd"),
+        (bz2.compress(b"x"), "bz2"),
+        (bz2.compress(b""), "bz2"),
+        (lzma.compress(b"x"), "xz"),
+        (b"BZh is how this text file starts", None),
+        (b'{"text": "plain"}', None),
+        (b"", None),
+    ],
+)
+def test_compression_is_sniffed_from_magic_bytes(head: bytes, expected: str | None) -> None:
+    assert sniff_compression(head[:16]) == expected
 
 
 def test_jsonl_bad_records_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
