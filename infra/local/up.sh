@@ -4,13 +4,25 @@
 # Env: VENV (default .venv), RAY_PORT (6379), RAY_DASHBOARD_PORT (8265), HEAD_CPUS (2),
 #      WORKER_CPUS (2), RAY_CLIENT_PORT (10001), HEAD_AGENT_PORT (52365), WORKER_AGENT_PORT
 #      (52366): each node's job agent needs its own port (another Ray here may hold 52365),
-#      RAY_TEMP_DIR (/tmp/ray-gpthf-$RAY_PORT).
+#      RAY_TEMP_DIR (/tmp/ray-gpthf-$RAY_PORT), RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (the
+#      token; default ~/.ray/auth_token, created if missing).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 venv=${VENV:-.venv}
 [[ "$venv" = /* ]] || venv="$PWD/$venv"
 export PATH="$venv/bin:$PATH"
 export RAY_AUTH_MODE=token  # Ray 2.60: submissions and joining nodes need the token
+# `ray start` in token mode needs a token: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH,
+# else ~/.ray/auth_token. On a clean machine none exists, so create ~/.ray/auth_token (0600).
+if [[ -z "${RAY_AUTH_TOKEN:-}" && -n "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
+  echo "up.sh: RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is missing or empty: put the token" \
+    "there, or unset RAY_AUTH_TOKEN_PATH to use (and create) ~/.ray/auth_token" >&2
+  exit 1
+fi
+if ! ray get-auth-token >/dev/null 2>&1; then  # prints the token: never to the terminal
+  (umask 077 && ray get-auth-token --generate >/dev/null 2>&1)
+  echo "up.sh: created a Ray auth token in $HOME/.ray/auth_token (mode 0600)" >&2
+fi
 port=${RAY_PORT:-6379}
 dash=${RAY_DASHBOARD_PORT:-8265}
 # A temp dir of its own: down.sh stops exactly this cluster's processes by it.
