@@ -108,8 +108,8 @@ class RunSection:
     """Ray Train workers (data-parallel ranks)."""
     gpu: bool = field(default=False, metadata=cli("--gpu"))
     """One GPU per worker (NCCL, bf16); otherwise CPU workers over gloo."""
-    cpus_per_worker: float = field(default=1.0, metadata=cli("--cpus-per-worker"))
-    """Logical CPUs each worker reserves (leave some for the data tasks)."""
+    cpus_per_worker: float | None = field(default=None, metadata=cli("--cpus-per-worker"))
+    """Logical CPUs each worker reserves; none: 1 on GPU, on CPU as much (up to 1) as leaves 1 of the cluster's CPUs for the data tasks."""
     placement_strategy: PlacementStrategy = field(
         default="PACK", metadata=cli("--placement-strategy")
     )

@@ -1,29 +1,43 @@
-"""Training driver: check everything early, build per-rank datasets, run TorchTrainer, export."""
+"""Training driver: check everything early, build per-rank datasets, run TorchTrainer, export.
+
+The steps before and after the workers (``setup_run``, ``find_resume``, ``worker_context``,
+``export_run``, ``finish``) are shared with the Ray-free ``training.train.local``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.blocks import SCORING_COLUMNS
 from pipeline.manifest import Manifest
 from pipeline.storage import filesystem_for, write_bytes_atomic
-from training.data.order import Shard, dropped_rows, plans_until, resume_point, stream_paths
+from training.data.order import (
+    EpochPlan,
+    Shard,
+    dropped_rows,
+    plans_until,
+    resume_point,
+    stream_paths,
+)
 from training.data.shards import arrow_filesystem, read_shards
 from training.export import ExportConfig, write_export
 from training.model import ModelConfig
 from training.train.checkpoint import (
     CheckpointError,
+    TrainState,
     check_resumable,
     consolidate,
     list_checkpoints,
     read_state,
 )
 from training.train.config import TrainConfig, TrainConfigError
+from training.train.context import WorkerContext
 
 _DATA_IDS = ("vocab_size", "eos_id", "pad_id", "eod_id", "max_sentence_tokens")
 
@@ -65,13 +79,43 @@ def model_config_for(cfg: TrainConfig, manifest: Manifest) -> ModelConfig:
         raise TrainConfigError(f"model: {exc}") from exc
 
 
-def check_resources(cfg: TrainConfig) -> None:
-    """Refuse a run whose workers would leave no CPU for the Ray Data tasks that feed them."""
+DATA_TASK_CPUS = 1.0
+"""CPUs a CPU run leaves free for the Ray Data tasks that feed the workers: a parquet read
+task takes 1 CPU, so 0.5 left over hangs as surely as none (the 2-CPU deadlock of STACK.md)."""
+
+
+def default_cpus_per_worker(workers: int, cluster_cpus: float, gpu: bool) -> float:
+    """``run.cpus_per_worker`` when unset: 1 on GPU; on CPU as much as leaves DATA_TASK_CPUS
+    free for the data tasks, at most 1, in steps of 0.05 (0 when the workers do not fit)."""
+    if gpu:
+        return 1.0
+    share = (cluster_cpus - DATA_TASK_CPUS) / workers
+    return max(0.0, min(1.0, math.floor(share * 20 + 1e-9) / 20))
+
+
+def check_resources(cfg: TrainConfig) -> float:
+    """The CPUs each worker reserves; a run whose workers would leave no CPU for the Ray Data
+    tasks that feed them is refused, and so is a GPU run on a cluster with too few GPUs."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.run.workers * cfg.run.cpus_per_worker
-    if not cfg.run.gpu and total - need < 0.5:
+    cpus = cfg.run.cpus_per_worker
+    if cpus is None:
+        cpus = default_cpus_per_worker(cfg.run.workers, total, cfg.run.gpu)
+        if cpus <= 0:
+            raise TrainConfigError(
+                f"{cfg.run.workers} CPU workers do not fit on the cluster's {total:g} CPUs with "
+                f"{DATA_TASK_CPUS:g} left for the data tasks that feed them (the run would hang, "
+                "see STACK.md): lower run.workers or add CPUs."
+            )
+        left = f", leaving {total - cfg.run.workers * cpus:g} of {total:g} for the data tasks"
+        print(
+            f"[train] --cpus-per-worker not given: {cpus:g} CPU per worker"
+            + ("" if cfg.run.gpu else left),
+            flush=True,
+        )
+    need = cfg.run.workers * cpus
+    if not cfg.run.gpu and total - need < DATA_TASK_CPUS:
         raise TrainConfigError(
             f"{cfg.run.workers} worker(s) x {cfg.run.cpus_per_worker} CPU leave {total - need:g} of the "
             f"cluster's {total:g} CPUs for the data tasks that feed them: the run would hang without "
@@ -81,6 +125,7 @@ def check_resources(cfg: TrainConfig) -> None:
         raise TrainConfigError(
             f"--gpu with {cfg.run.workers} workers, but the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs"
         )
+    return cpus
 
 
 def _val_rows(data_uri: str, manifest: Manifest, n: int, storage: Any) -> list[dict[str, Any]]:
@@ -100,13 +145,27 @@ def _val_rows(data_uri: str, manifest: Manifest, n: int, storage: Any) -> list[d
     return rows
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+@dataclass(frozen=True)
+class RunSetup:
+    """What is decided before any worker starts, from the config and the data's manifest."""
 
-    from pipeline.distributed import init_ray
-    from training.train.worker import train_loop_per_worker
+    cfg: TrainConfig
+    data_uri: str
+    output: str
+    manifest: Manifest
+    model_config: ModelConfig
+    train_shards: tuple[Shard, ...]
+    world: int
+    plans: list[EpochPlan]
+    rows_per_step: int
+    """Rows per rank per step (micro_batch_rows x grad_accum)."""
+    end_step: int
+    """Where this invocation stops: run.max_steps, or the schedule's end."""
 
+
+def setup_run(cfg: TrainConfig) -> RunSetup:
+    """Check the config against the data before a cluster spends time: the manifest, the model
+    it sizes, enough rows for a step."""
     cfg.validate_for_run()
     data_uri, output = cfg.data.uri.rstrip("/"), cfg.run.output.rstrip("/")
     manifest = Manifest.require(data_uri, cfg.storage)
@@ -115,66 +174,119 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     world = cfg.run.workers
     rps = cfg.deepspeed.micro_batch_rows * cfg.deepspeed.grad_accum
     plans = plans_until(train_shards, world, rps, cfg.data.shuffle_seed, cfg.optim.total_steps)
-    init_ray()
-    check_resources(cfg)
-
-    ray_dir = f"{output}/ray/{cfg.run.name}"
-    existing = list_checkpoints(ray_dir, cfg.storage)
-    start_step, resume_from = 0, None
-    if existing and not cfg.run.resume:
-        raise TrainConfigError(
-            f"{output} already holds checkpoints (last at step {existing[-1][0]}): pass --resume to continue that run, or choose another --output"
-        )
-    if existing:
-        step, resume_from = existing[-1]
-        state = read_state(resume_from, cfg.storage)
-        check_resumable(state, mc, cfg.schedule_hash(), world, manifest.tokenizer.sha256)
-        start_step = step
-        print(f"[train] resuming from {resume_from} (step {step})", flush=True)
-    elif cfg.run.resume:
-        print(f"[train] --resume: no checkpoint under {ray_dir}, starting from step 0", flush=True)
     end = (
         min(cfg.optim.total_steps, cfg.run.max_steps)
         if cfg.run.max_steps is not None
         else cfg.optim.total_steps
     )
-
-    fs, root = filesystem_for(output, cfg.storage)
-    write_bytes_atomic(
-        fs, f"{root}/train_config.json", json.dumps(cfg.to_dict(redact=True), indent=1).encode()
+    return RunSetup(
+        cfg, data_uri, output, manifest, mc, tuple(train_shards), world, plans, rps, end
     )
-    if start_step >= end:
-        return TrainResult(
-            output,
-            start_step,
-            start_step,
-            None,
-            {"note": "nothing to do: already at the requested step"},
+
+
+def find_resume(setup: RunSetup, run_dir: str, verbose: bool = True) -> tuple[int, str | None]:
+    """(start step, checkpoint to continue from) for the checkpoints under ``run_dir``: an
+    output with checkpoints needs --resume, and the last one must belong to this run."""
+    cfg, output = setup.cfg, setup.output
+    existing = list_checkpoints(run_dir, cfg.storage)
+    if existing and not cfg.run.resume:
+        raise TrainConfigError(
+            f"{output} already holds checkpoints (last at step {existing[-1][0]}): pass --resume to continue that run, or choose another --output"
         )
+    if not existing:
+        if cfg.run.resume:
+            print(
+                f"[train] --resume: no checkpoint under {run_dir}, starting from step 0", flush=True
+            )
+        return 0, None
+    step, resume_from = existing[-1]
+    state = read_state(resume_from, cfg.storage)
+    check_resumable(
+        state, setup.model_config, cfg.schedule_hash(), setup.world, setup.manifest.tokenizer.sha256
+    )
+    if verbose:
+        print(f"[train] resuming from {resume_from} (step {step})", flush=True)
+    return step, resume_from
+
+
+def write_run_config(setup: RunSetup) -> None:
+    """RUN/train_config.json: the resolved config, secrets redacted."""
+    fs, root = filesystem_for(setup.output, setup.cfg.storage)
+    data = json.dumps(setup.cfg.to_dict(redact=True), indent=1).encode()
+    write_bytes_atomic(fs, f"{root}/train_config.json", data)
+
+
+def worker_context(setup: RunSetup, start_step: int, resume_from: str | None) -> WorkerContext:
+    cfg, manifest = setup.cfg, setup.manifest
+    return WorkerContext(
+        model_config=setup.model_config,
+        shards=setup.train_shards,
+        data_root=setup.data_uri,
+        dataset_start_step=start_step,
+        resume_from=resume_from,
+        val_rows=tuple(_val_rows(setup.data_uri, manifest, cfg.run.eval_rows, cfg.storage)),
+        output=setup.output,
+        schedule_hash=cfg.schedule_hash(),
+        tokenizer_sha256=manifest.tokenizer.sha256,
+        manifest_version=manifest.version,
+    )
+
+
+def nothing_to_do(setup: RunSetup, start_step: int) -> TrainResult:
+    note = {"note": "nothing to do: already at the requested step"}
+    return TrainResult(setup.output, start_step, start_step, None, note)
+
+
+def init_ray_for_training() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start the embedded Ray *with* the dashboard's
+    state API: Ray Train V2's placement-group cleaner asks that API every second whether the
+    train controller still lives, and without it (``include_dashboard=False``) every ask logs
+    "Failed to query Ray Train Controller actor state"."""
+    import ray
+
+    from pipeline.distributed import init_ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=None, log_to_driver=True)
+    init_ray()
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.train.worker import train_loop_per_worker
+
+    setup = setup_run(cfg)
+    init_ray_for_training()
+    cpus = check_resources(cfg)
+    start_step, resume_from = find_resume(setup, f"{setup.output}/ray/{cfg.run.name}")
+    write_run_config(setup)
+    if start_step >= setup.end_step:
+        return nothing_to_do(setup, start_step)
 
     datasets = {}
-    for r in range(world):
-        rp = resume_point(plans, r, start_step, rps, cfg.data.shuffle_chunk_rows)
-        datasets[f"train_rank{r}"] = read_shards(
-            [f"{data_uri}/{p}" for p in stream_paths(plans, r, rp)], cfg.storage
+    for r in range(setup.world):
+        rp = resume_point(
+            setup.plans, r, start_step, setup.rows_per_step, cfg.data.shuffle_chunk_rows
         )
-    context = {
-        "model_config": mc.to_dict(),
-        "shards": [(s.path, s.rows) for s in train_shards],
-        "data_root": data_uri,
-        "dataset_start_step": start_step,
-        "resume_from": resume_from,
-        "val_rows": _val_rows(data_uri, manifest, cfg.run.eval_rows, cfg.storage),
-        "output": output,
-        "schedule_hash": cfg.schedule_hash(),
-        "tokenizer_sha256": manifest.tokenizer.sha256,
-        "manifest_version": manifest.version,
+        ds = read_shards(
+            [f"{setup.data_uri}/{p}" for p in stream_paths(setup.plans, r, rp)], cfg.storage
+        )
+        # A rank's stream is read for the whole run: a progress bar of it only garbles the log.
+        ds.context.enable_progress_bars = False
+        datasets[f"train_rank{r}"] = ds
+    context = worker_context(setup, start_step, resume_from)
+    storage_fs, storage_path = arrow_filesystem(f"{setup.output}/ray", cfg.storage)
+    env = {
+        "DS_ACCELERATOR": "cuda" if cfg.run.gpu else "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        # Train V2 reroutes print() to a logger and, as Ray's own stdout wrapper looks like a
+        # user redirect to it, also prints it: every worker line would reach the driver twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    storage_fs, storage_path = arrow_filesystem(f"{output}/ray", cfg.storage)
-    env = {"DS_ACCELERATOR": "cuda" if cfg.run.gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.gpu else {})}
-    from ray.data import ExecutionOptions
-
+    resources = {"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {})}
     run_config = RunConfig(  # type: ignore[call-arg]  # Train V2 RunConfig has worker_runtime_env
         name=cfg.run.name,
         storage_path=storage_path,
@@ -188,7 +300,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         train_loop_config={"config": cfg.to_dict(), "context": context},
         torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=world,
+            num_workers=setup.world,
             use_gpu=cfg.run.gpu,
             resources_per_worker=resources,
             placement_strategy=cfg.run.placement_strategy,
@@ -204,22 +316,28 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     wall = time.perf_counter() - t0
     if result.error is not None:
         raise result.error
-    export_uri = f"{output}/export"
     assert result.checkpoint is not None
     with tempfile.TemporaryDirectory(prefix="gpthf-export-") as tmp:
         result.checkpoint.to_directory(tmp)
-        state = json.loads(Path(tmp, "trainer_state.json").read_text())
-        weights = consolidate(tmp, cfg.deepspeed.zero_stage)
+        state = export_run(setup, tmp)
+    return finish(setup, start_step, state, wall)
+
+
+def export_run(setup: RunSetup, checkpoint_dir: str) -> TrainState:
+    """RUN/export/ from a local checkpoint directory holding every rank's shards."""
+    cfg, manifest, data_uri = setup.cfg, setup.manifest, setup.data_uri
+    state = TrainState.load(checkpoint_dir)
+    weights = consolidate(checkpoint_dir, cfg.deepspeed.zero_stage)
     tok_fs, tok_path = filesystem_for(f"{data_uri}/tokenizer.json", cfg.storage)
     with tok_fs.open(tok_path, "rb") as f:
         tokenizer_json = f.read().decode()
     write_export(
-        export_uri,
+        f"{setup.output}/export",
         weights,
         ExportConfig(
-            model=mc,
-            step=state["step"],
-            tokens_seen=state["tokens_seen"],
+            model=setup.model_config,
+            step=state.step,
+            tokens_seen=state.tokens_seen,
             tokenizer_sha256=manifest.tokenizer.sha256,
             special_ids=manifest.special_ids,
             data=data_uri,
@@ -229,9 +347,17 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         tokenizer_json,
         cfg.storage,
     )
-    summary = summarise(output, cfg, start_step, state["step"], wall, dropped_rows(plans, rps))
+    return state
+
+
+def finish(setup: RunSetup, start_step: int, state: TrainState, wall: float) -> TrainResult:
+    """RUN/summary.json and the result, after the export."""
+    cfg, output = setup.cfg, setup.output
+    dropped = dropped_rows(setup.plans, setup.rows_per_step)
+    summary = summarise(output, cfg, start_step, state.step, wall, dropped)
+    fs, root = filesystem_for(output, cfg.storage)
     write_bytes_atomic(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
-    return TrainResult(output, start_step, state["step"], export_uri, summary)
+    return TrainResult(output, start_step, state.step, f"{output}/export", summary)
 
 
 def read_metrics(output: str, storage: Any = None) -> list[dict[str, Any]]:

@@ -1,15 +1,25 @@
-"""The Ray Train worker: DeepSpeed engine, the deterministic data stream, metrics, checkpoints.
+"""One training rank as a small object, and the Ray Train function that drives it.
 
-Everything arrives through ``loop_config`` (STYLE.md 11); nothing is read from module globals.
+``TrainWorker`` owns the DeepSpeed engine of one rank: ``build``, ``restore``, ``step``,
+``validate``, ``save``, ``close``. It needs a torch.distributed process group and nothing else:
+Ray Train makes one (gloo or NCCL), ``init_distributed`` makes one for a plain process or a
+torchrun rank. Ray is imported only inside ``train_loop_per_worker``, so this module runs on a
+machine without Ray (``training.train.local``).
+
+``run_steps`` is the training loop both drivers share: rows in the data order of
+``training.data.order``, metrics, validation, a checkpoint callback. Everything arrives
+through arguments (Ray: ``train_loop_config``, STYLE.md 11); nothing is read from module globals.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +30,19 @@ import torch.nn.functional as F
 
 from training.data.collate import IGNORE_INDEX, collate_blocks
 from training.data.order import (
-    Shard,
     epoch_of_step,
     plans_until,
     rank_micro_batches,
     resume_point,
     stream_paths,
 )
-from training.model import ModelConfig, build_model
+from training.model import build_model
 from training.model.flops import train_step_flops
-from training.train.checkpoint import DS_TAG, STATE
+from training.train.checkpoint import DS_TAG, DataCursor, TrainState
 from training.train.config import TrainConfig
+from training.train.context import WorkerContext
+from training.train.metrics import MetricsWriter, StepMetrics, format_step, peak_flops
 from training.train.optimizer import build_optimizer
-
-# Dense bf16 peak FLOP/s of known accelerators, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict[str, Any]:
@@ -52,6 +60,39 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict[str, Any]
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(gpu: bool = False) -> tuple[int, int]:
+    """The torch.distributed process group of this process; returns (rank, world size).
+
+    Under torchrun the ranks come from its environment; a plain process becomes rank 0 of 1 (on
+    a free local port, leaving the environment alone). NCCL with ``gpu``, gloo otherwise,
+    through ``deepspeed.init_distributed`` (its accelerator from ``DS_ACCELERATOR``, set here
+    when unset). A no-op where a group already exists (Ray Train makes its own).
+    """
+    if not dist.is_initialized():
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
+        import deepspeed
+
+        backend = "nccl" if gpu else "gloo"
+        if "RANK" in os.environ:  # torchrun and the like
+            deepspeed.init_distributed(backend, auto_mpi_discovery=False, verbose=False)
+        else:
+            deepspeed.init_distributed(
+                backend,
+                auto_mpi_discovery=False,
+                verbose=False,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _documents(rows: pa.Table) -> list[list[int]]:
@@ -75,56 +116,6 @@ def _documents(rows: pa.Table) -> list[list[int]]:
     return docs
 
 
-def _peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.run.peak_flops_per_worker:
-        return cfg.run.peak_flops_per_worker
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_FLOPS.items():
-            if key in name:
-                return value
-    return None
-
-
-class _MetricsWriter:
-    """Rank 0: JSONL + TensorBoard in a local folder, copied to the run output at checkpoints."""
-
-    def __init__(self, output: str, storage: Any, start_step: int) -> None:
-        from tensorboardX import SummaryWriter
-
-        from pipeline.storage import filesystem_for
-
-        self.fs, self.root = filesystem_for(output, storage)
-        self.local = Path(tempfile.mkdtemp(prefix="gpthf-metrics-"))
-        self.jsonl = self.local / "metrics.jsonl"
-        remote = f"{self.root}/metrics.jsonl"
-        kept = []
-        if self.fs.exists(remote):  # a resume continues the same file, minus steps to redo
-            with self.fs.open(remote, "rb") as f:
-                for line in f.read().decode().splitlines():
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-        self.jsonl.write_text("".join(k + "\n" for k in kept))
-        self.tb = SummaryWriter(str(self.local / "tb"), purge_step=start_step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if isinstance(v, int | float) and k != "step":
-                self.tb.add_scalar(k, v, record["step"])
-
-    def sync(self) -> None:
-        self.tb.flush()
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.fs.put_file(str(self.jsonl), f"{self.root}/metrics.jsonl")
-        tb_dir = self.local / "tb"
-        for p in tb_dir.rglob("*"):
-            if p.is_file():
-                self.fs.makedirs(f"{self.root}/tb", exist_ok=True)
-                self.fs.put_file(str(p), f"{self.root}/tb/{p.name}")
-
-
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
     """Sums over ranks, several values in one collective."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -132,184 +123,192 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
-def _val_loss(
-    engine: Any, val_rows: list[dict[str, Any]], pad_id: int, micro: int, device: torch.device
-) -> float:
-    """Mean NLL over the fixed held-out sample; every rank scores all of it (ZeRO-3 needs all ranks
-    in every forward), so no reduction is needed."""
-    engine.eval()
-    nll = targets = 0.0
-    with torch.no_grad():
-        for i in range(0, len(val_rows), micro):
-            b = collate_blocks(val_rows[i : i + micro], pad_id=pad_id).to(device)
-            logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
-            nll += float(
-                F.cross_entropy(
-                    logits.float().flatten(0, 1),
-                    b.labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            targets += b.num_targets
-    engine.train()
-    return nll / max(targets, 1)
-
-
-def _stream(
-    cfg: TrainConfig,
-    ctx: dict[str, Any],
-    rank: int,
-    start_step: int,
-    plans: list[Any],
-    rps: int,
-    chunk: int,
-) -> Iterator[pa.Table]:
-    import ray.data
-    import ray.train
-
-    rp = resume_point(plans, rank, start_step, rps, chunk)
-    paths = [f"{ctx['data_root']}/{p}" for p in stream_paths(plans, rank, rp)]
-    if start_step == ctx["dataset_start_step"]:
-        ds = ray.train.get_dataset_shard(f"train_rank{rank}")
-    else:
-        # Restarted after a failure from a later checkpoint than the datasets were built for.
-        from training.data.shards import read_shards
-
-        ds = read_shards(paths, cfg.storage).iterator()
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import deepspeed
-    import ray
-    import ray.train
-    from ray.train import Checkpoint
-
-    cfg = TrainConfig.from_dict(loop_config["config"])
-    ctx = loop_config["context"]
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    device = torch.device(f"cuda:{tctx.get_local_rank()}") if cfg.run.gpu else torch.device("cpu")
+def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-    bf16 = cfg.deepspeed.bf16 if cfg.deepspeed.bf16 is not None else device.type == "cuda"
-    mc = ModelConfig.from_dict(ctx["model_config"])
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    print(f"[train] rank {rank} on node {ray.get_runtime_context().get_node_id()}", flush=True)
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(mc)
-    optimizer, scheduler = build_optimizer(model, cfg.optim)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, bf16),
-    )
 
-    start_step, tokens_seen = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and ctx.get("resume_from"):
-        from training.data.shards import arrow_filesystem
+class TrainWorker:
+    """One rank: the model under the run's seed, client AdamW + schedule, the DeepSpeed engine.
 
-        fs, path = arrow_filesystem(ctx["resume_from"], cfg.storage)
-        checkpoint = Checkpoint(path, filesystem=fs)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG)
-            state = json.loads(Path(d, STATE).read_text())
-            rng = Path(d, f"rng_rank{rank}.pt")
-            if rng.exists():
-                torch.set_rng_state(torch.load(rng, weights_only=False))
-        start_step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+    ``global_step`` and ``tokens_seen`` count what this run has done (``restore`` sets them).
+    Every method that touches the engine is a collective: call it on every rank.
+    """
 
-    shards = [Shard(p, n) for p, n in ctx["shards"]]
-    micro, accum = cfg.deepspeed.micro_batch_rows, cfg.deepspeed.grad_accum
-    rps = micro * accum
-    total = cfg.optim.total_steps
-    end = min(total, cfg.run.max_steps) if cfg.run.max_steps is not None else total
-    plans = plans_until(shards, world, rps, cfg.data.shuffle_seed, total)
-    pad_id = mc.pad_id
-    val_rows = ctx["val_rows"]
-    peak = _peak_flops(cfg, device)
-    writer = _MetricsWriter(ctx["output"], cfg.storage, start_step) if rank == 0 else None
-    if rank == 0:
-        print(
-            f"[train] {mc.arch} {model.num_parameters():,} params, {world} worker(s), ZeRO-{cfg.deepspeed.zero_stage}, "
-            f"{'bf16' if bf16 else 'fp32'} on {device.type}; steps {start_step} -> {end} of {total}",
-            flush=True,
+    def __init__(self, cfg: TrainConfig, ctx: WorkerContext, *, local_rank: int = 0) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "TrainWorker needs a torch.distributed process group: call "
+                "training.train.worker.init_distributed() first, or run under Ray Train or torchrun"
+            )
+        self.cfg, self.ctx = cfg, ctx
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(f"cuda:{local_rank}") if cfg.run.gpu else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        ds = cfg.deepspeed
+        self.bf16 = ds.bf16 if ds.bf16 is not None else self.device.type == "cuda"
+        self.micro_rows, self.grad_accum = ds.micro_batch_rows, ds.grad_accum
+        self.rows_per_step = self.micro_rows * self.grad_accum
+        total = cfg.optim.total_steps
+        self.end_step = min(total, cfg.run.max_steps) if cfg.run.max_steps is not None else total
+        self.plans = plans_until(
+            list(ctx.shards), self.world, self.rows_per_step, cfg.data.shuffle_seed, total
+        )
+        self.global_step = 0
+        self.tokens_seen = 0
+        self.num_parameters = 0
+        self._engine: Any = None
+        self._scheduler: Any = None
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            raise RuntimeError("TrainWorker.build() first")
+        return self._engine
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def build(self) -> TrainWorker:
+        import deepspeed
+
+        torch.manual_seed(self.cfg.run.seed)
+        model = build_model(self.ctx.model_config)
+        self.num_parameters = model.num_parameters()
+        optimizer, self._scheduler = build_optimizer(model, self.cfg.optim)
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=self._scheduler,
+            config=deepspeed_config(self.cfg, self.world, self.bf16),
+        )
+        return self
+
+    def restore(self, checkpoint_dir: str | Path) -> TrainState:
+        """Continue from a local checkpoint directory holding every rank's files."""
+        state = TrainState.load(checkpoint_dir)
+        state.check_resumable(
+            self.ctx.model_config, self.ctx.schedule_hash, self.world, self.ctx.tokenizer_sha256
+        )
+        self.engine.load_checkpoint(str(checkpoint_dir), tag=DS_TAG)
+        rng = Path(checkpoint_dir, f"rng_rank{self.rank}.pt")
+        if rng.exists():
+            torch.set_rng_state(torch.load(rng, weights_only=False))
+        self.global_step, self.tokens_seen = state.step, state.tokens_seen
+        return state
+
+    def state(self) -> TrainState:
+        """Where the run stands now (what ``save`` records)."""
+        cfg, ctx = self.cfg, self.ctx
+        return TrainState(
+            step=self.global_step,
+            tokens_seen=self.tokens_seen,
+            data_cursor=DataCursor(
+                global_step=self.global_step,
+                epoch=epoch_of_step(self.plans, self.global_step),
+                rows_per_step=self.rows_per_step * self.world,
+            ),
+            seed=cfg.run.seed,
+            shuffle_seed=cfg.data.shuffle_seed,
+            world_size=self.world,
+            schedule_hash=ctx.schedule_hash,
+            tokenizer_sha256=ctx.tokenizer_sha256,
+            manifest_version=ctx.manifest_version,
+            model_config=ctx.model_config,
+            zero_stage=cfg.deepspeed.zero_stage,
         )
 
-    def save(step: int, metrics: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
-            torch.save(torch.get_rng_state(), Path(tmp, f"rng_rank{rank}.pt"))
-            if rank == 0:
-                Path(tmp, STATE).write_text(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "tokens_seen": tokens_seen,
-                            "data_cursor": {
-                                "global_step": step,
-                                "epoch": epoch_of_step(plans, step),
-                                "rows_per_step": rps * world,
-                            },
-                            "seed": cfg.run.seed,
-                            "shuffle_seed": cfg.data.shuffle_seed,
-                            "world_size": world,
-                            "schedule_hash": ctx["schedule_hash"],
-                            "tokenizer_sha256": ctx["tokenizer_sha256"],
-                            "manifest_version": ctx["manifest_version"],
-                            "model_config": mc.to_dict(),
-                            "zero_stage": cfg.deepspeed.zero_stage,
-                        },
-                        indent=1,
-                    )
-                )
-                Path(tmp, "model_config.json").write_text(json.dumps(mc.to_dict(), indent=1))
-                Path(tmp, "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-                assert writer is not None
-                writer.sync()
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    def save(self, directory: str | Path, state: TrainState | None = None) -> TrainState:
+        """This rank's part of a checkpoint into a local directory (rank 0 adds the configs and
+        the trainer state, last). Ranks may share the directory or each have their own."""
+        state = state or self.state()
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG)
+        torch.save(torch.get_rng_state(), Path(directory, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0:
+            mc = json.dumps(self.ctx.model_config.to_dict(), indent=1)
+            Path(directory, "model_config.json").write_text(mc)
+            tc = json.dumps(self.cfg.to_dict(redact=True), indent=1)
+            Path(directory, "train_config.json").write_text(tc)
+            state.write(directory)
+        return state
 
-    t_last = time.perf_counter()
-    wait = 0.0
-    session_tokens, session_time = 0, 0.0
-    stream = _stream(cfg, ctx, rank, start_step, plans, rps, cfg.data.shuffle_chunk_rows)
-    batches = rank_micro_batches(
-        stream,
-        plans,
-        rank,
-        start_step,
-        micro_rows=micro,
-        grad_accum=accum,
-        chunk_rows=cfg.data.shuffle_chunk_rows,
-        seed=cfg.data.shuffle_seed,
-    )
-    step = start_step
-    while step < end:
+    def close(self) -> None:
+        """Release the engine (the process group stays: whoever made it destroys it)."""
+        if self._engine is not None:
+            self._engine.destroy()
+        self._engine = self._scheduler = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> TrainWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def stream_uris(self) -> list[str]:
+        """The shard files this rank reads, in order, from ``global_step`` on."""
+        rp = resume_point(
+            self.plans,
+            self.rank,
+            self.global_step,
+            self.rows_per_step,
+            self.cfg.data.shuffle_chunk_rows,
+        )
+        return [f"{self.ctx.data_root}/{p}" for p in stream_paths(self.plans, self.rank, rp)]
+
+    def micro_batches(
+        self, stream: Iterable[pa.Table | pa.RecordBatch]
+    ) -> Iterator[tuple[int, list[pa.Table]]]:
+        """(global step, this rank's micro-batches) from ``global_step`` on; ``stream`` is the
+        rows of ``stream_uris()`` in order."""
+        return rank_micro_batches(
+            stream,
+            self.plans,
+            self.rank,
+            self.global_step,
+            micro_rows=self.micro_rows,
+            grad_accum=self.grad_accum,
+            chunk_rows=self.cfg.data.shuffle_chunk_rows,
+            seed=self.cfg.data.shuffle_seed,
+        )
+
+    # -- training --------------------------------------------------------------------------------
+
+    def step(self, micro_batches: Sequence[pa.Table]) -> StepMetrics:
+        """One optimizer step over this rank's ``grad_accum`` micro-batches.
+
+        The loss is the summed NLL of the global batch over its target count. Two collectives:
+        one sum of (targets, tokens, FLOPs) before the forward (the loss scale needs the global
+        target count), one of the NLL after.
+        """
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(
+                f"step() takes grad_accum={self.grad_accum} micro-batches, got {len(micro_batches)}"
+            )
+        engine, mc, world, accum = self.engine, self.ctx.model_config, self.world, self.grad_accum
         t0 = time.perf_counter()
-        step, micros = next(batches)
         collated = [
-            collate_blocks(m, pad_id=pad_id, pad_to_multiple=cfg.data.pad_to_multiple)
-            for m in micros
+            collate_blocks(m, pad_id=mc.pad_id, pad_to_multiple=self.cfg.data.pad_to_multiple)
+            for m in micro_batches
         ]
-        wait += time.perf_counter() - t0
-        # Everything the step's metrics and loss scale need from other ranks, in one reduction.
-        local_flops = sum(train_step_flops(mc, _documents(m)).total for m in micros)
+        t1 = time.perf_counter()
+        local_flops = sum(train_step_flops(mc, _documents(m)).total for m in micro_batches)
         global_targets, global_tokens, flops = _all_sum(
             [
                 sum(b.num_targets for b in collated),
                 sum(b.num_tokens for b in collated),
                 local_flops,
             ],
-            device,
+            self.device,
         )
-        lr = scheduler.get_last_lr()[0]
-        nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        lr = float(self._scheduler.get_last_lr()[0])
+        nll_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for b in collated:
-            b = b.to(device)
+            b = b.to(self.device)
             logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
             nll = F.cross_entropy(
                 logits.float().flatten(0, 1),
@@ -322,58 +321,165 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.backward(nll * (world * accum) / global_targets)
             engine.step()
             nll_sum += nll.detach().double()
-        (global_nll,) = _all_sum([float(nll_sum)], device)
-        loss = global_nll / global_targets
-        step_tokens = int(global_tokens)
-        tokens_seen += step_tokens
-        step += 1
+        (global_nll,) = _all_sum([float(nll_sum)], self.device)
+        tokens = int(global_tokens)
+        self.tokens_seen += tokens
+        self.global_step += 1
+        grad_norm = engine.get_global_grad_norm()
+        return StepMetrics(
+            step=self.global_step,
+            loss=global_nll / global_targets,
+            nll=global_nll,
+            targets=int(global_targets),
+            tokens=tokens,
+            tokens_seen=self.tokens_seen,
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            flops=flops,
+            collate_s=t1 - t0,
+            compute_s=time.perf_counter() - t1,
+        )
+
+    def validate(self, val_rows: Sequence[dict[str, Any]]) -> float:
+        """Mean NLL over a held-out sample; every rank scores all of it (ZeRO-3 needs all ranks
+        in every forward), so no reduction is needed."""
+        engine, pad_id, micro = self.engine, self.ctx.model_config.pad_id, self.micro_rows
+        engine.eval()
+        nll = targets = 0.0
+        with torch.no_grad():
+            for i in range(0, len(val_rows), micro):
+                b = collate_blocks(list(val_rows[i : i + micro]), pad_id=pad_id).to(self.device)
+                logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
+                nll += float(
+                    F.cross_entropy(
+                        logits.float().flatten(0, 1),
+                        b.labels.flatten(),
+                        ignore_index=IGNORE_INDEX,
+                        reduction="sum",
+                    )
+                )
+                targets += b.num_targets
+        engine.train()
+        return nll / max(targets, 1)
+
+    def describe(self) -> str:
+        mc, cfg = self.ctx.model_config, self.cfg
+        threads = f" ({torch.get_num_threads()} torch threads)" if self.device.type == "cpu" else ""
+        return (
+            f"[train] {mc.arch} {self.num_parameters:,} params, {self.world} worker(s), "
+            f"ZeRO-{cfg.deepspeed.zero_stage}, {'bf16' if self.bf16 else 'fp32'} on "
+            f"{self.device.type}{threads}; steps {self.global_step} -> {self.end_step} of "
+            f"{cfg.optim.total_steps}"
+        )
+
+
+Checkpointer = Callable[[int, dict[str, Any]], None]
+"""Called on every rank at a checkpoint step with (step, that step's metrics record)."""
+
+
+def run_steps(
+    worker: TrainWorker,
+    stream: Iterable[pa.Table | pa.RecordBatch],
+    *,
+    writer: MetricsWriter | None,
+    checkpoint: Checkpointer,
+) -> None:
+    """Train from ``worker.global_step`` to ``worker.end_step``: log every ``run.log_every``
+    steps (rank 0, the one with a ``writer``), validate every ``run.eval_every``, checkpoint
+    every ``run.checkpoint_every`` and at the end. ``stream``: the rows of
+    ``worker.stream_uris()`` in order."""
+    run = worker.cfg.run
+    start, end = worker.global_step, worker.end_step
+    peak = peak_flops(run.peak_flops_per_worker, worker.device)
+    if worker.rank == 0:
+        print(worker.describe(), flush=True)
+    batches = worker.micro_batches(stream)
+    t_last = time.perf_counter()
+    session_tokens, session_time = 0, 0.0
+    while worker.global_step < end:
+        t0 = time.perf_counter()
+        step, micros = next(batches)
+        wait = time.perf_counter() - t0
+        assert step == worker.global_step, (step, worker.global_step)
+        m = worker.step(micros)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        session_tokens += step_tokens
+        session_tokens += m.tokens
         session_time += dt
-        grad_norm = engine.get_global_grad_norm()
-        metrics: dict[str, Any] = {
-            "step": step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens": step_tokens,
-            "tokens_seen": tokens_seen,
-            "tokens_per_s": step_tokens / dt,
-            "step_time_s": dt,
-            "data_wait_frac": min(1.0, wait / dt),
-            "mfu": (flops / dt) / (peak * world) if peak else None,
-        }
-        wait = 0.0
-        if val_rows and (step % cfg.run.eval_every == 0 or step == end):
-            metrics["val_loss"] = _val_loss(engine, val_rows, pad_id, micro, device)
-        if writer is not None and (step % cfg.run.log_every == 0 or step == end):
-            writer.write(metrics)
-            extra = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-            mfu = f" mfu {metrics['mfu']:.1%}" if metrics["mfu"] is not None else ""
-            print(
-                f"[train] step {step}/{end} loss {loss:.4f}{extra} lr {lr:.2e} gnorm {metrics['grad_norm'] or 0:.3f} "
-                f"{metrics['tokens_per_s']:,.0f} tok/s{mfu} data-wait {metrics['data_wait_frac']:.0%}",
-                flush=True,
-            )
-        # Only checkpoints are reported: a report is a barrier across workers, and the per-step
-        # metrics already go to metrics.jsonl / TensorBoard.
-        if step % cfg.run.checkpoint_every == 0 or step == end:
-            save(step, metrics)
-    peak_mem = (
-        torch.cuda.max_memory_allocated(device)
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+        record = m.record(dt, wait + m.collate_s, peak, worker.world)
+        if worker.ctx.val_rows and (m.step % run.eval_every == 0 or m.step == end):
+            record["val_loss"] = worker.validate(worker.ctx.val_rows)
+        if writer is not None and (m.step % run.log_every == 0 or m.step == end):
+            writer.write(record)
+            print(format_step(record, end), flush=True)
+        if m.step % run.checkpoint_every == 0 or m.step == end:
+            checkpoint(m.step, record)
     if writer is not None:
         writer.write(
             {
                 "step": end,
                 "final": True,
-                "start_step": start_step,
+                "start_step": start,
                 "session_tokens": session_tokens,
                 "session_time_s": session_time,
-                "peak_memory_bytes": int(peak_mem),
+                "peak_memory_bytes": peak_memory_bytes(worker.device),
             }
         )
         writer.sync()
+
+
+# -- Ray Train --------------------------------------------------------------------------------
+
+
+def _ray_stream(worker: TrainWorker) -> Iterator[pa.Table]:
+    import ray.train
+
+    if worker.global_step == worker.ctx.dataset_start_step:
+        ds = ray.train.get_dataset_shard(f"train_rank{worker.rank}")
+    else:
+        # Restarted after a failure from a later checkpoint than the datasets were built for.
+        from training.data.shards import read_shards
+
+        ds = read_shards(worker.stream_uris(), worker.cfg.storage).iterator()
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's function: ``{"config": TrainConfig.to_dict(), "context": WorkerContext}``."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    ctx: WorkerContext = loop_config["context"]
+    worker = TrainWorker(cfg, ctx, local_rank=ray.train.get_context().get_local_rank())
+    print(
+        f"[train] rank {worker.rank} on node {ray.get_runtime_context().get_node_id()}", flush=True
+    )
+    try:
+        worker.build()
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and ctx.resume_from:
+            from training.data.shards import arrow_filesystem
+
+            fs, path = arrow_filesystem(ctx.resume_from, cfg.storage)
+            checkpoint = Checkpoint(path, filesystem=fs)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                worker.restore(d)
+        writer = (
+            MetricsWriter(ctx.output, cfg.storage, worker.global_step) if worker.rank == 0 else None
+        )
+
+        def report(step: int, record: dict[str, Any]) -> None:
+            # Only checkpoints are reported: a report is a barrier across workers, and the
+            # per-step metrics already go to metrics.jsonl / TensorBoard.
+            with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
+                worker.save(tmp)
+                if writer is not None:
+                    writer.sync()
+                ray.train.report(record, checkpoint=Checkpoint.from_directory(tmp))
+
+        run_steps(worker, _ray_stream(worker), writer=writer, checkpoint=report)
+    finally:
+        worker.close()

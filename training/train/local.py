@@ -1,0 +1,183 @@
+"""Training without Ray: one process per rank under torchrun, or a plain process as one rank.
+
+    torchrun --nproc-per-node 8 -m training.train.local --data OUT --output RUN --gpu [...]
+    python -m training.train.local --data OUT --output RUN [...]        # one CPU rank
+
+Every flag of ``gpthf train`` applies (``--workers`` defaults to torchrun's world size). The
+same config, the same data order and the same ``TrainWorker`` as ``gpthf train``: each rank
+reads its shards with pyarrow, in the order ``training.data.order`` plans (what Ray Data streams
+to a Ray Train worker), so the losses equal a Ray run's step for step. It exists for machines
+without Ray (the DeepSpeed GPU path: bf16, NCCL) and for tests that drive training directly.
+
+Checkpoints go to ``RUN/local/<name>/checkpoint_<step>/`` (every rank's files, the trainer
+state last); ``--resume`` continues from the last one. ``RUN/metrics.jsonl``, ``RUN/tb/``,
+``RUN/export/`` and ``RUN/summary.json`` are those of ``gpthf train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch.distributed as dist
+
+from pipeline.blocks import SCORING_COLUMNS
+from pipeline.errors import UserError
+from pipeline.storage import filesystem_for, full_uri
+from training.train.checkpoint import TrainState, list_checkpoints
+from training.train.config import TrainConfig, TrainConfigError
+from training.train.driver import (
+    TrainResult,
+    export_run,
+    find_resume,
+    finish,
+    format_summary,
+    nothing_to_do,
+    setup_run,
+    worker_context,
+    write_run_config,
+)
+from training.train.metrics import MetricsWriter
+from training.train.worker import TrainWorker, init_distributed, run_steps
+
+
+def arrow_stream(uris: list[str], storage: Any = None) -> Iterator[pa.RecordBatch]:
+    """The rows of ``uris`` in file order, read with pyarrow (Ray Data's read, without Ray)."""
+    import pyarrow.parquet as pq
+
+    for uri in uris:
+        fs, path = filesystem_for(uri, storage)
+        with fs.open(path, "rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(columns=list(SCORING_COLUMNS))
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, storage: Any = None) -> Iterator[str]:
+    """A local directory with the files under ``uri`` (the directory itself where it is local)."""
+    fs, path = filesystem_for(uri, storage)
+    if full_uri(fs, path) == path:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
+        for f in fs.find(path):
+            dest = Path(tmp, f[len(path) :].lstrip("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(dest))
+        yield tmp
+
+
+def save_checkpoint(worker: TrainWorker, run_dir: str, storage: Any = None) -> str:
+    """Every rank's part of the checkpoint of ``worker.global_step`` into ``run_dir`` (a
+    collective). The trainer state goes last, after every rank's files: a directory without it
+    is an unfinished upload that discovery skips. Returns the checkpoint's URI."""
+    fs, root = filesystem_for(run_dir, storage)
+    target = f"{root}/checkpoint_{worker.global_step:08d}"
+    with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
+        worker.save(tmp)
+        state_file = None
+        for p in sorted(Path(tmp).rglob("*")):
+            if not p.is_file():
+                continue
+            if TrainState.is_state_file(p.name):
+                state_file = p
+                continue
+            remote = f"{target}/{p.relative_to(tmp).as_posix()}"
+            fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(p), remote)
+        dist.barrier()
+        if state_file is not None:  # rank 0
+            fs.put_file(str(state_file), f"{target}/{state_file.name}")
+    dist.barrier()
+    return full_uri(fs, target)
+
+
+def _prune(run_dir: str, keep: int, storage: Any = None) -> None:
+    """Delete all but the last ``keep`` complete checkpoints (rank 0)."""
+    fs, _ = filesystem_for(run_dir, storage)
+    for _, uri in list_checkpoints(run_dir, storage)[:-keep]:
+        fs.rm(filesystem_for(uri, storage)[1], recursive=True)
+
+
+def run_local(cfg: TrainConfig) -> TrainResult:
+    """Train this process's rank (a collective: every rank of the group calls it). Creates the
+    process group where none exists (and then destroys it at the end)."""
+    created = not dist.is_initialized()
+    rank, world = init_distributed(cfg.run.gpu)
+    try:
+        return _run(cfg, rank, world)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, rank: int, world: int) -> TrainResult:
+    t0 = time.perf_counter()
+    if cfg.run.workers != world:
+        raise TrainConfigError(
+            f"run.workers is {cfg.run.workers} but {world} process(es) run: give --workers the "
+            "number of ranks torchrun starts (--nproc-per-node x nodes), or leave it out"
+        )
+    setup = setup_run(cfg)
+    run_dir = f"{setup.output}/local/{cfg.run.name}"
+    start_step, resume_from = find_resume(setup, run_dir, verbose=rank == 0)
+    if rank == 0:
+        write_run_config(setup)
+    if start_step >= setup.end_step:
+        return nothing_to_do(setup, start_step)
+    ctx = worker_context(setup, start_step, resume_from)
+    with TrainWorker(cfg, ctx, local_rank=int(os.environ.get("LOCAL_RANK", "0"))) as worker:
+        worker.build()
+        if resume_from is not None:
+            with local_copy(resume_from, cfg.storage) as d:
+                worker.restore(d)
+        writer = MetricsWriter(setup.output, cfg.storage, start_step) if rank == 0 else None
+
+        def checkpoint(step: int, record: dict[str, Any]) -> None:
+            save_checkpoint(worker, run_dir, cfg.storage)
+            if rank == 0:
+                _prune(run_dir, cfg.run.keep_checkpoints, cfg.storage)
+                assert writer is not None
+                writer.sync()
+
+        stream = arrow_stream(worker.stream_uris(), cfg.storage)
+        run_steps(worker, stream, writer=writer, checkpoint=checkpoint)
+    if rank != 0:  # rank 0 exports
+        return TrainResult(setup.output, start_step, setup.end_step, None, {"note": f"rank {rank}"})
+    with local_copy(list_checkpoints(run_dir, cfg.storage)[-1][1], cfg.storage) as d:
+        state = export_run(setup, d)
+    return finish(setup, start_step, state, time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline import settings
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train.local",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    settings.add_flags(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    try:
+        cfg = settings.from_args(TrainConfig, args, error=TrainConfigError)
+        if "run.workers" not in settings.flag_overrides(TrainConfig, args):
+            cfg.run.workers = int(os.environ.get("WORLD_SIZE", "1"))
+        result = run_local(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
