@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.sample_corpus import ensure_sample_corpus
     from pipeline.stats import format_stats
     from pipeline.tokenizer import train_tokenizer
-    from training.train.driver import format_summary, run_training
+    from training.train.driver import format_summary, init_ray_for_training, run_training
 
     work = Path(args.workdir).absolute()
     if args.fresh and work.exists():
@@ -75,6 +75,9 @@ def main(args: argparse.Namespace) -> int:
         packing=PackingConfig(heldout_fraction=DEMO_HELDOUT),
     )
     t0 = time.perf_counter()
+    # Start Ray as training needs it (with the state API Ray Train polls), before preprocessing
+    # would start it without.
+    init_ray_for_training()
     result = run_preprocess(cfg, progress=sys.stderr.isatty())
     took = time.perf_counter() - t0
     if result.wrote_anything:
