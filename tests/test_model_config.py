@@ -78,7 +78,7 @@ def test_parameter_count_matches_formula_and_is_equal_across_archs() -> None:
     assert m_hf.lm_head.weight is m_hf.embed.weight
 
 
-def test_activation_checkpointing_gives_the_same_gradients() -> None:
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig.preset("gpthf-tiny", vocab_size=64, d_model=32, n_heads=2, ffn_dim=64)
     plain = build_model(cfg)
@@ -86,10 +86,27 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(3, 64, (2, 16))
     sid = torch.arange(16).div(4, rounding_mode="floor").expand(2, 16)
-    grads = []
+    grads, losses, in_backward = [], [], []
     for m in (plain, ckpt):
+        calls = [0]
+
+        def count(*_: object, calls: list[int] = calls) -> None:
+            calls[0] += 1
+
+        hooks = [block.register_forward_pre_hook(count) for block in m.blocks]
         m.train()
-        m(ids, sid).logsumexp(-1).mean().backward()
+        loss = m(ids, sid).logsumexp(-1).mean()
+        assert calls[0] == cfg.n_layers  # one forward per block
+        calls[0] = 0
+        loss.backward()
+        in_backward.append(calls[0])
+        for h in hooks:
+            h.remove()
+        losses.append(loss.item())
         assert m.embed.weight.grad is not None
         grads.append(m.embed.weight.grad.clone())
+    # Checkpointing really happens: every block's forward runs again in the backward pass
+    # (a model that ignored the flag would show 0 here and still match the gradients).
+    assert in_backward == [0, cfg.n_layers]
+    assert losses[0] == losses[1]
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
