@@ -5,6 +5,11 @@ pinned to the one image the Dockerfile builds, every container has resources, en
 job modules of `jobs.registry.JOBS` (whose files exist), credentials only come
 from Secrets, the Ray dashboard is never exposed outside the cluster, and the Dockerfile's
 versions equal pyproject's pins.
+
+Closed by default: every container runs as the image's non-root user without privileges
+(securityContext), a NetworkPolicy in the same file guards the pods of every Ray cluster
+(only the same cluster, plus submitters and the operator on 8265), and the VM cluster names an
+explicit AMI and its own security group (Ray ports within the group, SSH from an admin CIDR).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ INFRA = ROOT / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 K8S = INFRA / "k8s"
 CLUSTER_YAML = INFRA / "vm" / "cluster.yaml"
+SECURITY_GROUP_YAML = INFRA / "vm" / "security-group.yaml"
 CRONTAB = INFRA / "vm" / "crontab"
 
 # The job modules an entrypoint may name (`python -m jobs.<name>`): those of the one job
@@ -33,6 +39,16 @@ JOB_MODULES = {job.module for job in JOBS.values()}
 
 SECRET_WORDS = ("SECRET", "KEY", "TOKEN", "PASSWORD", "CREDENTIAL")
 DASHBOARD_PORT = 8265
+GCS_PORT = 6379
+RAY_CLIENT_PORT = 10001
+RAY_IMAGE_UID = 1000  # user `ray` of rayproject/ray, which infra/docker/Dockerfile keeps
+POD_KINDS = ("RayCluster", "RayJob", "RayCronJob", "CronJob")
+CLUSTER_LABEL = "gpthf/ray-cluster"  # on the head and worker pods of one Ray cluster
+SUBMITTER_LABEL = "gpthf/ray-submitter-for"  # on pods that submit jobs to that cluster
+OPERATOR_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+}
 LITERAL_SECRET = re.compile(
     r"(?i)(auth_token|secret_access_key|access_key_id|password)[\"']?\s*[=:]\s*[\"']?"
     r"(?![$<{])[A-Za-z0-9+/=_\-]{16,}"
@@ -154,6 +170,25 @@ def _ray_cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+def _cluster_pod_templates(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+
+
+def _submitter_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec") or {}
+    if doc["kind"] == "RayJob":
+        return [spec["submitterPodTemplate"]]
+    if doc["kind"] == "RayCronJob":
+        return [spec["jobTemplate"]["submitterPodTemplate"]]
+    if doc["kind"] == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]]
+    return []
+
+
+def _labels(template: dict[str, Any]) -> dict[str, str]:
+    return dict((template.get("metadata") or {}).get("labels") or {})
+
+
 def _strings(doc: Any) -> list[str]:
     return [n for n in _walk(doc) if isinstance(n, str)]
 
@@ -202,6 +237,7 @@ def test_expected_files_exist() -> None:
         "k8s/raycronjob-nightly.yaml",
         "k8s/cronjob-nightly-submit.yaml",
         "vm/cluster.yaml",
+        "vm/security-group.yaml",
         "vm/crontab",
     ):
         assert (INFRA / rel).is_file(), f"missing infra/{rel}"
@@ -335,6 +371,8 @@ def test_every_container_image_is_our_pinned_image() -> None:
 
 def test_every_container_has_resource_requests_and_limits() -> None:
     for path, doc in _manifests():
+        if doc["kind"] not in POD_KINDS:
+            continue
         containers = _containers(doc)
         assert containers, f"{path.name}: no containers"
         for c in containers:
@@ -465,6 +503,99 @@ def test_dashboard_never_exposed_outside_the_cluster() -> None:
                 pytest.fail(f"{path.name}: a {node['type']} service")
 
 
+def test_every_container_runs_unprivileged_as_the_image_user() -> None:
+    """Every container (Ray head, workers, submitters, the autoscaler sidecar KubeRay adds)."""
+    checked = 0
+    for path, doc in _manifests():
+        contexts = [(c["name"], c.get("securityContext")) for c in _containers(doc)]
+        for spec in _ray_cluster_specs(doc):
+            if spec.get("enableInTreeAutoscaling"):
+                opts = spec.get("autoscalerOptions") or {}
+                contexts.append(("autoscaler", opts.get("securityContext")))
+        for name, sc in contexts:
+            where = f"{path.name}/{name}"
+            assert isinstance(sc, dict), f"{where}: no securityContext"
+            assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot"
+            assert sc.get("runAsUser") == RAY_IMAGE_UID, f"{where}: runAsUser {sc.get('runAsUser')}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+            caps = sc.get("capabilities") or {}
+            assert caps.get("drop") == ["ALL"] and not caps.get("add"), f"{where}: {caps}"
+            assert (sc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", where
+            assert not sc.get("privileged"), f"{where}: privileged"
+            checked += 1
+        for node in _walk(doc):  # a pod-level context must not undo the containers' one
+            if isinstance(node, dict) and isinstance(node.get("containers"), list):
+                pod_sc = node.get("securityContext") or {}
+                assert pod_sc.get("runAsUser", RAY_IMAGE_UID) != 0, f"{path.name}: pod as root"
+                assert pod_sc.get("runAsNonRoot", True) is True, f"{path.name}: pod runAsNonRoot"
+    assert checked >= 13  # 5 submitters/CronJob + 4 heads + 4 worker groups (+ autoscaler)
+
+
+def test_the_ray_image_user_is_the_one_the_manifests_run_as() -> None:
+    users = [a for i, a in _dockerfile_instructions() if i == "USER"]
+    assert users in ([], ["ray"], [str(RAY_IMAGE_UID)]), f"Dockerfile USER {users}"
+
+
+def _network_policies(path: Path) -> list[dict[str, Any]]:
+    return [d for p, d in _manifests() if p == path and d["kind"] == "NetworkPolicy"]
+
+
+def test_every_ray_cluster_has_a_network_policy_in_its_file() -> None:
+    """Only pods of the same cluster reach its pods (GCS, dashboard, every Ray port); job
+    submitters and the KubeRay operator reach the dashboard/jobs API and nothing else."""
+    guarded = set()
+    for path, doc in _manifests():
+        for spec in _ray_cluster_specs(doc):
+            templates = _cluster_pod_templates(spec)
+            names = {_labels(t).get(CLUSTER_LABEL) for t in templates}
+            assert len(names) == 1 and None not in names, (
+                f"{path.name}: every head/worker pod template needs the same {CLUSTER_LABEL} "
+                f"label, got {names}"
+            )
+            (cluster,) = names
+            assert cluster not in guarded, f"{path.name}: {CLUSTER_LABEL}={cluster} reused"
+            for t in _submitter_templates(doc):
+                assert _labels(t).get(SUBMITTER_LABEL) == cluster, f"{path.name}: submitter"
+            same_cluster = {"podSelector": {"matchLabels": {CLUSTER_LABEL: cluster}}}
+            submitters = {"podSelector": {"matchLabels": {SUBMITTER_LABEL: cluster}}}
+            policies = [
+                np
+                for np in _network_policies(path)
+                if np["spec"]["podSelector"] == {"matchLabels": {CLUSTER_LABEL: cluster}}
+            ]
+            assert len(policies) == 1, f"{path.name}: no NetworkPolicy selects {cluster}'s pods"
+            np_spec = policies[0]["spec"]
+            assert "Ingress" in np_spec["policyTypes"]
+            rules = np_spec.get("ingress") or []
+            assert rules, f"{path.name}: a policy without ingress rules blocks the cluster itself"
+            dashboard_only = [{"protocol": "TCP", "port": DASHBOARD_PORT}]
+            seen_same, seen_submitters = False, False
+            for rule in rules:
+                peers = rule.get("from")
+                assert peers, f"{path.name}: an ingress rule without `from` admits everyone"
+                for peer in peers:
+                    assert "ipBlock" not in peer, f"{path.name}: ipBlock {peer}"
+                    if peer == same_cluster:
+                        seen_same = True
+                        continue
+                    assert peer in (submitters, OPERATOR_PEER), f"{path.name}: peer {peer}"
+                    seen_submitters |= peer == submitters
+                    # Anyone not in the cluster: the dashboard/jobs API only (not GCS, not 10001).
+                    assert rule.get("ports") == dashboard_only, f"{path.name}: {rule}"
+            assert seen_same and seen_submitters, f"{path.name}: {rules}"
+            guarded.add(cluster)
+    assert len(guarded) >= 4
+
+
+def test_cronjob_fallback_may_reach_the_raycluster_it_submits_to() -> None:
+    (cluster,) = [d for _, d in _manifests() if d["kind"] == "RayCluster"]
+    name = _labels(cluster["spec"]["headGroupSpec"]["template"])[CLUSTER_LABEL]
+    for _, doc in _manifests():
+        if doc["kind"] == "CronJob":
+            for t in _submitter_templates(doc):
+                assert _labels(t).get(SUBMITTER_LABEL) == name
+
+
 # --------------------------------------------------------------------------- VM launcher
 
 
@@ -512,6 +643,120 @@ def test_cluster_yaml_token_auth_and_no_inline_secrets() -> None:
         assert not _is_secret_name(name), f"cluster.yaml: --env {name}=... inline"
     head_cmds = " ".join(cfg.get("head_start_ray_commands", []))
     assert "--dashboard-host=0.0.0.0" not in head_cmds, "dashboard bound to all interfaces"
+
+
+def test_cluster_yaml_is_valid_for_rays_launcher() -> None:
+    """Ray's own schema check, as `ray up` runs it (after filling in the provider defaults)."""
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    util.validate_config(util.prepare_config(_cluster_yaml()))
+
+
+def test_cluster_yaml_names_an_explicit_deep_learning_ami() -> None:
+    types = _cluster_yaml()["available_node_types"]
+    amis = {n: t["node_config"].get("ImageId", "") for n, t in types.items()}
+    for n, ami in amis.items():
+        # latest_dlami (or no ImageId) makes Ray 2.60 pick an Ubuntu 18.04 / CUDA 11.2 DLAMI.
+        assert re.fullmatch(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?", ami), f"{n}: ImageId {ami!r}"
+    assert len(set(amis.values())) == 1, amis
+    text = CLUSTER_YAML.read_text()
+    (ami,) = set(amis.values())
+    # The file says which AMI that is and how to look up the id in another region.
+    comment = " ".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    assert ami in comment and re.search(r"Deep Learning .*\(Ubuntu 2[24]\.04\)", comment)
+    assert "--region REGION" in comment and "describe-images" in comment
+
+
+def _cluster_yaml_ports() -> dict[str, set[int]]:
+    """Ports each start command fixes: {"head": {...}, "worker": {...}} (worker range expanded)."""
+    cfg = _cluster_yaml()
+    out = {}
+    for role in ("head", "worker"):
+        cmds = " ".join(cfg[f"{role}_start_ray_commands"])
+        flags = dict(re.findall(r"--((?:[a-z]+-)*port)=(\d+)", cmds))
+        ports = {int(v) for k, v in flags.items() if not k.endswith("worker-port")}
+        lo, hi = int(flags["min-worker-port"]), int(flags["max-worker-port"])
+        out[role] = ports | set(range(lo, hi + 1))
+        for must in (
+            "object-manager-port",
+            "node-manager-port",
+            "runtime-env-agent-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "dashboard-agent-listen-port",
+        ):
+            assert must in flags, f"{role}_start_ray_commands: --{must} not fixed"
+    assert GCS_PORT in out["head"]
+    return out
+
+
+def _security_group() -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """(the template, the group's logical id, every ingress rule of that group)."""
+    with SECURITY_GROUP_YAML.open() as f:
+        tpl = yaml.safe_load(f)
+    res = tpl["Resources"]
+    groups = [k for k, r in res.items() if r["Type"] == "AWS::EC2::SecurityGroup"]
+    assert len(groups) == 1, groups
+    (group,) = groups
+    rules = list(res[group]["Properties"].get("SecurityGroupIngress") or [])
+    for k, r in res.items():
+        if r["Type"] == "AWS::EC2::SecurityGroupIngress":
+            props = r["Properties"]
+            assert props["GroupId"] == {"Fn::GetAtt": [group, "GroupId"]}, k
+            rules.append(props)
+    assert not [r for r in res.values() if r["Type"] == "AWS::EC2::SecurityGroupEgress"]
+    return tpl, group, rules
+
+
+def test_cluster_yaml_runs_every_node_in_our_security_group() -> None:
+    cfg = _cluster_yaml()
+    # With SecurityGroupIds on every node type Ray uses them as they are; without, it makes
+    # its own group with SSH open to 0.0.0.0/0 (and provider.security_group only adds rules).
+    assert "security_group" not in cfg["provider"]
+    groups = [
+        t["node_config"].get("SecurityGroupIds") for t in cfg["available_node_types"].values()
+    ]
+    assert all(groups) and all(g == groups[0] for g in groups), groups
+    (sg,) = groups[0]
+    assert sg.startswith("sg-")
+    assert "security-group.yaml" in CLUSTER_YAML.read_text()
+
+
+def test_security_group_opens_ray_ports_only_within_itself_and_ssh_only_from_admins() -> None:
+    tpl, group, rules = _security_group()
+    self_ref = {"Fn::GetAtt": [group, "GroupId"]}
+    admin = {"Ref": "AdminCidr"}
+    within: set[int] = set()
+    for r in rules:
+        where = r.get("Description", r)
+        assert r["IpProtocol"] == "tcp", f"{where}: protocol {r['IpProtocol']} (all traffic?)"
+        sources = [
+            k
+            for k in ("CidrIp", "CidrIpv6", "SourceSecurityGroupId", "SourcePrefixListId")
+            if k in r
+        ]
+        assert len(sources) == 1, f"{where}: sources {sources}"
+        ports = set(range(int(r["FromPort"]), int(r["ToPort"]) + 1))
+        assert DASHBOARD_PORT not in ports and RAY_CLIENT_PORT not in ports, f"{where}: {ports}"
+        if "CidrIp" in r:
+            # No literal CIDR (0.0.0.0/0 above all): only the admin network, and only SSH.
+            assert r["CidrIp"] == admin and ports == {22}, f"{where}: {r}"
+        else:
+            assert r.get("SourceSecurityGroupId") == self_ref, f"{where}: {r}"
+            within |= ports
+        desc = str(r.get("Description", ""))
+        assert re.fullmatch(r"[a-zA-Z0-9 ._\-:/()#,@\[\]+=;{}!$*]*", desc), f"EC2 refuses {desc!r}"
+    assert any(r.get("CidrIp") == admin for r in rules), "no SSH from the admin CIDR"
+    assert 22 in within, "the head's autoscaler reaches the workers over SSH"
+    ports = _cluster_yaml_ports()
+    missing = (ports["head"] | ports["worker"]) - within
+    assert not missing, f"Ray listens on ports the group does not open: {sorted(missing)[:10]}"
+    # The admin CIDR is a required parameter that can never be the whole internet.
+    param = tpl["Parameters"]["AdminCidr"]
+    assert "Default" not in param
+    allowed = re.compile(param["AllowedPattern"])
+    assert allowed.fullmatch("203.0.113.7/32") and allowed.fullmatch("10.20.0.0/16")
+    for wide in ("0.0.0.0/0", "0.0.0.0/1", "10.0.0.0/8"):
+        assert not allowed.fullmatch(wide), wide
 
 
 def test_crontab_nightly_line() -> None:
