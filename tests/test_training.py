@@ -128,8 +128,15 @@ def test_refusals_before_any_work(full_run: Path, data_dir: Path, tmp_path: Path
         )
     with pytest.raises(CheckpointError, match="same number"):
         run_training(config(data_dir, full_run, **{"run.resume": True, "run.workers": 1}))
+    # An explicit share that leaves the data tasks less than the 1 CPU a read task takes.
     with pytest.raises(TrainConfigError, match="would hang"):
-        run_training(config(data_dir, tmp_path / "b", **{"run.workers": 4}))
+        run_training(
+            config(data_dir, tmp_path / "b", **{"run.workers": 4, "run.cpus_per_worker": 1.0})
+        )
+    with pytest.raises(TrainConfigError, match="would hang"):
+        run_training(
+            config(data_dir, tmp_path / "b", **{"run.workers": 2, "run.cpus_per_worker": 1.75})
+        )
     with pytest.raises(TrainConfigError, match="no manifest"):
         run_training(config(tmp_path, tmp_path / "c"))
 

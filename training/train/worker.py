@@ -72,7 +72,7 @@ def init_distributed(gpu: bool = False) -> tuple[int, int]:
     """The torch.distributed process group of this process; returns (rank, world size).
 
     Under torchrun the ranks come from its environment; a plain process becomes rank 0 of 1 (on
-    a free local port, leaving the environment alone). NCCL with ``gpu``, gloo otherwise,
+    a free local port; only LOCAL_RANK is set, which DeepSpeed's engine requires). NCCL with ``gpu``, gloo otherwise,
     through ``deepspeed.init_distributed`` (its accelerator from ``DS_ACCELERATOR``, set here
     when unset). A no-op where a group already exists (Ray Train makes its own).
     """
@@ -84,6 +84,7 @@ def init_distributed(gpu: bool = False) -> tuple[int, int]:
         if "RANK" in os.environ:  # torchrun and the like
             deepspeed.init_distributed(backend, auto_mpi_discovery=False, verbose=False)
         else:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
             deepspeed.init_distributed(
                 backend,
                 auto_mpi_discovery=False,
