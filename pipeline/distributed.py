@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,13 @@ _USER_ERRORS: dict[str, type[Exception]] = {
     "StrictModeError": StrictModeError,
     "StorageError": StorageError,
 }
+
+
+TASK_MAX_RETRIES = 2
+"""Ray re-runs a task whose worker process died (OOM kill, node lost) this many times. Ray Data's
+default is forever, which turns a file that kills its worker into a run that never ends. Errors
+raised by our code are not retried by Ray: storage faults are retried per request inside the
+task (pipeline.storage), and a bad input file is counted, not raised."""
 
 
 # A task handles a group of files of about this many bytes: Ray's per-task cost (tens of ms)
@@ -61,11 +69,15 @@ def _process_one(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
 
 
 def _process_batch(batch: dict[str, np.ndarray], ctx: UnitContext) -> dict[str, np.ndarray]:
-    records = [
-        json.dumps(_process_one(InputFile(**item), ctx))
-        for group in batch["units"]
-        for item in json.loads(group)
-    ]
+    records = []
+    for group in batch["units"]:
+        for item in json.loads(group):
+            record = _process_one(InputFile(**item), ctx)
+            records.append(json.dumps(record))
+            if "error" in record:
+                # The run fails at this error: the group's other files would only try (and
+                # wait out the storage retry budget) in vain.
+                return {"record": np.array(records, dtype=object)}
     return {"record": np.array(records, dtype=object)}
 
 
@@ -98,20 +110,36 @@ def run_units(
         for g in groups
     ]
     threads = str(max(1, int(cpus_per_worker)))
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _process_batch,  # type: ignore[arg-type]
-        batch_size=1,
-        fn_kwargs={"ctx": ctx},
-        num_cpus=cpus_per_worker,
-        compute=ray.data.TaskPoolStrategy(size=min(workers, len(groups))),
-        # The tokenizer's thread pool must stay within the CPUs this task reserved.
-        runtime_env={"env_vars": {"RAYON_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "true"}},
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_retries only as a plain remote arg, which it flags as deprecated
+        # (named parameters arrive in 2.64); revisit when upgrading Ray.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _process_batch,  # type: ignore[arg-type]
+            batch_size=1,
+            fn_kwargs={"ctx": ctx},
+            num_cpus=cpus_per_worker,
+            compute=ray.data.TaskPoolStrategy(size=min(workers, len(groups))),
+            max_retries=TASK_MAX_RETRIES,
+            # The tokenizer's thread pool must stay within the CPUs this task reserved.
+            runtime_env={
+                "env_vars": {"RAYON_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "true"}
+            },
+        )
     records = []
-    for row in ds.iter_rows():
-        record = json.loads(row["record"])
-        if "error" in record:
-            err = record["error"]
-            raise _USER_ERRORS[err["type"]](err["message"])
-        records.append(record)
+    rows = iter(ds.iter_rows())
+    try:
+        for row in rows:
+            record = json.loads(row["record"])
+            if "error" in record:
+                # The first failed unit fails the run now (rows arrive as tasks finish).
+                err = record["error"]
+                raise _USER_ERRORS[err["type"]](err["message"])
+            records.append(record)
+    finally:
+        # Stops the streaming executor at once, cancelling the tasks still running or queued,
+        # instead of whenever the garbage collector reaches the iterator.
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
     return records

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import functools
+import logging
 import os
 import posixpath
+import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +24,19 @@ from pipeline.errors import UserError
 # Spark/Hadoop convention: names starting with these are bookkeeping, not data.
 _HIDDEN_PREFIXES = (".", "_")
 _GLOB_CHARS = "*?["
+_log = logging.getLogger(__name__)
 
 
 class StorageError(UserError):
     """Object storage or a path cannot be used; the message names it and the fix."""
+
+
+class StorageUnavailable(OSError):
+    """A storage request kept failing transiently until the retry policy gave up.
+
+    An OSError, so best-effort clean-up code that tolerates OSError still does; readers must
+    re-raise it (:func:`is_transient`), never count it as a bad input file.
+    """
 
 
 @dataclass(frozen=True)
@@ -38,12 +53,216 @@ def protocol_of(uri: str) -> str:
     return "file" if proto in (None, "file", "local") else proto
 
 
+# ------------------------------------------------------------------ retries of transient faults
+#
+# One retry loop, ours, around every S3 request (``_call_s3``, the choke point of s3fs through
+# which every list, HEAD, GET, PUT, copy and delete goes), so the preprocessing unit's reads and
+# shard uploads, the commit (moves, stats, manifest) and every other user of filesystem_for get
+# the same policy from StorageConfig. The client's own retry layers are reduced to one attempt
+# per request: botocore's (``total_max_attempts=1``) and s3fs's per-call loop (replaced). They
+# multiply otherwise: s3fs retries a read 5 x 5 times around botocore's 5 attempts, which is why
+# a dead endpoint used to take ~2 minutes per file to be reported. s3fs keeps one extra try of
+# a range read whose *body* broke mid-stream (``retries = 2`` below); that re-request goes
+# through our loop again, so a read can take at most twice the budget, and only then.
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "OperationAborted",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+# Class names (anywhere in the MRO) of transient network failures in botocore, aiohttp and
+# fsspec, matched by name so this module does not import them. SSL errors are excluded: a bad
+# certificate does not heal by waiting.
+_TRANSIENT_CLASSES = frozenset(
+    {
+        "ConnectionError",  # builtin (resets, refusals) and botocore's (EndpointConnectionError, ConnectTimeoutError)
+        "TimeoutError",
+        "HTTPClientError",  # botocore: ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+        "ClientConnectionError",  # aiohttp: ServerDisconnectedError, ClientConnectorError, ClientOSError
+        "ClientPayloadError",
+        "FSTimeoutError",
+        "IncompleteRead",
+        "ResponseParserError",  # throttling responses with invalid XML (s3fs issue 484)
+    }
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient storage faults (see StorageConfig)."""
+
+    retries: int = 5
+    base_s: float = 0.5
+    budget_s: float = 30.0
+
+    @classmethod
+    def of(cls, storage: StorageConfig) -> RetryPolicy:
+        return cls(storage.retries, storage.retry_base_s, storage.retry_budget_s)
+
+    def delay(self, attempt: int, elapsed: float) -> float | None:
+        """Seconds to wait before retry number ``attempt + 1``; None: give up.
+
+        ``base_s * 2**attempt`` times a jitter in [0.5, 1) (unseeded: it spreads the workers'
+        retries apart and never touches the data). Gives up after ``retries`` retries, or when
+        the wait would take the request past ``budget_s`` since its first attempt (an attempt
+        in flight can overrun the budget by one client timeout).
+        """
+        if attempt >= self.retries:
+            return None
+        wait = self.base_s * 2**attempt * (0.5 + random.random() / 2)
+        return None if elapsed + wait > self.budget_s else wait
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Throttling, 5xx, connection resets/refusals and timeouts (in the exception's chain)."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, StorageUnavailable):
+            return True
+        names = {k.__name__ for k in type(cur).__mro__}
+        if "SSLError" not in names and names & _TRANSIENT_CLASSES:
+            return True
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS:
+                return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
+_GAVE_UP: contextvars.ContextVar[StorageUnavailable | None] = contextvars.ContextVar(
+    "gpthf_storage_gave_up", default=None
+)
+"""Set when a request exhausted the policy, for the rest of that one filesystem call (fsspec
+runs each call as its own asyncio task, with a fresh context). Later requests of the same call
+fail at once, and probes that swallow errors (s3fs's ``exists`` on a bucket, fsspec's
+``isfile``) re-raise it instead of answering "does not exist" about a dead endpoint."""
+
+
+def _target(kwargs: dict[str, Any]) -> str:
+    bucket, key = kwargs.get("Bucket"), kwargs.get("Key") or kwargs.get("Prefix")
+    if not bucket:
+        return "(no bucket)"
+    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+
+
+@functools.cache
+def _retrying_s3_class() -> type:
+    """s3fs.S3FileSystem with our retry loop in ``_call_s3`` (built lazily: s3fs and botocore
+    are imported only when an s3:// location is used)."""
+    import s3fs
+    from s3fs.errors import translate_boto_error
+
+    class RetryingS3FileSystem(s3fs.S3FileSystem):
+        retries = 2  # s3fs's outer loop: only around range reads whose body broke mid-stream
+
+        def __init__(self, *args: Any, retry_policy: RetryPolicy | None = None, **kwargs: Any):
+            self.retry_policy = retry_policy or RetryPolicy()
+            super().__init__(*args, **kwargs)
+
+        def __reduce__(self) -> Any:
+            return _make_retrying_s3, (self.storage_args, self.storage_options)
+
+        async def _exists(self, path: str, **kwargs: Any) -> bool:
+            return await self._no_false_negative(super()._exists(path, **kwargs))
+
+        async def _isfile(self, path: str) -> bool:
+            return await self._no_false_negative(super()._isfile(path))
+
+        async def _no_false_negative(self, probe: Any) -> bool:
+            token = _GAVE_UP.set(None)
+            try:
+                found = bool(await probe)
+                gave_up = _GAVE_UP.get()
+            finally:
+                _GAVE_UP.reset(token)
+            if not found and gave_up is not None:
+                raise gave_up
+            return found
+
+        async def _call_s3(self, method: str, *akwarglist: Any, **kwargs: Any) -> Any:
+            # s3fs 2026.9's _call_s3, with our loop in place of its _error_wrapper.
+            await self.set_session()
+            s3 = await self.get_s3(kwargs.get("Bucket"))
+            call = getattr(s3, method)
+            call_kwargs = self._get_s3_method_kwargs(call, *akwarglist, **kwargs)
+            policy: RetryPolicy = self.retry_policy
+            gave_up = _GAVE_UP.get()
+            if gave_up is not None:
+                raise gave_up  # this call already waited out the budget once
+            start = time.monotonic()
+            attempt = 0
+            while True:
+                try:
+                    return await call(**call_kwargs)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise translate_boto_error(exc) from exc
+                    elapsed = time.monotonic() - start
+                    wait = policy.delay(attempt, elapsed)
+                    what = f"{method} {_target(kwargs)}"
+                    if wait is None:
+                        err = StorageUnavailable(
+                            f"{what} at {self.client_kwargs.get('endpoint_url') or 'AWS'} still "
+                            f"failing after {attempt + 1} attempt(s) over {elapsed:.1f} s "
+                            f"(storage.retries={policy.retries}, "
+                            f"storage.retry_budget_s={policy.budget_s:g}): {_describe(exc)}"
+                        )
+                        _GAVE_UP.set(err)
+                        raise err from exc
+                    _log.warning(
+                        "storage: %s: %s; retry %d/%d in %.2f s",
+                        what,
+                        _describe(exc),
+                        attempt + 1,
+                        policy.retries,
+                        wait,
+                    )
+                    await asyncio.sleep(wait)
+                    attempt += 1
+
+    return RetryingS3FileSystem
+
+
+def _make_retrying_s3(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _retrying_s3_class()(*args, **kwargs)
+
+
 def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[Any, str]:
-    """Return ``(fs, path)`` for a URI; path is what the filesystem's own methods take."""
+    """Return ``(fs, path)`` for a URI; path is what the filesystem's own methods take.
+
+    On s3:// every request is retried by ``storage``'s retry policy (see RetryPolicy).
+    """
     storage = storage or StorageConfig()
     proto = protocol_of(uri)
     if proto in ("s3", "s3a"):
-        kwargs: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+        kwargs: dict[str, Any] = {
+            "use_listings_cache": False,
+            "skip_instance_cache": True,
+            "retry_policy": RetryPolicy.of(storage),
+            # One attempt per request inside botocore: the retries are ours.
+            "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}},
+        }
         endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs: dict[str, Any] = {}
         if endpoint:
@@ -57,7 +276,7 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[Any,
             kwargs["key"] = storage.key
         if storage.secret:
             kwargs["secret"] = storage.secret
-        fs = fsspec.filesystem("s3", **kwargs)
+        fs = _retrying_s3_class()(**kwargs)
     else:
         fs = fsspec.filesystem(proto)
     path = fs._strip_protocol(uri)
@@ -89,6 +308,12 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
         yield
     except StorageError:
         raise
+    except StorageUnavailable as exc:
+        raise StorageError(
+            f"cannot {action} {uri}: {exc}. The storage service is down, unreachable or "
+            "overloaded: check that it runs and answers at that endpoint (or raise "
+            "storage.retry_budget_s), then re-run the same command."
+        ) from exc
     except FileNotFoundError as exc:
         msg = str(exc)
         if protocol_of(uri) != "file" and ("NoSuchBucket" in msg or "bucket" in msg.lower()):

@@ -24,7 +24,7 @@ from pipeline.counters import Counters
 from pipeline.manifest import SPLITS
 from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
 from pipeline.readers import read_documents
-from pipeline.storage import InputFile, filesystem_for, join, storage_errors
+from pipeline.storage import InputFile, filesystem_for, join, protocol_of, storage_errors
 from pipeline.text import normalise, split_sentences
 
 DOC_BATCH = 256
@@ -184,7 +184,9 @@ def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
             counters.add("words", info["words"])
             target = join(staging, rel)
             with storage_errors(ctx.staging_uri, "write shards to"):
-                out_fs.makedirs(join(staging, s), exist_ok=True)
+                if protocol_of(ctx.staging_uri) == "file":
+                    # (Object stores have no directories; there it would only probe the bucket.)
+                    out_fs.makedirs(join(staging, s), exist_ok=True)
                 out_fs.put_file(writers[s].path, target)
             shards[s] = {"path": rel, **info}
     return {
