@@ -87,7 +87,7 @@ class TrainState:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "trainer_state.json") -> TrainState:
+    def from_dict(cls, data: dict[str, Any], where: str = _STATE_FILE) -> TrainState:
         version = data.get("format_version", 1)
         if version != STATE_FORMAT:
             raise CheckpointError(

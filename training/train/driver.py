@@ -209,6 +209,24 @@ def find_resume(setup: RunSetup, run_dir: str, verbose: bool = True) -> tuple[in
     return step, resume_from
 
 
+RUN_DIRS = {"ray": "gpthf train", "local": "python -m training.train.local"}
+"""RUN/<kind>/<name>: where each driver keeps its checkpoints, and how it is run."""
+
+
+def run_dir(setup: RunSetup, kind: str) -> str:
+    """The checkpoint folder of this run's driver ``kind``; an output with checkpoints of the
+    other driver is refused (their metrics would be overwritten, and neither resumes the other's
+    layout)."""
+    for other, how in RUN_DIRS.items():
+        folder = f"{setup.output}/{other}/{setup.cfg.run.name}"
+        if other != kind and list_checkpoints(folder, setup.cfg.storage):
+            raise TrainConfigError(
+                f"{setup.output} holds checkpoints of a `{how}` run ({folder}): continue it with "
+                f"`{how} --resume`, or choose another --output"
+            )
+    return f"{setup.output}/{kind}/{setup.cfg.run.name}"
+
+
 def write_run_config(setup: RunSetup) -> None:
     """RUN/train_config.json: the resolved config, secrets redacted."""
     fs, root = filesystem_for(setup.output, setup.cfg.storage)
@@ -261,7 +279,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     setup = setup_run(cfg)
     init_ray_for_training()
     cpus = check_resources(cfg)
-    start_step, resume_from = find_resume(setup, f"{setup.output}/ray/{cfg.run.name}")
+    start_step, resume_from = find_resume(setup, run_dir(setup, "ray"))
     write_run_config(setup)
     if start_step >= setup.end_step:
         return nothing_to_do(setup, start_step)

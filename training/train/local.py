@@ -41,6 +41,7 @@ from training.train.driver import (
     finish,
     format_summary,
     nothing_to_do,
+    run_dir,
     setup_run,
     worker_context,
     write_run_config,
@@ -74,11 +75,11 @@ def local_copy(uri: str, storage: Any = None) -> Iterator[str]:
         yield tmp
 
 
-def save_checkpoint(worker: TrainWorker, run_dir: str, storage: Any = None) -> str:
-    """Every rank's part of the checkpoint of ``worker.global_step`` into ``run_dir`` (a
+def save_checkpoint(worker: TrainWorker, folder: str, storage: Any = None) -> str:
+    """Every rank's part of the checkpoint of ``worker.global_step`` into ``folder`` (a
     collective). The trainer state goes last, after every rank's files: a directory without it
     is an unfinished upload that discovery skips. Returns the checkpoint's URI."""
-    fs, root = filesystem_for(run_dir, storage)
+    fs, root = filesystem_for(folder, storage)
     target = f"{root}/checkpoint_{worker.global_step:08d}"
     with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
         worker.save(tmp)
@@ -99,10 +100,10 @@ def save_checkpoint(worker: TrainWorker, run_dir: str, storage: Any = None) -> s
     return full_uri(fs, target)
 
 
-def _prune(run_dir: str, keep: int, storage: Any = None) -> None:
+def _prune(folder: str, keep: int, storage: Any = None) -> None:
     """Delete all but the last ``keep`` complete checkpoints (rank 0)."""
-    fs, _ = filesystem_for(run_dir, storage)
-    for _, uri in list_checkpoints(run_dir, storage)[:-keep]:
+    fs, _ = filesystem_for(folder, storage)
+    for _, uri in list_checkpoints(folder, storage)[:-keep]:
         fs.rm(filesystem_for(uri, storage)[1], recursive=True)
 
 
@@ -110,24 +111,25 @@ def run_local(cfg: TrainConfig) -> TrainResult:
     """Train this process's rank (a collective: every rank of the group calls it). Creates the
     process group where none exists (and then destroys it at the end)."""
     created = not dist.is_initialized()
+    world = int(os.environ.get("WORLD_SIZE", "1")) if created else dist.get_world_size()
+    if cfg.run.workers != world:  # before the process group: refused in a second
+        raise TrainConfigError(
+            f"run.workers is {cfg.run.workers} but {world} process(es) run: give --workers the "
+            "number of ranks torchrun starts (--nproc-per-node x nodes), or leave it out"
+        )
     rank, world = init_distributed(cfg.run.gpu)
     try:
-        return _run(cfg, rank, world)
+        return _run(cfg, rank)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, rank: int, world: int) -> TrainResult:
+def _run(cfg: TrainConfig, rank: int) -> TrainResult:
     t0 = time.perf_counter()
-    if cfg.run.workers != world:
-        raise TrainConfigError(
-            f"run.workers is {cfg.run.workers} but {world} process(es) run: give --workers the "
-            "number of ranks torchrun starts (--nproc-per-node x nodes), or leave it out"
-        )
     setup = setup_run(cfg)
-    run_dir = f"{setup.output}/local/{cfg.run.name}"
-    start_step, resume_from = find_resume(setup, run_dir, verbose=rank == 0)
+    checkpoints = run_dir(setup, "local")
+    start_step, resume_from = find_resume(setup, checkpoints, verbose=rank == 0)
     if rank == 0:
         write_run_config(setup)
     if start_step >= setup.end_step:
@@ -141,9 +143,9 @@ def _run(cfg: TrainConfig, rank: int, world: int) -> TrainResult:
         writer = MetricsWriter(setup.output, cfg.storage, start_step) if rank == 0 else None
 
         def checkpoint(step: int, record: dict[str, Any]) -> None:
-            save_checkpoint(worker, run_dir, cfg.storage)
+            save_checkpoint(worker, checkpoints, cfg.storage)
             if rank == 0:
-                _prune(run_dir, cfg.run.keep_checkpoints, cfg.storage)
+                _prune(checkpoints, cfg.run.keep_checkpoints, cfg.storage)
                 assert writer is not None
                 writer.sync()
 
@@ -151,7 +153,7 @@ def _run(cfg: TrainConfig, rank: int, world: int) -> TrainResult:
         run_steps(worker, stream, writer=writer, checkpoint=checkpoint)
     if rank != 0:  # rank 0 exports
         return TrainResult(setup.output, start_step, setup.end_step, None, {"note": f"rank {rank}"})
-    with local_copy(list_checkpoints(run_dir, cfg.storage)[-1][1], cfg.storage) as d:
+    with local_copy(list_checkpoints(checkpoints, cfg.storage)[-1][1], cfg.storage) as d:
         state = export_run(setup, d)
     return finish(setup, start_step, state, time.perf_counter() - t0)
 
