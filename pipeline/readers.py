@@ -156,6 +156,9 @@ def _lines(chunks: Iterable[bytes], limit: int) -> Iterator[tuple[bytes | None, 
     lost its LF). Splitting on a lone CR is safe for JSONL: JSON cannot hold a raw CR inside a
     string (it must be escaped as ``\\r``), so no valid record is ever cut; a raw CR inside
     a string is already an invalid record, and its pieces are counted as malformed records.
+    (JSON does allow a CR as whitespace between tokens, but a JSONL record is one line: one
+    that holds a CR between tokens is treated like one broken over two lines.) Only these
+    three end a line: bytes.splitlines, unlike str.splitlines, ignores VT, FF, NEL and U+2028.
     Blank lines are yielded too (as ``b""``), so line numbers match an editor's.
 
     At most ``limit`` bytes of a pending line are held, plus one chunk: the rest of an
