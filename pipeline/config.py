@@ -43,6 +43,16 @@ class StorageConfig:
     """Secret access key (default: AWS_SECRET_ACCESS_KEY). Never written to outputs."""
     region: str | None = None
     """Region name (none: AWS_DEFAULT_REGION)."""
+    retries: int = 5
+    """Retries of a storage request that failed transiently (throttling, 5xx, reset, timeout)."""
+    retry_base_s: float = 0.5
+    """First backoff in seconds; it doubles per retry (with jitter): 0.5, 1, 2, 4, 8."""
+    retry_budget_s: float = 30.0
+    """Seconds one request may spend retrying before the run fails naming the object."""
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.retry_base_s < 0 or self.retry_budget_s < 0:
+            raise ConfigError("storage.retries, retry_base_s and retry_budget_s must be >= 0")
 
     def redacted(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -66,6 +76,8 @@ class InputConfig:
     """Field holding a stable document id; none: derived from source path + record index."""
     text_document: TextDocument = field(default="file", metadata=cli("--text-document"))
     """For plain text: one document per file, or one per blank-line-separated paragraph."""
+    max_record_bytes: int = 8 << 20
+    """A longer JSONL line or text document is skipped as record_too_large (never held whole)."""
 
 
 @dataclass
