@@ -132,6 +132,8 @@ def test_worker_steps_equal_ray_train(
         val8 = worker.validate(worker.ctx.val_rows)
         tokens_seen = worker.tokens_seen
     want = {s: r["loss"] for s, r in ray_records.items()}
+    for s in sorted(want):
+        print(f"step {s}: Ray Train {want[s]!r}  TrainWorker {got.get(s)!r}")
     assert got == want
     assert (val4, val8) == (ray_records[4]["val_loss"], ray_records[8]["val_loss"])
     assert tokens_seen == ray_records[STEPS]["tokens_seen"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.manifest import Manifest, ManifestError
 from tests.conftest import preprocessed
 from training.data.collate import IGNORE_INDEX, collate_blocks
 from training.export import load_export
@@ -83,8 +84,7 @@ def test_two_workers_zero2_learns_and_exports(full_run: Path, data_dir: Path) ->
     # The consolidated export scores the validation sample exactly as the workers did.
     exported = load_export(str(full_run / "export"))
     assert exported.config.step == 30
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    rows = _val_rows(str(data_dir), manifest, 16, None)
+    rows = _val_rows(str(data_dir), Manifest.require(str(data_dir)), 16, None)
     b = collate_blocks(rows, pad_id=exported.model_config.pad_id)
     with torch.no_grad():
         logits = exported.model(b.input_ids, b.sentence_ids, b.document_ids)
@@ -137,7 +137,7 @@ def test_refusals_before_any_work(full_run: Path, data_dir: Path, tmp_path: Path
         run_training(
             config(data_dir, tmp_path / "b", **{"run.workers": 2, "run.cpus_per_worker": 1.75})
         )
-    with pytest.raises(TrainConfigError, match="no manifest"):
+    with pytest.raises(ManifestError, match="no manifest"):
         run_training(config(tmp_path, tmp_path / "c"))
 
 
