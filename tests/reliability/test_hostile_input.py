@@ -229,3 +229,21 @@ def test_worker_peak_rss_is_bounded_on_a_50mb_line(
     assert result["stats"]["skipped"] == {"record_too_large": 1}
     assert result["stats"]["counts"]["documents"] == 2
     assert growth < 2 * limit + 8 * MiB, f"worker grew by {growth / MiB:.1f} MiB"
+
+
+def test_scripts_emoji_and_html_are_text_and_empty_files_cost_nothing(tmp_path: Path) -> None:
+    texts = [
+        "東京は日本の首都です。大阪は二番目です。",
+        "ภาษาไทยไม่มีช่องว่างระหว่างคำ แต่มีระหว่างประโยค",
+        "اللغة العربية تكتب من اليمين إلى اليسار.",
+        "Rockets 🚀 and flags 🏳️‍🌈 are one character each to a reader.",
+        "<html><body><p>Markup stays text &amp; is kept.</p></body></html>",
+    ]
+    p = tmp_path / "world.jsonl"
+    p.write_bytes(b"\n".join(_rec(t) for t in texts) + b"\n")
+    docs, c = _read(p)
+    assert docs == texts and not c.skipped
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    docs, c = _read(empty)
+    assert docs == [] and not c.skipped
