@@ -191,19 +191,25 @@ class TrainState:
 
 
 def list_checkpoints(run_dir: str, storage: Any = None) -> list[tuple[int, str]]:
-    """Complete checkpoints (those with a trainer state) directly under a run dir, by step."""
+    """Complete checkpoints (those with a readable trainer state) under a run dir, by step: its
+    ``checkpoint_*`` folders and those of its ``attempt-*`` folders (one per ``fit``)."""
     fs, root = filesystem_for(run_dir, storage)
     if not fs.exists(root):
         return []
     found = []
-    for entry in fs.ls(root, detail=False):
-        path = entry.rstrip("/")
+    entries = [e.rstrip("/") for e in fs.ls(root, detail=False)]
+    for attempt in [e for e in entries if e.rsplit("/", 1)[-1].startswith("attempt-")]:
+        entries += [e.rstrip("/") for e in fs.ls(attempt, detail=False)]
+    for path in entries:
         if not path.rsplit("/", 1)[-1].startswith("checkpoint_"):
             continue
         if not TrainState.exists_in(fs, path):
             continue  # an upload that never finished
         uri = full_uri(fs, path)
-        found.append((TrainState.read(uri, storage).step, uri))
+        try:
+            found.append((TrainState.read(uri, storage).step, uri))
+        except (CheckpointError, ValueError, OSError) as exc:
+            print(f"[train] warning: skipping {uri}: unreadable trainer state ({exc})", flush=True)
     return sorted(found)
 
 

@@ -130,8 +130,9 @@ class RunSection:
     """Model initialisation seed."""
     resume: bool = field(default=False, metadata=cli("--resume"))
     """Continue from the last checkpoint in the output (otherwise an output with checkpoints is refused)."""
-    max_failures: int = 0
-    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    max_failures: int = 3
+    """Worker failures Ray Train recovers from by itself, restarting the worker group from the
+    last checkpoint of this run (-1: no limit; 0: the first failure ends the run)."""
     peak_flops_per_worker: float | None = None
     """Peak FLOP/s of one worker's device, for MFU; none: known GPUs only."""
 

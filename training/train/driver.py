@@ -38,6 +38,7 @@ from training.train.checkpoint import (
 )
 from training.train.config import TrainConfig, TrainConfigError
 from training.train.context import WorkerContext
+from training.train.integrity import inspect, no_code_execution
 
 _DATA_IDS = ("vocab_size", "eos_id", "pad_id", "eod_id", "max_sentence_tokens")
 
@@ -199,14 +200,26 @@ def find_resume(setup: RunSetup, run_dir: str, verbose: bool = True) -> tuple[in
                 f"[train] --resume: no checkpoint under {run_dir}, starting from step 0", flush=True
             )
         return 0, None
-    step, resume_from = existing[-1]
-    state = read_state(resume_from, cfg.storage)
+    skipped = []
+    for step, uri in reversed(existing):
+        state = read_state(uri, cfg.storage)
+        problems = inspect(uri, state.world_size, cfg.storage)
+        if not problems:
+            break
+        skipped.append(f"{uri} (step {step}): {'; '.join(problems[:3])}")
+    else:
+        raise CheckpointError(
+            f"no intact checkpoint under {run_dir}: " + " | ".join(skipped) + ". Restore one "
+            "from a backup or start a new --output."
+        )
+    for line in skipped:
+        print(f"[train] warning: not resuming from a damaged checkpoint: {line}", flush=True)
     check_resumable(
         state, setup.model_config, cfg.schedule_hash(), setup.world, setup.manifest.tokenizer.sha256
     )
     if verbose:
-        print(f"[train] resuming from {resume_from} (step {step})", flush=True)
-    return step, resume_from
+        print(f"[train] resuming from {uri} (step {step})", flush=True)
+    return step, uri
 
 
 RUN_DIRS = {"ray": "gpthf train", "local": "python -m training.train.local"}
@@ -296,7 +309,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         ds.context.enable_progress_bars = False
         datasets[f"train_rank{r}"] = ds
     context = worker_context(setup, start_step, resume_from)
-    storage_fs, storage_path = arrow_filesystem(f"{setup.output}/ray", cfg.storage)
+    # One Ray run per fit, inside the run's folder: Ray never restores its own snapshot of an
+    # earlier fit (which may name a checkpoint that was damaged or removed since); the resume
+    # point is the newest intact checkpoint of any attempt, chosen above.
+    storage_fs, storage_path = arrow_filesystem(run_dir(setup, "ray"), cfg.storage)
+    attempt = time.strftime("attempt-%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     env = {
         "DS_ACCELERATOR": "cuda" if cfg.run.gpu else "cpu",
         "TOKENIZERS_PARALLELISM": "false",
@@ -306,7 +323,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     }
     resources = {"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {})}
     run_config = RunConfig(  # type: ignore[call-arg]  # Train V2 RunConfig has worker_runtime_env
-        name=cfg.run.name,
+        name=attempt,
         storage_path=storage_path,
         storage_filesystem=storage_fs,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
@@ -338,14 +355,23 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     with tempfile.TemporaryDirectory(prefix="gpthf-export-") as tmp:
         result.checkpoint.to_directory(tmp)
         state = export_run(setup, tmp)
+    prune_checkpoints(run_dir(setup, "ray"), cfg.run.keep_checkpoints, cfg.storage)
     return finish(setup, start_step, state, wall)
+
+
+def prune_checkpoints(folder: str, keep: int, storage: Any = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints of all attempts (Ray prunes within one)."""
+    fs, _ = filesystem_for(folder, storage)
+    for _, uri in list_checkpoints(folder, storage)[:-keep]:
+        fs.rm(filesystem_for(uri, storage)[1], recursive=True)
 
 
 def export_run(setup: RunSetup, checkpoint_dir: str) -> TrainState:
     """RUN/export/ from a local checkpoint directory holding every rank's shards."""
     cfg, manifest, data_uri = setup.cfg, setup.manifest, setup.data_uri
     state = TrainState.load(checkpoint_dir)
-    weights = consolidate(checkpoint_dir, cfg.deepspeed.zero_stage)
+    with no_code_execution(checkpoint_dir):
+        weights = consolidate(checkpoint_dir, cfg.deepspeed.zero_stage)
     tok_fs, tok_path = filesystem_for(f"{data_uri}/tokenizer.json", cfg.storage)
     with tok_fs.open(tok_path, "rb") as f:
         tokenizer_json = f.read().decode()

@@ -41,6 +41,7 @@ from training.train.driver import (
     finish,
     format_summary,
     nothing_to_do,
+    prune_checkpoints,
     run_dir,
     setup_run,
     worker_context,
@@ -100,13 +101,6 @@ def save_checkpoint(worker: TrainWorker, folder: str, storage: Any = None) -> st
     return full_uri(fs, target)
 
 
-def _prune(folder: str, keep: int, storage: Any = None) -> None:
-    """Delete all but the last ``keep`` complete checkpoints (rank 0)."""
-    fs, _ = filesystem_for(folder, storage)
-    for _, uri in list_checkpoints(folder, storage)[:-keep]:
-        fs.rm(filesystem_for(uri, storage)[1], recursive=True)
-
-
 def run_local(cfg: TrainConfig) -> TrainResult:
     """Train this process's rank (a collective: every rank of the group calls it). Creates the
     process group where none exists (and then destroys it at the end)."""
@@ -145,7 +139,7 @@ def _run(cfg: TrainConfig, rank: int) -> TrainResult:
         def checkpoint(step: int, record: dict[str, Any]) -> None:
             save_checkpoint(worker, checkpoints, cfg.storage)
             if rank == 0:
-                _prune(checkpoints, cfg.run.keep_checkpoints, cfg.storage)
+                prune_checkpoints(checkpoints, cfg.run.keep_checkpoints, cfg.storage)
                 assert writer is not None
                 writer.sync()
 

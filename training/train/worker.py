@@ -41,6 +41,7 @@ from training.model.flops import train_step_flops
 from training.train.checkpoint import DS_TAG, DataCursor, TrainState
 from training.train.config import TrainConfig
 from training.train.context import WorkerContext
+from training.train.integrity import no_code_execution, require_intact, write_checksums
 from training.train.metrics import MetricsWriter, StepMetrics, format_step, peak_flops
 from training.train.optimizer import build_optimizer
 
@@ -192,10 +193,13 @@ class TrainWorker:
         state.check_resumable(
             self.ctx.model_config, self.ctx.schedule_hash, self.world, self.ctx.tokenizer_sha256
         )
-        self.engine.load_checkpoint(str(checkpoint_dir), tag=DS_TAG)
-        rng = Path(checkpoint_dir, f"rng_rank{self.rank}.pt")
-        if rng.exists():
-            torch.set_rng_state(torch.load(rng, weights_only=False))
+        # Verified again here, on the copy this rank loads: the storage is shared.
+        require_intact(str(checkpoint_dir), state.world_size)
+        with no_code_execution(str(checkpoint_dir)):
+            self.engine.load_checkpoint(str(checkpoint_dir), tag=DS_TAG)
+            rng = Path(checkpoint_dir, f"rng_rank{self.rank}.pt")
+            if rng.exists():
+                torch.set_rng_state(torch.load(rng, weights_only=True))
         self.global_step, self.tokens_seen = state.step, state.tokens_seen
         return state
 
@@ -221,8 +225,8 @@ class TrainWorker:
         )
 
     def save(self, directory: str | Path, state: TrainState | None = None) -> TrainState:
-        """This rank's part of a checkpoint into a local directory (rank 0 adds the configs and
-        the trainer state, last). Ranks may share the directory or each have their own."""
+        """This rank's part of a checkpoint into a local directory of its own (rank 0 adds the
+        configs and the trainer state), then the checksums of what it wrote."""
         state = state or self.state()
         self.engine.save_checkpoint(str(directory), tag=DS_TAG)
         torch.save(torch.get_rng_state(), Path(directory, f"rng_rank{self.rank}.pt"))
@@ -232,6 +236,7 @@ class TrainWorker:
             tc = json.dumps(self.cfg.to_dict(redact=True), indent=1)
             Path(directory, "train_config.json").write_text(tc)
             state.write(directory)
+        write_checksums(directory, self.rank)  # last: it lists everything this rank wrote
         return state
 
     def close(self) -> None:
