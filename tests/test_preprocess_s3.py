@@ -84,9 +84,7 @@ def test_s3_full_run_rerun_and_incremental(
     assert manifest is not None
     rows = 0
     for split in ("train", "heldout"):
-        for s, uri in zip(
-            manifest.shards(split), manifest.shard_uris(out, split), strict=True
-        ):
+        for s, uri in zip(manifest.shards(split), manifest.shard_uris(out, split), strict=True):
             with fs.open(uri, "rb") as f:
                 assert pq.read_table(f).num_rows == s.rows
             rows += s.rows
