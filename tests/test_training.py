@@ -169,7 +169,18 @@ def test_zero3_with_checkpoints_on_s3(data_dir: Path, s3_server: Any) -> None:
         secret=s3_server.secret,
         client_kwargs={"endpoint_url": s3_server.endpoint},
     )
-    checkpoints = [p for p in fs.ls("shards/train-zero3/ray/train") if "/checkpoint_20" in p]
+    # One Ray run per fit: RUN/ray/<name>/attempt-*/checkpoint_*
+    checkpoints = [
+        p for p in fs.find("shards/train-zero3/ray/train", withdirs=True) if "/checkpoint_20" in p
+    ]
+    checkpoints = sorted(
+        {
+            p.split("/checkpoint_20")[0]
+            + "/checkpoint_20"
+            + p.split("/checkpoint_20")[1].split("/")[0]
+            for p in checkpoints
+        }
+    )
     assert checkpoints, "checkpoints are on the S3 server"
     files = fs.find(sorted(checkpoints)[-1])
     # ZeRO-3 really partitions: every rank saved its own parameter shard.

@@ -33,4 +33,15 @@ ray start --head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="${HEAD_C
   --dashboard-agent-listen-port="${HEAD_AGENT_PORT:-52365}" >/dev/null
 ray start --address="127.0.0.1:$port" --node-ip-address=127.0.0.1 --num-cpus="${WORKER_CPUS:-2}" \
   --disable-usage-stats --dashboard-agent-listen-port="${WORKER_AGENT_PORT:-52366}" >/dev/null
+# Wait until both nodes are active (a job placed right away, e.g. STRICT_SPREAD, needs both).
+for _ in $(seq 1 120); do
+  nodes=$(ray status --address="127.0.0.1:$port" 2>/dev/null \
+    | sed -n '/Active:/,/Pending:/p' | grep -c 'node_' || true)
+  [[ "$nodes" -ge 2 ]] && break
+  sleep 0.5
+done
+if [[ "${nodes:-0}" -lt 2 ]]; then
+  echo "up.sh: the worker node did not join within 60 s (see $temp/session_latest/logs)" >&2
+  exit 1
+fi
 echo "RAY_ADDRESS=http://127.0.0.1:$dash"
