@@ -67,6 +67,7 @@ def _ok(address: str, command: str, args: list[str]) -> str:
     return sid
 
 
+@pytest.mark.timeout(720)  # four real jobs on a two-node cluster: ~4 min alone on 2 cores
 def test_submit_preprocess_train_evaluate_and_nightly_once(
     cluster: str, tmp_path: Path, tokenizer_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
