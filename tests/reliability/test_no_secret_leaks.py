@@ -19,23 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import s3fs
 import yaml
 
 from tests.conftest import make_document
+from tests.test_preprocess_s3 import client
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _client(server: Any) -> s3fs.S3FileSystem:
-    return s3fs.S3FileSystem(
-        key=server.key,
-        secret=server.secret,
-        client_kwargs={"endpoint_url": server.endpoint},
-        skip_instance_cache=True,
-        use_listings_cache=False,
-    )
 
 
 def _gpthf(args: list[str], env: dict[str, str], expect: int = 0) -> str:
@@ -60,7 +50,7 @@ def _leaks(blob: bytes, secrets: list[str]) -> list[str]:
 def test_credentials_never_leave_the_process(
     s3_server: Any, tokenizer_path: Path, tmp_path: Path, source: str
 ) -> None:
-    fs = _client(s3_server)
+    fs = client(s3_server)
     prefix = f"leak-{source}-{uuid.uuid4().hex[:6]}"
     rng = random.Random(3)
     for k in range(2):
