@@ -209,10 +209,16 @@ def test_local_entry_runs_without_ray_and_resumes(
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(nested))
     out = tmp_path / "local-run"
+    # The lock a build of DeepSpeed's CPU comm op leaves when it is killed: a start that still
+    # built the op would wait on it forever (and this test would time out).
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "noray"), str(Path.cwd())]),
         "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(extensions),
     }
     base = [
         sys.executable,
@@ -227,7 +233,7 @@ def test_local_entry_runs_without_ray_and_resumes(
     ]
     for extra in (["--max-steps", "4"], ["--resume"]):
         proc = subprocess.run(
-            base + extra, env=env, capture_output=True, text=True, timeout=600, check=False
+            base + extra, env=env, capture_output=True, text=True, timeout=300, check=False
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "step 4" in proc.stdout

@@ -69,6 +69,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def skip_deepspeed_shm_build() -> None:
+    """Tell DeepSpeed not to JIT-compile its CPU shared-memory all-reduce op.
+
+    DeepSpeed's CPU backend builds that op on every ``init_distributed``, yet only
+    tensor-parallel *inference* (``inference_all_reduce``) uses it; training never does. The
+    build takes minutes on a small machine, starts over for every virtualenv path, and guards
+    itself with a bare lock file (torch's ``FileBaton``): a worker killed mid-build leaves the
+    lock behind, and every later training start then waits on it forever. Marking the op
+    incompatible is the switch DeepSpeed itself reads before it builds.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_distributed(gpu: bool = False) -> tuple[int, int]:
     """The torch.distributed process group of this process; returns (rank, world size).
 
@@ -81,6 +97,7 @@ def init_distributed(gpu: bool = False) -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
         import deepspeed
 
+        skip_deepspeed_shm_build()
         backend = "nccl" if gpu else "gloo"
         if "RANK" in os.environ:  # torchrun and the like
             deepspeed.init_distributed(backend, auto_mpi_discovery=False, verbose=False)
@@ -175,6 +192,7 @@ class TrainWorker:
     def build(self) -> TrainWorker:
         import deepspeed
 
+        skip_deepspeed_shm_build()  # deepspeed.initialize starts DeepSpeed's comm backend
         torch.manual_seed(self.cfg.run.seed)
         model = build_model(self.ctx.model_config)
         self.num_parameters = model.num_parameters()
