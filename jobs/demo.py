@@ -114,10 +114,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"\n[demo] generation from {export}, greedy, {DEMO_NEW_TOKENS} new tokens per prompt:")
     for mode in ("full", "sentence-cache", "kv"):
         out = generate_from_export(export, DEMO_PROMPTS, max_new_tokens=DEMO_NEW_TOKENS, mode=mode)
-        print(
-            f"  {mode:15s} {out.tokens_per_s or 0:7.0f} tok/s  "
+        ends = (
             f"natural sentence ends {out.natural_end_rate:.0%}"
+            if out.natural_end_rate == out.natural_end_rate  # nan: no sentence ended at all
+            else "no sentence ended"
         )
+        print(f"  {mode:15s} {out.tokens_per_s or 0:7.0f} tok/s  {ends}")
     for prompt, text in zip(DEMO_PROMPTS, out.texts, strict=True):
         print(f"  > {prompt}\n    {text}")
     return 0
