@@ -219,7 +219,9 @@ def test_local_entry_runs_without_ray_and_resumes(
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "noray"), str(Path.cwd())]),
         "OMP_NUM_THREADS": "1",
         "TORCH_EXTENSIONS_DIR": str(extensions),
+        "TMPDIR": str(tmp_path / "tmp"),  # the run's scratch folders, checked below
     }
+    (tmp_path / "tmp").mkdir()
     base = [
         sys.executable,
         "-m",
@@ -242,6 +244,7 @@ def test_local_entry_runs_without_ray_and_resumes(
     steps = [s for s, _ in list_checkpoints(str(out / "local" / "train"))]
     assert steps == [4, 8]  # keep_checkpoints=2
     assert json.loads((out / "export" / "config.json").read_text())["step"] == STEPS
+    assert not list((tmp_path / "tmp").iterdir()), "the runs removed their scratch folders"
 
 
 def test_train_state_reads_the_files_the_previous_code_wrote(tmp_path: Path) -> None:

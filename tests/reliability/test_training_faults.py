@@ -46,6 +46,7 @@ def config(data: Path, out: Path, **kw: Any) -> TrainConfig:
         "optim.warmup_steps": 2,
         "optim.lr": 3e-3,
         "run.checkpoint_every": 5,
+        "run.keep_checkpoints": 4,  # 5, 10, 15, 20: three to damage, one to fall back to
         "run.eval_every": 100,
         "run.eval_rows": 0,
         "model.overrides": TINY,
@@ -106,7 +107,7 @@ def _copy_run(reference: Path, tmp_path: Path) -> tuple[Path, list[tuple[int, st
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     found = list_checkpoints(str(out / "ray" / "train"))
-    assert [s for s, _ in found] == [15, 20], found
+    assert [s for s, _ in found] == [5, 10, 15, 20], found
     return out, found
 
 
@@ -129,35 +130,31 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("damage", ["pickle-payload", "truncated", "missing"])
-def test_a_damaged_newest_checkpoint_is_refused_and_resume_falls_back(
-    data_dir: Path,
-    reference: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    damage: str,
+def test_damaged_checkpoints_are_refused_and_resume_falls_back_past_them(
+    data_dir: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The newest three checkpoints each damaged another way (one resume run checks all
+    three): a pickle payload under a rewritten checksum, a truncated file, a missing file."""
     out, found = _copy_run(reference, tmp_path)
-    newest = Path(found[-1][1])
     rel = "ds/mp_rank_00_model_states.pt"
     marker = tmp_path / "code-ran"
-    if damage == "pickle-payload":
-        torch.save({"module": _Payload(marker)}, newest / rel)
-        _rewrite_checksum(newest, rel)
-    elif damage == "truncated":
-        data = (newest / rel).read_bytes()
-        (newest / rel).write_bytes(data[: len(data) // 2])
-    else:
-        (newest / rel).unlink()
-    # The metrics of the run folder stand at step 20: a resume from 15 rewrites 16-20.
+    damaged = {step: Path(uri) for step, uri in found[1:]}
+    torch.save({"module": _Payload(marker)}, damaged[20] / rel)
+    _rewrite_checksum(damaged[20], rel)
+    data = (damaged[15] / rel).read_bytes()
+    (damaged[15] / rel).write_bytes(data[: len(data) // 2])
+    (damaged[10] / rel).unlink()
+    # The metrics of the run folder stand at step 20: a resume from 5 rewrites 6-20.
     result = run_training(config(data_dir, out, **{"run.resume": True}))
     said = capsys.readouterr().out
-    assert "not resuming from a damaged checkpoint" in said and str(newest) in said
-    assert {"pickle-payload": "would run code", "truncated": "truncated", "missing": "missing"}[
-        damage
-    ] in said
-    assert result.start_step == 15 and result.end_step == 20
-    assert losses(out) == losses(reference), "resumed from step 15, identical to the end"
+    refused = [
+        line for line in said.splitlines() if "not resuming from a damaged checkpoint" in line
+    ]
+    for step, why in ((20, "would run code"), (15, "truncated"), (10, "missing")):
+        (line,) = [r for r in refused if f"{damaged[step]} (step {step})" in r]
+        assert why in line, line
+    assert result.start_step == 5 and result.end_step == 20
+    assert losses(out) == losses(reference), "resumed from step 5, identical to the end"
     assert not marker.exists(), "nothing in the checkpoint ran"
 
 

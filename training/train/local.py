@@ -144,7 +144,11 @@ def _run(cfg: TrainConfig, rank: int) -> TrainResult:
                 writer.sync()
 
         stream = arrow_stream(worker.stream_uris(), cfg.storage)
-        run_steps(worker, stream, writer=writer, checkpoint=checkpoint)
+        try:
+            run_steps(worker, stream, writer=writer, checkpoint=checkpoint)
+        finally:
+            if writer is not None:
+                writer.close()
     if rank != 0:  # rank 0 exports
         return TrainResult(setup.output, start_step, setup.end_step, None, {"note": f"rank {rank}"})
     with local_copy(list_checkpoints(checkpoints, cfg.storage)[-1][1], cfg.storage) as d:

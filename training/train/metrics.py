@@ -4,6 +4,7 @@ rank-0 writer (metrics.jsonl + TensorBoard, copied to the run output at checkpoi
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,12 @@ class MetricsWriter:
         for k, v in record.items():
             if isinstance(v, int | float) and k != "step":
                 self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        """Remove the local folder (what was synced stays at the run output)."""
+        if self.tb is not None:
+            self.tb.close()
+        shutil.rmtree(self.local, ignore_errors=True)
 
     def sync(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)

@@ -480,6 +480,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     print(
         f"[train] rank {worker.rank} on node {ray.get_runtime_context().get_node_id()}", flush=True
     )
+    writer: MetricsWriter | None = None
     try:
         worker.build()
         checkpoint = ray.train.get_checkpoint()
@@ -506,4 +507,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         run_steps(worker, _ray_stream(worker), writer=writer, checkpoint=report)
     finally:
+        if writer is not None:
+            writer.close()
         worker.close()
