@@ -244,7 +244,8 @@ def test_local_entry_runs_without_ray_and_resumes(
     steps = [s for s, _ in list_checkpoints(str(out / "local" / "train"))]
     assert steps == [4, 8]  # keep_checkpoints=2
     assert json.loads((out / "export" / "config.json").read_text())["step"] == STEPS
-    assert not list((tmp_path / "tmp").iterdir()), "the runs removed their scratch folders"
+    # Ours only: torch keeps its compile cache (torchinductor_*) there too, by design.
+    assert not list((tmp_path / "tmp").glob("gpthf-*")), "the runs removed their scratch folders"
 
 
 def test_train_state_reads_the_files_the_previous_code_wrote(tmp_path: Path) -> None:
