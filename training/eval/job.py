@@ -134,6 +134,9 @@ def _evaluate_one(
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=1 if cfg.gpu else 0,
     )
+    # Off, as everywhere in the pipeline: in a log (no TTY) Ray Data would print a progress
+    # block every 10 s, which buries the report.
+    scored.context.enable_progress_bars = False
     start = time.perf_counter()
     try:
         out = scored.to_pandas()
