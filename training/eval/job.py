@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from typing import Any
 
@@ -134,9 +135,9 @@ def _evaluate_one(
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=1 if cfg.gpu else 0,
     )
-    # Off, as everywhere in the pipeline: in a log (no TTY) Ray Data would print a progress
-    # block every 10 s, which buries the report.
-    scored.context.enable_progress_bars = False
+    # Bars on a terminal, as for preprocessing; in a log (no TTY) Ray Data would instead print
+    # a multi-line progress block every 10 s, which buries the report.
+    scored.context.enable_progress_bars = sys.stdout.isatty()
     start = time.perf_counter()
     try:
         out = scored.to_pandas()
