@@ -87,6 +87,7 @@ def seaweedfs(data_dir: Path, buckets: list[str], timeout: float = 60.0) -> Iter
     ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
     args = [
         binary,
+        f"-logdir={data_dir}",  # its glog files, which default to /tmp
         "mini",
         f"-dir={data_dir}",
         "-ip=127.0.0.1",

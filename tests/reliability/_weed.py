@@ -35,6 +35,7 @@ class RestartableWeed:
         self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
         self.args = [
             binary,
+            f"-logdir={data_dir}",  # its glog files, which default to /tmp
             "mini",
             f"-dir={data_dir}",
             "-ip=127.0.0.1",
