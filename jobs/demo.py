@@ -5,6 +5,7 @@ held-out split -> generate with every mode."""
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import time
@@ -103,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
             checkpoints=[str(work / f"train-{p}" / "export") for p in ("gpthf-tiny", "gpt-tiny")],
             data=str(work / "data"),
             output=str(work / "eval"),
-        )
+        ),
+        progress=sys.stderr.isatty(),
     )
     print(f"\n[demo] held-out evaluation ({report.batching}), report in {work / 'eval'}:")
     print(format_table(report), end="")
@@ -116,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
         out = generate_from_export(export, DEMO_PROMPTS, max_new_tokens=DEMO_NEW_TOKENS, mode=mode)
         ends = (
             f"natural sentence ends {out.natural_end_rate:.0%}"
-            if out.natural_end_rate == out.natural_end_rate  # nan: no sentence ended at all
+            if not math.isnan(out.natural_end_rate)  # nan: no sentence ended at all
             else "no sentence ended"
         )
         print(f"  {mode:15s} {out.tokens_per_s or 0:7.0f} tok/s  {ends}")

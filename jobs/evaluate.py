@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     from training.eval.job import run_eval
     from training.eval.report import format_table
 
-    report = run_eval(cfg)
+    report = run_eval(cfg, progress=sys.stderr.isatty())
     print(format_table(report), end="")
     print(
         f"report: {cfg.output.rstrip('/')}/report.json ({report.batching}, {report.wall_s:.1f} s)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from typing import Any
 
@@ -109,7 +108,12 @@ def _check_inputs(cfg: EvalConfig) -> tuple[Manifest, list[ShardRef], list[Expor
 
 
 def _evaluate_one(
-    cfg: EvalConfig, exp: Exported, uri: str, manifest: Manifest, refs: list[ShardRef]
+    cfg: EvalConfig,
+    exp: Exported,
+    uri: str,
+    manifest: Manifest,
+    refs: list[ShardRef],
+    progress: bool,
 ) -> CheckpointScore:
     import ray.data
 
@@ -135,9 +139,8 @@ def _evaluate_one(
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=1 if cfg.gpu else 0,
     )
-    # Bars on a terminal, as for preprocessing; in a log (no TTY) Ray Data would instead print
-    # a multi-line progress block every 10 s, which buries the report.
-    scored.context.enable_progress_bars = sys.stdout.isatty()
+    # Off in a log (no TTY): Ray Data would print a multi-line progress block every 10 s.
+    scored.context.enable_progress_bars = progress
     start = time.perf_counter()
     try:
         out = scored.to_pandas()
@@ -190,12 +193,12 @@ def _evaluate_one(
     )
 
 
-def run_eval(cfg: EvalConfig) -> EvalReport:
+def run_eval(cfg: EvalConfig, *, progress: bool = False) -> EvalReport:
     """Evaluate every checkpoint; write and return the report."""
     manifest, refs, exports = _check_inputs(cfg)
     started = time.perf_counter()
     scores = tuple(
-        _evaluate_one(cfg, exp, uri, manifest, refs)
+        _evaluate_one(cfg, exp, uri, manifest, refs, progress)
         for uri, exp in zip(cfg.checkpoints, exports, strict=True)
     )
     report = EvalReport(
