@@ -77,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--endpoint-url", help="S3-protocol endpoint (default: AWS_ENDPOINT_URL)")
     t.set_defaults(func=cmd_tokenizer_train)
 
+    from jobs import compare, hf
+
+    e = sub.add_parser("export-hf", help="write a Hugging Face folder of a trained model")
+    hf.add_export_args(e)
+    e.set_defaults(func=hf.cmd_export_hf)
+    i = sub.add_parser("import-hf", help="a folder written by export-hf back into a gpthf export")
+    hf.add_import_args(i)
+    i.set_defaults(func=hf.cmd_import_hf)
+    le = sub.add_parser(
+        "lm-eval", help="lm-evaluation-harness with --model gpthf registered", add_help=False
+    )
+    hf.add_lm_eval_args(le)
+    le.set_defaults(func=hf.cmd_lm_eval)
+    c = sub.add_parser("compare", help="runs side by side: loss curves (PNG) and a table")
+    compare.add_args(c)
+    c.set_defaults(func=compare.main)
+
     d = sub.add_parser("demo", help="the main job on the embedded default, end to end")
     d.add_argument(
         "--workdir", default="runs/demo", help="where the demo writes (default runs/demo)"
@@ -90,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's own (argparse would eat them)
+        from jobs.hf import cmd_lm_eval
+
+        ns = argparse.Namespace(lm_eval_args=argv[1:])
+        return run_command("lm-eval", cmd_lm_eval, ns)
     args = build_parser().parse_args(argv)
     return run_command(args.command, args.func, args)
 

@@ -1,6 +1,6 @@
 """The main job on the embedded default (in-process Ray, local files, the sample corpus):
 tokenizer -> preprocess -> train a tiny GPTHF and its GPT baseline -> evaluate both on the
-held-out split -> generate with every mode."""
+held-out split -> generate with every mode -> compare the two runs (PNG + table)."""
 
 from __future__ import annotations
 
@@ -124,4 +124,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {mode:15s} {out.tokens_per_s or 0:7.0f} tok/s  {ends}")
     for prompt, text in zip(DEMO_PROMPTS, out.texts, strict=True):
         print(f"  > {prompt}\n    {text}")
+
+    from training.compare import compare_runs
+
+    runs = [str(work / f"train-{p}") for p in ("gpthf-tiny", "gpt-tiny")]
+    compare_runs(runs, str(work / "compare"), [str(work / "eval")])
+    print(f"\n[demo] runs compared ({work / 'compare'}: compare.png, compare.md):")
+    print((work / "compare" / "compare.md").read_text())
     return 0

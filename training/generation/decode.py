@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from training.model import Transformer
@@ -187,6 +188,8 @@ class _Full(_Decoder):
         return self._logits(self.prompt_width)
 
     def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        if int(self.state.length.max()) >= self.buf.shape[1]:  # a caller without max_new
+            self.buf = F.pad(self.buf, (0, self.buf.shape[1]), value=self.config.pad_id)
         self.buf[self.rows, _dev(self.state.length, self.device)] = tokens
         self.lengths = _dev(self.state.length + active, self.device)
         return self._logits(int((self.state.length + active).max()))
@@ -211,6 +214,7 @@ class _GPTKV(_Decoder):
 
     def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
         pos = self.state.length  # position of the fed token within the document
+        self._grow(int(pos.max()) + 1)
         attention = KVCacheAttention(
             *self._rope(pos), self.caches, _dev(pos, self.device), int(pos.max()) + 1
         )
@@ -218,6 +222,15 @@ class _GPTKV(_Decoder):
             self.model.embed(tokens[:, None]), attention, range(self.config.n_layers)
         )
         return self.model.head(x[:, 0])
+
+    def _grow(self, needed: int) -> None:
+        """Double the capacity when a step needs more (callers that do not know max_new)."""
+        cap = next(iter(self.caches.values()))[0].shape[2]
+        if needed <= cap:
+            return
+        pad = max(needed, 2 * cap) - cap
+        for layer, (k, v) in self.caches.items():
+            self.caches[layer] = (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)))
 
     def cache_bytes(self) -> dict[str, float]:
         c = self.config
@@ -266,8 +279,8 @@ class _GPTHFKV(_Decoder):
         for layer, (k, v) in self.body_caches.items():
             pad = self.body_cap - k.shape[2]
             self.body_caches[layer] = (
-                torch.nn.functional.pad(k, (0, 0, 0, pad)),
-                torch.nn.functional.pad(v, (0, 0, 0, pad)),
+                F.pad(k, (0, 0, 0, pad)),
+                F.pad(v, (0, 0, 0, pad)),
             )
 
     def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
