@@ -64,8 +64,21 @@ def folders(
 ) -> tuple[str, str]:
     root = tmp_path_factory.mktemp(f"hf-{request.param}")
     src = _export(tokenizer_path, root / "export", request.param, seed=3)
-    export_hf(src, str(root / "hf"))
+    _cli("export-hf", src, str(root / "hf"))
     return src, str(root / "hf")
+
+
+def _cli(*args: str) -> str:
+    """``gpthf ARGS`` as a user runs it; returns stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def _prompts(tokenizer_path: Path, eos: int, n: int = 4) -> list[list[int]]:
@@ -182,9 +195,9 @@ def test_every_generation_mode_matches_gpthf_generate(
 def test_round_trip_gives_identical_weights(folders: tuple[str, str], tmp_path: Path) -> None:
     src, hf = folders
     back = tmp_path / "back"
-    cfg = import_hf(hf, str(back))
+    assert "[import-hf]" in _cli("import-hf", hf, str(back))
     a, b = load_export(src), load_export(str(back))
-    assert cfg == a.config == b.config
+    assert a.config == b.config
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

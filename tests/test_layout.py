@@ -9,7 +9,10 @@ The layering it enforces (STYLE.md 2, training/__init__.py):
 * ``training/export.py``, ``training/eval/*`` and ``training/generation/*`` never reach
   ``training.train`` (evaluation and generation load an export without the training driver),
   not even through another module;
-* nothing in pipeline/ or training/ imports ``jobs``; nothing in pipeline/ imports ``training``.
+* nothing in pipeline/ or training/ imports ``jobs``; nothing in pipeline/ imports ``training``;
+* only ``training/hf`` and ``jobs/hf.py`` import the optional extra (transformers, lm-eval,
+  datasets); the sources ``gpthf export-hf`` assembles into ``modeling_gpthf.py`` import only
+  torch, numpy, transformers, the standard library and each other (the folder needs no gpthf).
 
 Every failure names the importing file and line.
 """
@@ -276,7 +279,13 @@ def test_the_model_imports_only_torch_the_standard_library_and_itself() -> None:
     assert not bad, "training/model/ must import only torch and the stdlib:\n" + "\n".join(bad)
 
 
-EXPORT_READERS = ("training.export", "training.eval", "training.generation")
+EXPORT_READERS = (
+    "training.export",
+    "training.eval",
+    "training.generation",
+    "training.hf",
+    "training.compare",
+)
 
 
 def test_export_eval_and_generation_never_reach_the_training_driver() -> None:
@@ -310,3 +319,39 @@ def test_pipeline_never_imports_training() -> None:
         if _top(i.source) == "pipeline" and _within(i.target, "training")
     ]
     assert not bad, "pipeline/ sits below training/:\n" + "\n".join(bad)
+
+
+HF_EXTRA = {"transformers", "lm_eval", "datasets"}
+MODELING_SOURCES = (
+    "training.model.attention",
+    "training.model.transformer",
+    "training.generation.decode",
+    "training.hf.hf_model",
+)
+
+
+def test_only_the_hf_modules_import_the_optional_extra() -> None:
+    bad = [
+        i.where()
+        for i in imports()
+        if _top(i.target) in HF_EXTRA
+        and not (_within(i.source, "training.hf") or _within(i.source, "jobs.hf"))
+    ]
+    assert not bad, "transformers/lm-eval belong to training/hf (the .[hf] extra):\n" + "\n".join(
+        bad
+    )
+
+
+def test_the_exported_modelling_file_needs_only_torch_numpy_and_transformers() -> None:
+    allowed = {"torch", "numpy", "transformers", "__future__"} | STDLIB
+    bad = [
+        i.where()
+        for i in imports()
+        if i.source in MODELING_SOURCES
+        and i.target not in MODELING_SOURCES
+        and not any(_within(i.target, m) for m in ("training.model",))
+        and _top(i.target) not in allowed
+    ]
+    assert not bad, "modeling_gpthf.py would need more than torch + transformers:\n" + "\n".join(
+        bad
+    )

@@ -138,3 +138,14 @@ def test_gpthf_lm_eval_command_line(export: str, corpus: Path, tmp_path: Path) -
     assert math.isclose(
         data["gpthf_bits_per_byte,none"], _evaluate(lm, corpus)["gpthf_bits_per_byte"]
     )
+
+
+def test_an_hf_folder_scores_as_its_export(export: str, corpus: Path, tmp_path: Path) -> None:
+    from training.hf.folder import export_hf
+
+    export_hf(export, str(tmp_path / "hf"))
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:5]]
+    reqs = [Instance("loglikelihood_rolling", {}, (d,), 0) for d in docs]
+    a = GPTHFLM(pretrained=export, sentences_per_block=S).loglikelihood_rolling(reqs)
+    b = GPTHFLM(pretrained=str(tmp_path / "hf"), sentences_per_block=S).loglikelihood_rolling(reqs)
+    assert a == b

@@ -86,6 +86,7 @@ class GPTHFLM(LM):
     ) -> None:
         super().__init__()
         model, tokenizer_json, S = load_any(pretrained)
+        device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's own default is "cuda"; say so rather than fail on a CPU machine.
             log.warning("gpthf: no CUDA device here, evaluating on the CPU")
