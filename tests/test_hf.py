@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.tokenizer import load_tokenizer
 from tests.conftest import make_sentence
 from training.export import ExportConfig, load_export, write_export
-from training.generation.decode import generate
+from training.generation.decode import generate, sentence_ids_for
 from training.hf.folder import HFFormatError, export_hf, import_hf, read_hf
 from training.model import ModelConfig, build_model
 
@@ -53,6 +53,7 @@ def _export(tokenizer_path: Path, out: Path, arch: str, seed: int) -> str:
         special_ids=ids,
         data="test",
         schedule_hash="h",
+        extra={"train": {"lr": 0.001}},  # provenance must survive the round trip too
     )
     write_export(str(out), model.state_dict(), cfg, tok.json)
     return str(out)
@@ -145,7 +146,8 @@ def test_folder_loads_without_gpthf_and_matches_our_model(
     model = exported.model
     with torch.no_grad():
         for b, p in enumerate(prompts):  # each prompt alone, unpadded: our model's logits
-            ours = model(torch.tensor([p]), torch.tensor([_sid(p, c.eos_id)]))[0]
+            ids = torch.tensor([p])
+            ours = model(ids, sentence_ids_for(ids, torch.tensor([len(p)]), c.eos_id))[0]
             theirs = res["logits"][b, width - len(p) :]
             torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     # generate() through transformers = gpthf generate (greedy, EOS-S forcing, EOD stop).
@@ -154,15 +156,10 @@ def test_folder_loads_without_gpthf_and_matches_our_model(
         got = res["greedy"][b].tolist()
         assert got[: len(toks)] == toks
         assert all(t == c.pad_id for t in got[len(toks) :])  # stopped at end-of-document
-    assert all(len(t) > 0 for t in res["sampled"].tolist())
-
-
-def _sid(p: list[int], eos: int) -> list[int]:
-    out, s = [], 0
-    for t in p:
-        out.append(s)
-        s += t == eos
-    return out
+    # Sampling follows the same rules: pad is never sampled before a row ends its document.
+    for row in res["sampled"][:, width:].tolist():
+        ended = row.index(c.eod_id) if c.eod_id in row else len(row)
+        assert c.pad_id not in row[:ended], row
 
 
 def test_every_generation_mode_matches_gpthf_generate(

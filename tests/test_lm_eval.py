@@ -20,6 +20,7 @@ from lm_eval.tasks import TaskManager
 
 from tests.conftest import make_document
 from tests.test_hf import _export
+from training.generation.decode import sentence_ids_for
 from training.hf.lm_eval_model import GPTHFLM
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def test_loglikelihood_and_generate_until(export: str) -> None:
         whole, ctx_ids = lm._encode(ctx + cont), lm._encode(ctx)
         assert whole[: len(ctx_ids)] == ctx_ids  # the context closes its sentence: a prefix
         ids = torch.tensor([whole])
-        sid = torch.tensor([[sum(t == c.eos_id for t in whole[:i]) for i in range(len(whole))]])
+        sid = sentence_ids_for(ids, torch.tensor([len(whole)]), c.eos_id)
         with torch.no_grad():
             logp = lm.model(ids, sid)[0].log_softmax(-1)
         tgt = torch.tensor(whole[len(ctx_ids) :])

@@ -216,9 +216,6 @@ def compare_runs(
     fs.makedirs(root, exist_ok=True)
     write_bytes_atomic(fs, join(root, "compare.png"), plot_png(curves))
     write_bytes_atomic(fs, join(root, "compare.md"), format_markdown(curves).encode())
-    data = [
-        {k: v for k, v in vars(c).items()} | {"flops": c.flops, "val_flops": c.val_flops}
-        for c in curves
-    ]
+    data = [vars(c) | {"flops": c.flops, "val_flops": c.val_flops} for c in curves]
     write_bytes_atomic(fs, join(root, "compare.json"), json.dumps(data, indent=1).encode())
     return curves

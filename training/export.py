@@ -146,12 +146,21 @@ def load_export(uri: str, storage: Any = None, device: str | torch.device = "cpu
     except Exception as exc:  # safetensors, JSON and UTF-8 errors of a damaged file
         raise ExportError(f"{uri}: unreadable export ({type(exc).__name__}: {exc})") from exc
     config = ExportConfig.from_dict(raw, f"{uri}/{CONFIG}")
-    model = build_model(config.model)
+    model = model_from_weights(config.model, weights, uri)
+    return Exported(model=model.to(device).eval(), config=config, tokenizer_json=tokenizer_json)
+
+
+def model_from_weights(
+    config: ModelConfig, weights: dict[str, torch.Tensor], where: str
+) -> Transformer:
+    """The model of ``config`` with ``weights`` (the tied head may be absent); weights that do
+    not fit the config are an ``ExportError`` naming ``where``."""
+    model = build_model(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != TIED]
     if missing or unexpected:
         raise ExportError(
-            f"{uri}: weights do not fit the model config (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}); the export is damaged or its config.json belongs to another model"
+            f"{where}: weights do not fit the model config (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); the files are damaged or the config belongs to another model"
         )
-    return Exported(model=model.to(device).eval(), config=config, tokenizer_json=tokenizer_json)
+    return model.eval()

@@ -23,12 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.errors import UserError
 from pipeline.storage import filesystem_for
 from pipeline.tokenizer import SPECIAL_TOKENS
-from training.export import TIED, ExportConfig, load_export, write_export
+from training.export import (
+    TIED,
+    ExportConfig,
+    Exported,
+    ExportError,
+    load_export,
+    model_from_weights,
+    write_export,
+)
 from training.model import ModelConfig
 
 HF_FORMAT = "gpthf-hf/1"
@@ -37,7 +42,7 @@ PREFIX = "model."
 _SOURCES = ("model/attention.py", "model/transformer.py", "generation/decode.py", "hf/hf_model.py")
 
 
-class HFFormatError(UserError):
+class HFFormatError(ExportError):
     """A folder that is not (this version of) a gpthf Hugging Face export."""
 
 
@@ -96,15 +101,10 @@ def _hf_config(export: ExportConfig) -> dict[str, Any]:
         },
         "gpthf": m.to_dict(),
         "gpthf_generation_mode": "kv",
+        # The export's own record minus the model (under "gpthf"), in this folder's format.
         "gpthf_export": {
+            **{k: v for k, v in export.to_dict().items() if k not in ("model", "format")},
             "format": HF_FORMAT,
-            "step": export.step,
-            "tokens_seen": export.tokens_seen,
-            "tokenizer_sha256": export.tokenizer_sha256,
-            "special_ids": export.special_ids,
-            "data": export.data,
-            "manifest_version": export.manifest_version,
-            "schedule_hash": export.schedule_hash,
         },
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
@@ -196,8 +196,9 @@ def export_hf(source: str, out: str, storage: Any = None) -> HFExportSummary:
     )
 
 
-def read_hf(folder: str, storage: Any = None) -> tuple[ExportConfig, dict[str, torch.Tensor], str]:
-    """The export config, gpthf state dict and tokenizer JSON of a folder ``export_hf`` wrote."""
+def read_hf(folder: str, storage: Any = None) -> Exported:
+    """The model, export config and tokenizer of a folder ``export_hf`` wrote (weights checked
+    against the config)."""
     from safetensors.torch import load as load_safetensors
 
     fs, root = filesystem_for(folder, storage)
@@ -233,21 +234,15 @@ def read_hf(folder: str, storage: Any = None) -> tuple[ExportConfig, dict[str, t
         {**{k: v for k, v in meta.items() if k != "format"}, "model": raw["gpthf"]},
         f"{folder}/config.json",
     )
-    return config, {k[len(PREFIX) :]: v for k, v in weights.items()}, tokenizer_json
+    state = {k[len(PREFIX) :]: v for k, v in weights.items()}
+    model = model_from_weights(config.model, state, folder)
+    return Exported(model=model, config=config, tokenizer_json=tokenizer_json)
 
 
 def import_hf(folder: str, out: str, storage: Any = None) -> ExportConfig:
     """A folder ``export_hf`` wrote, back into a gpthf export at ``out`` (identical weights)."""
-    config, weights, tokenizer_json = read_hf(folder, storage)
-    from training.model import build_model
-
-    model = build_model(config.model)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != TIED]
-    if missing or unexpected:
-        raise HFFormatError(
-            f"{folder}: weights do not fit its config (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]})"
-        )
-    write_export(out, model.state_dict(), config, tokenizer_json, storage)
-    return config
+    exported = read_hf(folder, storage)
+    write_export(
+        out, exported.model.state_dict(), exported.config, exported.tokenizer_json, storage
+    )
+    return exported.config

@@ -110,8 +110,7 @@ class GPTHFForCausalLM(PreTrainedModel, GenerationMixin):
         mask = _mask(input_ids, attention_mask)
         order, lengths = _real_first(mask)  # pads moved to the end of each row
         ids = input_ids.gather(1, order)
-        self._check_sentences(ids, lengths)
-        sid = sentence_ids_for(ids, lengths, self.gpthf_config.eos_id)
+        sid = self._sentence_ids(ids, lengths)
         docs = None if document_ids is None else document_ids.gather(1, order)
         logits_packed = self.model(ids, sid, docs)
         logits = torch.empty_like(logits_packed).scatter_(
@@ -124,11 +123,13 @@ class GPTHFForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _check_sentences(self, ids: Tensor, lengths: Tensor) -> None:
+    def _sentence_ids(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T) sentence ids of right-aligned rows (-1 on pads); GPTHF refuses a sentence
+        longer than it was trained on."""
         c = self.gpthf_config
+        sid = sentence_ids_for(ids, lengths, c.eos_id)
         if c.arch != "gpthf":
-            return
-        sid = sentence_ids_for(ids, lengths, c.eos_id)  # (B, T), -1 on pads
+            return sid
         B, T = ids.shape
         row = torch.arange(B, device=ids.device)[:, None] * (T + 1)
         counts = torch.bincount(torch.where(sid >= 0, row + sid + 1, 0).flatten())
@@ -140,6 +141,7 @@ class GPTHFForCausalLM(PreTrainedModel, GenerationMixin):
                 f"end each sentence of the prompt with the end-of-sentence token (id {c.eos_id}), "
                 "or split the text with gpthf's sentence splitter"
             )
+        return sid
 
     # -- generation: our decoders behind the transformers API ---------------------------------
 
@@ -174,8 +176,9 @@ class GPTHFForCausalLM(PreTrainedModel, GenerationMixin):
             prompts = [row[m].tolist() for row, m in zip(input_ids, mask, strict=True)]
             if any(not p for p in prompts):
                 raise ValueError("every prompt needs at least one token")
+            order, lengths = _real_first(mask)
+            self._sentence_ids(input_ids.gather(1, order), lengths)  # refuses overlong sentences
             cache = GPTHFDecodingCache(self.model, prompts, mode)
-            self._check_sentences(*_right_aligned(input_ids, mask))
             logits = cache.decoder.prefill()
         else:
             logits = cache.feed(input_ids[:, cache.seen :])
@@ -218,9 +221,6 @@ class GPTHFDecodingCache:
         assert logits is not None
         return logits
 
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        raise NotImplementedError("beam search is not supported by the gpthf decoders")
-
 
 def _mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     if attention_mask is None:
@@ -237,8 +237,3 @@ def _real_first(mask: Tensor) -> tuple[Tensor, Tensor]:
     """A permutation of each row putting its real tokens first (order kept), and the lengths."""
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
     return order, mask.sum(dim=1)
-
-
-def _right_aligned(input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    order, lengths = _real_first(mask)
-    return input_ids.gather(1, order), lengths

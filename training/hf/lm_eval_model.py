@@ -23,7 +23,6 @@ Text is split into sentences and tokenized by the data pipeline's own functions
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -36,9 +35,9 @@ from pipeline.packing import BlockPacker, tokenize_documents
 from pipeline.text import normalise, split_sentences
 from training.eval.scoring import Sums, evaluate_rows
 from training.export import load_export, resolve_export
-from training.generation.decode import generate
+from training.generation.decode import generate, sentence_ids_for
 from training.generation.text import encode_prompt
-from training.model import Transformer, build_model
+from training.model import Transformer
 
 log = logging.getLogger(__name__)
 DEFAULT_SENTENCES_PER_BLOCK = 16
@@ -54,13 +53,10 @@ def load_any(pretrained: str) -> tuple[Transformer, str, int | None]:
     if Path(pretrained, "modeling_gpthf.py").exists():
         from training.hf.folder import read_hf
 
-        config, weights, tokenizer_json = read_hf(pretrained)
-        model = build_model(config.model)
-        model.load_state_dict(weights, strict=False)  # read_hf checked the names
-        model.eval()
+        exported = read_hf(pretrained)
     else:
         exported = load_export(resolve_export(pretrained))
-        model, config, tokenizer_json = exported.model, exported.config, exported.tokenizer_json
+    model, config, tokenizer_json = exported.model, exported.config, exported.tokenizer_json
     S = None
     if config.data:
         try:
@@ -162,10 +158,10 @@ class GPTHFLM(LM):
             batch = pairs[i : i + self.batch_size]
             width = max(len(w) for w, _ in batch)
             ids = torch.full((len(batch), width), c.pad_id, dtype=torch.long)
-            sid = torch.full((len(batch), width), -1, dtype=torch.long)
             for b, (w, _) in enumerate(batch):
                 ids[b, : len(w)] = torch.tensor(w)
-                sid[b, : len(w)] = torch.tensor(_sentence_ids(w, c.eos_id))
+            lengths = torch.tensor([len(w) for w, _ in batch])
+            sid = sentence_ids_for(ids, lengths, c.eos_id)
             with torch.no_grad():
                 logp = self.model(ids.to(self._device), sid.to(self._device)).float()
                 logp = logp.log_softmax(dim=-1).cpu()
@@ -214,16 +210,3 @@ class GPTHFLM(LM):
     @property
     def tokenizer_name(self) -> str:
         return "gpthf"
-
-    @property
-    def bits_per_byte_gpthf(self) -> float:
-        """bits/byte of the rolling calls with gpthf's byte count (normalised sentence text)."""
-        return self.sums.bits_per_byte if self.sums.bytes else math.nan
-
-
-def _sentence_ids(ids: list[int], eos_id: int) -> list[int]:
-    out, s = [], 0
-    for t in ids:
-        out.append(s)
-        s += t == eos_id
-    return out
