@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -15,6 +16,7 @@ from training.generation.decode import (
     GenerationResult,
     generate,
     sample_next,
+    sentence_ended,
     sentence_ids_for,
 )
 from training.generation.text import encode_prompt, generate_text
@@ -112,7 +114,8 @@ def test_sentences_never_exceed_the_cap_and_ends_are_counted() -> None:
     for b, seq in enumerate(r.sequences):
         prompt_len, run, natural, forced = len(r.prompts[b]), 0, 0, 0
         for i, t in enumerate(seq):
-            if t in (EOS, EOD) and i >= prompt_len:  # the model ending the document counts
+            # EOS-S ends a sentence; so does ending the document, unless right after EOS-S.
+            if i >= prompt_len and (t == EOS or (t == EOD and run > 0)):
                 natural, forced = (natural, forced + 1) if run >= M - 1 else (natural + 1, forced)
             run = 0 if t == EOS else run + 1
             assert i < prompt_len or run <= M - 1
@@ -136,7 +139,8 @@ def test_generation_stops_at_end_of_document(arch: str) -> None:
         assert r.tokens[0] == tokens[: stop + 1]
         assert r.stopped_at_eod[0] and r.logits is not None
         assert r.logits[0, stop + 1 :].isnan().all()
-        assert r.natural_ends[0] == sum(t == EOS for t in tokens[:stop]) + 1
+        open_before = tokens[stop - 1] != EOS if stop else r.prompts[0][-1] != EOS
+        assert r.natural_ends[0] == sum(t == EOS for t in tokens[:stop]) + open_before
 
 
 def test_sampling_knobs() -> None:
@@ -244,3 +248,12 @@ def test_suppressed_tokens_are_never_sampled_but_eos_is_still_forced() -> None:
         for t in tokens:
             run = 0 if t == EOS else run + 1
             assert run < M
+
+
+def test_end_of_document_after_eos_is_not_a_second_sentence_end() -> None:
+    tokens = np.array([EOS, EOD, EOD, 7, EOS])
+    active = np.array([True, True, True, True, False])
+    eod = active & (tokens == EOD)
+    open_len = np.array([3, 0, 2, 1, 1])  # row 1: EOS-S came just before its EOD
+    got = sentence_ended(tokens, active, eod, open_len, EOS)
+    assert got.tolist() == [True, False, True, False, False]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import training.model.attention as attention_module
 from tests._model_helpers import PAD, one_torch_thread, row_from_documents, tiny_model
@@ -123,36 +124,121 @@ def test_packed_row_equals_each_document_alone(arch: str) -> None:
             start += n
 
 
-def test_gpthf_never_attends_over_more_than_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Encoder SDPA runs on (sentences, s_max) sequences; the body only on (T, N ends)."""
-    seen: list[tuple[int, ...]] = []
+# Rows whose runs fall into several length groups: sentences of 1-23 tokens (encoder groups
+# <= 16 and 17-32), documents of 1-70 tokens (GPT and body groups <= 16, 17-32, 33-64, 65-128).
+LONG_ROWS = [
+    [[20, 3, 17, 9, 21], [2, 5], [23, 1, 15]],
+    [[1], [4, 4, 4], [12, 12, 12, 12, 12, 10]],
+    [[5], [6, 7], [20]],
+]
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_runs_in_several_length_groups_equal_dense_masks(arch: str) -> None:
+    model = tiny_model(arch, max_sentence_tokens=32)
+    batch = collate_blocks([row_from_documents(d) for d in LONG_ROWS], pad_id=PAD)
+    layout = attention_module.SentenceLayout.build(batch.sentence_ids, batch.document_ids)
+    assert layout.sentences.groups is not None and layout.documents.groups is not None
+    assert len(layout.sentences.groups) == 2 and len(layout.documents.groups) == 4
+    valid = batch.sentence_ids >= 0
+    with torch.no_grad():
+        got = model(batch.input_ids, batch.sentence_ids, batch.document_ids)
+        ref = reference_logits(model, batch.input_ids, batch.sentence_ids, batch.document_ids)
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_run_groups_bound_padding_and_sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each SDPA call attends runs of one length group (at most 2x padding, or <= 16 tokens);
+    one call per group and layer, never one per run, never a T-long sequence here."""
+    seen: list[tuple[int, int]] = []
     real_sdpa = attention_module.F.scaled_dot_product_attention
 
     def spy(q: Tensor, k: Tensor, v: Tensor, **kw: object) -> Tensor:
-        seen.append((q.shape[-2], k.shape[-2]))
+        assert kw.get("attn_mask") is None and kw.get("is_causal")  # fused-kernel eligible
+        seen.append((q.shape[0], q.shape[-2]))
         return real_sdpa(q, k, v, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
-    model = tiny_model("gpthf")
-    batch = collate_blocks([row_from_documents([[9, 9, 9, 9]])], pad_id=PAD)  # T = 40
+    batch = collate_blocks([row_from_documents(d) for d in LONG_ROWS], pad_id=PAD)
+    T = batch.input_ids.shape[1]
+    sentences = [n for row in LONG_ROWS for d in row for n in d]
+    documents = [sum(d) for row in LONG_ROWS for d in row]
+    for arch, runs, groups in (("gpthf", sentences, 2), ("gpt", documents, 4)):
+        seen.clear()
+        model = tiny_model(arch, max_sentence_tokens=32)
+        with torch.no_grad():
+            model(batch.input_ids, batch.sentence_ids, batch.document_ids)
+        layers = model.config.n_encoder_layers if arch == "gpthf" else model.config.n_layers
+        assert len(seen) == groups * layers  # the body makes no SDPA call
+        assert sum(n for n, _ in seen[:groups]) == len(runs)  # every run once per layer
+        assert max(L for _, L in seen) == max(runs) < T
+    # The GPT groups are exactly the documents by power-of-two bucket.
+    gpt = attention_module.DocumentCausalAttention.build(
+        batch.sentence_ids, batch.document_ids, 16, 1e4
+    )
+    lengths = gpt.routing.run_length
+    for runs in gpt.routing.group_runs_host:
+        group = [lengths[r] for r in runs.tolist()]
+        assert max(group) <= max(16, 2 * min(group) - 1), group
+
+
+def test_gpthf_body_keys_are_the_documents_own_sentence_ends() -> None:
+    """The body's cost is linear in the keys each query may see: a document's tokens are
+    scored against that document's ends only (N_g columns), not the row's."""
+    batch = collate_blocks([row_from_documents([[3, 3], [2] * 9, [4]])], pad_id=PAD)
     layout = attention_module.SentenceLayout.build(batch.sentence_ids, batch.document_ids)
-    assert layout.end_allowed.shape == (1, 1, 40, 4)  # (B, 1, T, N): N ends, not T keys
-    with torch.no_grad():
-        model(batch.input_ids, batch.sentence_ids, batch.document_ids)
-    assert seen == [(9, 9)] * model.config.n_encoder_layers
+    widths = sorted(e.shape[1] for e in layout.doc_ends)
+    assert layout.end_pos.shape == (1, 12)  # the row has 12 sentence ends
+    assert widths == [9, 2] or widths == [2, 9]  # ... but no document sees more than its own 9
+    # A one-sentence document groups with the 2-sentence one (both <= 16 tokens), so that
+    # group's width is 2; the 18-token document is alone in the 17-32 group with 9.
 
 
-def test_gpt_single_document_rows_use_causal_sdpa_without_a_mask() -> None:
+def test_gpt_single_document_rows_attend_the_rows_themselves() -> None:
     one = collate_blocks([row_from_documents([[4, 4]]), row_from_documents([[3]])], pad_id=PAD)
     built = attention_module.DocumentCausalAttention.build(
         one.sentence_ids, one.document_ids, 16, 1e4
     )
-    assert built.mask is None
+    assert built.routing.groups is None  # causal SDPA over (B, T): no gather at all
     two = collate_blocks([row_from_documents([[4], [4]])], pad_id=PAD)
     built = attention_module.DocumentCausalAttention.build(
         two.sentence_ids, two.document_ids, 16, 1e4
     )
-    assert built.mask is not None and built.mask.shape == (1, 1, 8, 8)
+    assert built.routing.groups is not None
+    assert [g.shape for g in built.routing.groups] == [(2, 4)]  # two 4-token runs, no T x T
+
+
+class _RecordShapes(TorchDispatchMode):
+    """Every tensor an op returns, forward and backward (autograd's saved buffers included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_no_tensor_has_two_dimensions_of_size_t(arch: str) -> None:
+    """No (.., T, .., T) tensor anywhere in a training forward and backward over packed rows
+    of several documents: no dense mask, no dense score matrix."""
+    rows = [[[9, 11, 7], [13, 12]], [[14, 14, 14], [10]], [[23], [17, 12]]]
+    batch = collate_blocks([row_from_documents(d) for d in rows], pad_id=PAD)
+    T = batch.input_ids.shape[1]
+    assert T == 56  # collate pads 52 to a multiple of 8; no other dimension is 56
+    model = tiny_model(arch, max_sentence_tokens=32).train()
+    with _RecordShapes() as rec:
+        logits = model(batch.input_ids, batch.sentence_ids, batch.document_ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten())
+        loss.backward()
+    assert len(rec.shapes) > 100
+    square = [(op, s) for op, s in rec.shapes if sum(d == T for d in s) >= 2]
+    assert not square, square[:5]
 
 
 @pytest.mark.parametrize("arch", ["gpthf", "gpt"])
@@ -186,3 +272,25 @@ def test_project_rope_equals_the_reference() -> None:
     x = torch.randn(2, 5, 2, 3, 16, generator=g)
     got = Attention(*attention_module.rope_tables(positions, 16, 500.0)).rotate(x)
     torch.testing.assert_close(got, reference_rope(x, positions, 500.0), atol=1e-5, rtol=1e-5)
+
+
+def test_gpthf_body_saves_no_fp32_scores_in_bf16_training() -> None:
+    """bf16 training keeps the body's (n, H, L, N + 1) probabilities in bf16 for backward."""
+    rows = [[[9, 11, 7], [13, 12]], [[14, 14, 14], [10]], [[23], [17, 12]]]
+    batch = collate_blocks([row_from_documents(d) for d in rows], pad_id=PAD)
+    model = tiny_model("gpthf", max_sentence_tokens=32).train().to(torch.bfloat16)
+    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch.input_ids, batch.sentence_ids, batch.document_ids)
+    layout = attention_module.SentenceLayout.build(batch.sentence_ids, batch.document_ids)
+    prob_shapes = {
+        (e.shape[0], 2, a.shape[2], e.shape[1] + 1)
+        for e, a in zip(layout.doc_ends, layout.doc_allowed, strict=True)
+    }
+    assert {s for dt, s in saved if dt == torch.bfloat16} >= prob_shapes  # they are saved...
+    assert not [s for dt, s in saved if dt == torch.float32 and len(s) == 4]  # ... never in fp32

@@ -112,6 +112,14 @@ def sentence_ids_for(ids: Tensor, lengths: Tensor, eos_id: int) -> Tensor:
     return torch.where(t[None, :] < lengths[:, None], sid, -1)
 
 
+def sentence_ended(
+    tokens: np.ndarray, active: np.ndarray, eod: np.ndarray, open_len: np.ndarray, eos_id: int
+) -> np.ndarray:
+    """(B,) bool: the new token ends a sentence. EOS-S always does; end-of-document does only
+    when a sentence is open, so an end-of-document right after EOS-S is not a second end."""
+    return (active & (tokens == eos_id)) | (eod & (open_len > 0))
+
+
 def _dev(a: np.ndarray, device: torch.device) -> Tensor:
     return torch.from_numpy(a).to(device)
 
@@ -485,7 +493,7 @@ def generate(
             for b in np.flatnonzero(active):
                 new[b].append(int(host[b]))
             eod = active & (host == c.eod_id) & stop_at_eod
-            ended = (active & (host == c.eos_id)) | eod  # a sentence ends here
+            ended = sentence_ended(host, active, eod, state.open_len, c.eos_id)
             forced += ended & force
             natural += ended & ~force
             stopped |= eod

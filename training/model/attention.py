@@ -98,7 +98,9 @@ def attend_ends_and_self(
     scores_ends = (q @ k_ends.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B,H,T,N)
     score_self = (q * k).sum(dim=-1, keepdim=True)  # (B, H, T, 1)
     scores = torch.cat([scores_ends, score_self], dim=-1) * scale  # (B, H, T, N+1)
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    # Softmax in the activation dtype: the kernels accumulate in fp32 internally, and autograd
+    # then saves bf16 probabilities, not an fp32 (B, H, T, N+1) tensor, in bf16 training.
+    probs = scores.softmax(dim=-1)
     return probs[..., :-1] @ v_ends + probs[..., -1:] * v  # (B, H, T, hd)
 
 
@@ -142,125 +144,210 @@ class CausalAttention(Attention):
         return sdpa(q, k, v, causal=True)
 
 
-class DocumentCausalAttention(Attention):
-    """GPT: causal within each document. ``mask`` is None when every row is one document."""
+@dataclass
+class RunRouting:
+    """Tokens of a packed batch regrouped into short sequences, one per *run* (a sentence for
+    the GPTHF encoder, a document for the GPT and the GPTHF body), so that attention within a
+    run is ordinary causal attention over short rows: no T x T mask, and fused SDPA kernels
+    apply (flash on CUDA, the flash CPU kernel here).
 
-    def __init__(self, cos: Tensor, sin: Tensor, mask: Tensor | None) -> None:
+    Runs are grouped by length (powers of two; every run of <= ``MIN_BUCKET`` tokens in one
+    group), so padding costs at most 2x inside a group and a forward makes one SDPA call per
+    group: about log2(T / 16) calls, not one per run. The grouping is planned on the host
+    once per forward (one sync, for the run lengths) and shared by every layer.
+
+    ``groups`` is None when each row is already a single run starting at position 0: the rows
+    themselves are then the sequences (trailing padding is never seen by a causal query).
+    """
+
+    MIN_BUCKET = 16
+
+    valid: Tensor  # (B, T) bool, real tokens
+    groups: list[Tensor] | None  # per group (n, L) flat token index of each slot
+    to_token: Tensor | None  # (B * T,) index into the groups' concatenated slots; 0 on pads
+    run_first: Tensor  # (R,) flat index of each run's first token, in order
+    run_length: list[int]  # host copy of each run's length
+    group_runs: list[Tensor]  # per group (n,) run ids, on the device
+    group_runs_host: list[Tensor]  # the same on the host
+
+    @classmethod
+    def build(cls, start: Tensor, valid: Tensor) -> RunRouting:
+        """start: (B, T) bool, a real token that begins a run; valid: (B, T) real tokens."""
+        B, T = start.shape
+        device = start.device
+        flat_valid = valid.flatten()
+        flat_start = (start & valid).flatten()
+        run_of = (flat_start.cumsum(0) - 1).clamp(min=0)  # (B*T,) run of each real token
+        first = flat_start.nonzero().squeeze(1)  # (R,)
+        n_runs = first.shape[0]
+        if n_runs == 0:
+            raise ValueError("a batch with no real token: every sentence id is -1 (padding)")
+        length = torch.zeros(max(n_runs, 1), dtype=torch.long, device=device)
+        length.scatter_add_(0, run_of, flat_valid.long())
+        length = length[:n_runs]
+        row_runs = (start & valid).sum(dim=1)
+        single, prefix = torch.stack(
+            [(row_runs == 1).all(), (valid[:, 1:] <= valid[:, :-1]).all()]
+        ).tolist()
+        host_length = length.cpu()
+        if single and prefix:  # one run per row, from position 0: the rows are the runs
+            rows = torch.arange(n_runs)
+            return cls(valid, None, None, first, host_length.tolist(), [rows.to(device)], [rows])
+        bucket = torch.ceil(torch.log2(host_length.clamp(min=cls.MIN_BUCKET).double())).long()
+        order = torch.argsort(bucket, stable=True)
+        _, counts = torch.unique_consecutive(bucket[order], return_counts=True)
+        concat_start = torch.zeros(n_runs, dtype=torch.long)  # host
+        groups, group_runs, host_runs, base = [], [], [], 0
+        for runs in order.split(counts.tolist()):
+            host_runs.append(runs)
+            L = int(host_length[runs].max())
+            concat_start[runs] = base + torch.arange(runs.shape[0]) * L
+            base += runs.shape[0] * L
+            runs_dev = runs.to(device)
+            slot = torch.arange(L, device=device)
+            # Slots past a run's end repeat its first token: keys only of later (padded)
+            # query slots under the causal mask, so never seen by a real query.
+            offset = torch.where(slot < length[runs_dev, None], slot, 0)  # (n, L)
+            groups.append(first[runs_dev, None] + offset)
+            group_runs.append(runs_dev)
+        pos = torch.arange(B * T, device=device) - first[run_of]
+        to_token = torch.where(flat_valid, concat_start.to(device)[run_of] + pos, 0)
+        return cls(valid, groups, to_token, first, host_length.tolist(), group_runs, host_runs)
+
+    def gather(self, x: Tensor) -> list[Tensor]:
+        """(B, T, ...) -> one (n, L, ...) tensor per group."""
+        if self.groups is None:
+            return [x]
+        flat = x.reshape(-1, *x.shape[2:])
+        return [flat[index] for index in self.groups]
+
+    def scatter(self, outs: list[Tensor]) -> Tensor:
+        """Inverse of ``gather`` for per-slot outputs; padded positions get zeros."""
+        if self.groups is None:
+            (out,) = outs
+        else:
+            assert self.to_token is not None
+            cat = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outs])
+            out = cat[self.to_token].view(*self.valid.shape, *cat.shape[1:])
+        mask = self.valid.view(*self.valid.shape, *[1] * (out.dim() - 2))
+        return out.masked_fill(~mask, 0.0)
+
+    def causal(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention within each run; (B, T, H, hd) in and out."""
+        outs = [
+            sdpa(qg, kg, vg, causal=True)
+            for qg, kg, vg in zip(self.gather(q), self.gather(k), self.gather(v), strict=True)
+        ]
+        return self.scatter(outs)
+
+
+def _document_runs(
+    sentence_ids: Tensor, document_ids: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """valid, document (-1 on pads) and document-start tensors, (B, T) each."""
+    valid = sentence_ids >= 0
+    doc = document_ids if document_ids is not None else torch.where(valid, 0, -1)
+    doc = torch.where(valid, doc, -1)
+    return valid, doc, run_starts(doc)
+
+
+class DocumentCausalAttention(Attention):
+    """GPT: causal within each document, each document attended as its own short sequence."""
+
+    def __init__(self, cos: Tensor, sin: Tensor, routing: RunRouting) -> None:
         super().__init__(cos, sin)
-        self.mask = mask  # (B, 1, T, T) bool or None
+        self.routing = routing
 
     @classmethod
     def build(cls, sentence_ids: Tensor, document_ids: Tensor | None, head_dim: int, theta: float):
-        valid = sentence_ids >= 0
-        doc = document_ids if document_ids is not None else torch.where(valid, 0, -1)
-        doc = torch.where(valid, doc, -1)
-        new_doc = run_starts(doc)
+        valid, _, new_doc = _document_runs(sentence_ids, document_ids)
         doc_pos, _ = position_in_run(new_doc)  # (B, T) token index within its document
-        multi_doc, pad_before_token = torch.stack(
-            [
-                ((new_doc & valid).sum(dim=1) > 1).any(),
-                (valid[:, 1:] & ~valid[:, :-1]).any(),
-            ]
-        ).tolist()
-        mask = None
-        if multi_doc or pad_before_token:
-            run = new_doc.cumsum(dim=1)  # (B, T) document run number; pads form their own runs
-            T = sentence_ids.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
-            mask = (run[:, :, None] == run[:, None, :]) & causal  # (B, T, T)
-            mask = mask[:, None]  # (B, 1, T, T)
-        return cls(*rope_tables(doc_pos, head_dim, theta), mask)
+        routing = RunRouting.build(new_doc, valid)
+        return cls(*rope_tables(doc_pos, head_dim, theta), routing)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.capture is not None:
             self.capture[layer] = (k, v)
-        if self.mask is None:
-            return sdpa(q, k, v, causal=True)
-        return sdpa(q, k, v, mask=self.mask)
+        return self.routing.causal(q, k, v)
 
 
 @dataclass
 class SentenceLayout:
-    """Index tensors that route tokens to per-sentence sequences and to sentence ends.
+    """Routing of one GPTHF forward, built once (one host sync) and shared by all its layers.
 
-    Built once per GPTHF forward (one host sync, for the sizes) and shared by all its layers.
+    The encoder attends within sentences (``sentences``); the body attends, per document
+    (``documents``), from each token to the ends of its document's earlier sentences: its cost
+    is sum over documents of tokens x sentences, linear in the keys each query may see.
     """
 
     valid: Tensor  # (B, T) bool, real tokens
     token_pos: Tensor  # (B, T) position within the sentence (encoder RoPE)
     sentence_pos: Tensor  # (B, T) sentence index within the document (body RoPE)
-    n_sentences: int  # S: real sentences in the batch
-    s_max: int  # longest sentence
-    to_sentence: Tensor  # (S * s_max,) flat token index for each (sentence, slot)
-    to_token: Tensor  # (B * T,) flat (sentence, slot) index for each token; 0 on pads
-    end_pos: Tensor  # (B, N) position of each sentence end of a row (0 where none)
-    end_allowed: Tensor  # (B, 1, T, N) bool: end j is an earlier sentence of i's document
+    sentences: RunRouting  # one run per sentence
+    documents: RunRouting  # one run per document
+    doc_ends: list[Tensor]  # per document group (n, N_g): flat token index of each end
+    doc_allowed: list[Tensor]  # per document group (n, 1, L, N_g) bool: end j < own sentence
+    end_pos: Tensor  # (B, N) position of each sentence end of a row, in order (0 where none)
 
     @classmethod
     def build(cls, sentence_ids: Tensor, document_ids: Tensor | None = None) -> SentenceLayout:
         B, T = sentence_ids.shape
         device = sentence_ids.device
-        valid = sentence_ids >= 0
-        doc = document_ids if document_ids is not None else torch.where(valid, 0, -1)
-        doc = torch.where(valid, doc, -1)
+        valid, doc, new_doc = _document_runs(sentence_ids, document_ids)
         new_sent = run_starts(sentence_ids, doc)  # pads form their own runs too
-        new_doc = run_starts(doc)
         token_pos, _ = position_in_run(new_sent)
         _, doc_first = position_in_run(new_doc)
         sent_run = new_sent.cumsum(dim=1)  # (B, T) sentence run number within the row
-        doc_run = new_doc.cumsum(dim=1)  # (B, T) document run number within the row
         sentence_pos = sent_run - sent_run.gather(1, doc_first)
         is_end = valid.clone()
         is_end[:, :-1] &= new_sent[:, 1:]  # last token of its run
 
-        n_sent, s_max, n_ends = torch.stack(
-            [
-                (new_sent & valid).sum(),
-                torch.where(valid, token_pos + 1, 0).max(),
-                is_end.sum(dim=1).max(),
-            ]
-        ).tolist()
-        n_sent, s_max, n_ends = max(n_sent, 1), max(s_max, 1), max(n_ends, 1)
+        sentences = RunRouting.build(new_sent, valid)
+        documents = RunRouting.build(new_doc, valid)
 
-        # Encoder routing. Slots past a sentence's length point at its first token: they are
-        # keys only of later (padded) query slots under the causal mask, so never seen.
-        flat_start = (new_sent & valid).flatten()
-        flat_valid = valid.flatten()
-        g = flat_start.cumsum(0) - 1  # (B*T,) global sentence index of each token
-        flat_idx = torch.arange(B * T, device=device)
-        dump = torch.full_like(g, n_sent)
-        sent_first = torch.zeros(n_sent + 1, dtype=torch.long, device=device)
-        sent_first.scatter_(0, torch.where(flat_start, g, dump), flat_idx)  # (S+1,)
-        sent_len = torch.zeros(n_sent + 1, dtype=torch.long, device=device)
-        sent_len.scatter_add_(0, torch.where(flat_valid, g, dump), torch.ones_like(g))
-        slot = torch.arange(s_max, device=device)
-        offset = torch.where(slot < sent_len[:n_sent, None], slot, 0)  # (S, s_max)
-        to_sentence = (sent_first[:n_sent, None] + offset).flatten()  # (S * s_max,)
-        to_token = torch.where(flat_valid, g * s_max + token_pos.flatten(), 0)  # (B*T,)
+        # Body: the ends of each document in order. End j of a document closes its sentence j,
+        # so a token of sentence i may see exactly the ends j < i.
+        flat_end = is_end.flatten()
+        end_count = flat_end.long().cumsum(0)  # (B*T,) ends up to and including each position
+        first = documents.run_first  # (R,)
+        doc_of = ((new_doc & valid).flatten().cumsum(0) - 1).clamp(min=0)  # (B*T,)
+        ends_before = end_count[first] - flat_end[first].long()  # (R,) ends of earlier documents
+        rank_in_doc = end_count - 1 - ends_before[doc_of]  # (B*T,) meaningful where flat_end
+        ends_per_doc = torch.zeros(len(documents.run_length), dtype=torch.long, device=device)
+        ends_per_doc.scatter_add_(0, doc_of, flat_end.long())
+        host = torch.cat([ends_per_doc, is_end.sum(dim=1).max()[None]]).cpu()  # one sync
+        host_ends, n_row_ends = host[:-1], max(int(host[-1]), 1)
+        n_max = max(int(host_ends.max()) if len(host_ends) else 0, 1)
+        end_table = torch.zeros(max(len(host_ends), 1), n_max + 1, dtype=torch.long, device=device)
+        end_table[torch.where(flat_end, doc_of, 0), torch.where(flat_end, rank_in_doc, n_max)] = (
+            torch.arange(B * T, device=device)
+        )  # (R, N_max + 1): flat index of end j of doc r
+        doc_ends, doc_allowed = [], []
+        for runs, pos, host_runs in zip(
+            documents.group_runs,
+            documents.gather(sentence_pos),  # per group (n, L)
+            documents.group_runs_host,
+            strict=True,
+        ):
+            width = max(int(host_ends[host_runs].max()), 1)
+            doc_ends.append(end_table[runs, :width])  # (n, N_g)
+            j = torch.arange(width, device=device)
+            doc_allowed.append((j[None, None, :] < pos[:, :, None])[:, None])  # (n, 1, L, N_g)
 
-        # Body routing: the ends of each row, in order, and which of them each token may see.
+        # Rows' ends in order, for generation caches (``capture``).
         rank = is_end.cumsum(dim=1) - 1  # (B, T)
         t = torch.arange(T, device=device).expand(B, T)
-        end_pos = torch.zeros(B, n_ends + 1, dtype=torch.long, device=device)
-        end_pos.scatter_(1, torch.where(is_end, rank, n_ends), t)
-        end_pos = end_pos[:, :n_ends]  # (B, N)
-        end_valid = torch.arange(n_ends, device=device) < is_end.sum(dim=1, keepdim=True)  # (B, N)
-        end_sent, end_doc = sent_run.gather(1, end_pos), doc_run.gather(1, end_pos)  # (B, N)
-        end_allowed = (
-            end_valid[:, None, :]
-            & (end_doc[:, None, :] == doc_run[:, :, None])
-            & (end_sent[:, None, :] < sent_run[:, :, None])
-        )  # (B, T, N)
+        end_pos = torch.zeros(B, n_row_ends + 1, dtype=torch.long, device=device)
+        end_pos.scatter_(1, torch.where(is_end, rank, n_row_ends), t)
         return cls(
             valid=valid,
             token_pos=token_pos,
             sentence_pos=sentence_pos,
-            n_sentences=n_sent,
-            s_max=s_max,
-            to_sentence=to_sentence,
-            to_token=to_token,
-            end_pos=end_pos,
-            end_allowed=end_allowed[:, None],  # (B, 1, T, N)
+            sentences=sentences,
+            documents=documents,
+            doc_ends=doc_ends,
+            doc_allowed=doc_allowed,
+            end_pos=end_pos[:, :n_row_ends],
         )
 
 
@@ -274,17 +361,7 @@ class SentenceAttention(Attention):
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.capture is not None:
             self.capture[layer] = (k, v)
-        B, T, H, hd = q.shape
-        lay = self.layout
-        S, s = lay.n_sentences, lay.s_max
-
-        def per_sentence(x: Tensor) -> Tensor:
-            x = x.reshape(B * T, H, hd)[lay.to_sentence]  # (S * s, H, hd)
-            return x.view(S, s, H, hd)  # (S, s, H, hd)
-
-        out = sdpa(per_sentence(q), per_sentence(k), per_sentence(v), causal=True)  # (S,s,H,hd)
-        out = out.reshape(S * s, H, hd)[lay.to_token].view(B, T, H, hd)  # back to tokens
-        return out.masked_fill(~lay.valid[:, :, None, None], 0.0)
+        return self.layout.sentences.causal(q, k, v)
 
 
 class SentenceEndAttention(Attention):
@@ -295,21 +372,34 @@ class SentenceEndAttention(Attention):
         self.layout = layout
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        lay = self.layout
         H, hd = q.shape[2:]
-        ends = self.layout.end_pos[:, :, None, None].expand(-1, -1, H, hd)  # (B, N, H, hd)
-        k_ends = k.gather(1, ends).transpose(1, 2)  # (B, H, N, hd)
-        v_ends = v.gather(1, ends).transpose(1, 2)
         if self.capture is not None:
-            self.capture[layer] = (k_ends, v_ends)
-        out = attend_ends_and_self(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            k_ends,
-            v_ends,
-            self.layout.end_allowed,
-        )  # (B, H, T, hd)
-        return out.transpose(1, 2)  # (B, T, H, hd)
+            ends = lay.end_pos[:, :, None, None].expand(-1, -1, H, hd)  # (B, N, H, hd)
+            self.capture[layer] = (
+                k.gather(1, ends).transpose(1, 2),
+                v.gather(1, ends).transpose(1, 2),
+            )  # (B, H, N, hd)
+        flat_k, flat_v = k.reshape(-1, H, hd), v.reshape(-1, H, hd)
+        outs = []
+        for qg, kg, vg, ends, allowed in zip(
+            lay.documents.gather(q),
+            lay.documents.gather(k),
+            lay.documents.gather(v),
+            lay.doc_ends,
+            lay.doc_allowed,
+            strict=True,
+        ):
+            out = attend_ends_and_self(
+                qg.transpose(1, 2),
+                kg.transpose(1, 2),
+                vg.transpose(1, 2),
+                flat_k[ends].transpose(1, 2),  # (n, H, N_g, hd)
+                flat_v[ends].transpose(1, 2),
+                allowed,
+            )  # (n, H, L, hd)
+            outs.append(out.transpose(1, 2))
+        return lay.documents.scatter(outs)  # (B, T, H, hd)
 
 
 class KVCacheAttention(Attention):
