@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/eval.py --quick                 # tiny models, synthetic mixes, CPU
     .venv/bin/python benchmarks/eval.py --data OUT [--device cuda]  # real held-out shards of OUT
+    .venv/bin/python benchmarks/eval.py --data OUT --job EXPORT    # the Ray job vs its bare loop
 
 Both layouts score the same blocks with the same model through ``training.eval.scoring.score_blocks``
 (forward, log-softmax, per-block sums), ``--batch-rows`` blocks per call; prepack packs each
@@ -14,6 +15,15 @@ sentences: only sentence lengths vary). Synthetic (default): ``full``, blocks of
 sentences of ~Poisson(25) tokens, as the pipeline writes them; ``mix``, blocks of 1..S
 sentences (uniform), standing for a held-out mix of shard tails and sources packed with other
 S. Random weights (speed does not depend on them).
+
+Memory, as the Prepacking paper reports it: per layout, the largest forward (rows x width
+slots), the share of its slots that are padding, and on CUDA the peak allocated memory.
+
+``--job EXPORT`` times the evaluation job itself (``training.eval.job.run_eval``: Ray Data read,
+actor pool, per-shard sums, report) on the held-out split of ``--data`` against its own scoring
+loop run bare on the same blocks with the same export and threads: the job's execution time
+(``wall_s``: from the first read to the last batch) and its end-to-end time, over the bare
+loop. Ray starts in-process (``--ray-cpus``). Results: ``benchmarks/results/eval_job.json``.
 Results: ``benchmarks/results/eval[_quick].json``.
 """
 
@@ -69,6 +79,29 @@ def heldout(data: str) -> tuple[pa.Table, dict[str, Any]]:
     return pa.concat_tables(tables), m
 
 
+def memory(table: pa.Table, batching: str, args: argparse.Namespace, c: ModelConfig) -> dict:
+    """Largest forward of a layout over the calls: slots (rows x width) and padding share."""
+    from training.eval.scoring import pad_blocks, prepack_blocks
+
+    largest, pad_share, real, slots = 0, 0.0, 0, 0
+    for lo in range(0, len(table), args.batch_rows):
+        part = table.slice(lo, args.batch_rows)
+        if batching == "prepack":
+            batch, _ = prepack_blocks(part, pad_id=c.pad_id, token_budget=args.budget)
+        else:
+            batch, _ = pad_blocks(part, pad_id=c.pad_id)
+        n = batch.input_ids.numel()
+        r = int((batch.sentence_ids >= 0).sum())
+        real, slots = real + r, slots + n
+        if n > largest:
+            largest, pad_share = n, 1 - r / n
+    return {
+        "largest_forward_slots": largest,
+        "largest_forward_padding": pad_share,
+        "padding_share": 1 - real / slots,
+    }
+
+
 def run(
     model: Any, table: pa.Table, batching: str, args: argparse.Namespace
 ) -> tuple[float, float]:
@@ -93,6 +126,69 @@ def run(
     return time.perf_counter() - start, nll
 
 
+def job_vs_bare(args: argparse.Namespace) -> None:
+    """The Ray evaluation job against its own scoring loop, bare, on the same blocks."""
+    import os
+    import tempfile
+
+    import ray
+
+    from training.eval.config import EvalConfig
+    from training.eval.job import run_eval
+    from training.export import load_export
+
+    exp = load_export(args.job, None)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    table, _ = heldout(args.data)
+    tokens = int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py())
+    args.device = "cpu"
+    run(exp.model, table.slice(0, args.batch_rows), "prepack", args)  # warm-up
+    bare = min(run(exp.model, table, "prepack", args)[0] for _ in range(args.repeats))
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        job_wall, job_total = float("inf"), float("inf")
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as out:
+                cfg = EvalConfig(
+                    checkpoints=[args.job],
+                    data=args.data,
+                    output=out,
+                    batch_rows=args.batch_rows,
+                    token_budget=args.budget,
+                    threads=threads,
+                )
+                t0 = time.perf_counter()
+                report = run_eval(cfg)
+                job_total = min(job_total, time.perf_counter() - t0)
+                job_wall = min(job_wall, report.checkpoints[0].wall_s)
+    finally:
+        ray.shutdown()
+    r = {
+        "export": args.job,
+        "data": args.data,
+        "blocks": len(table),
+        "tokens": tokens,
+        "threads": threads,
+        "bare_tokens_per_s": tokens / bare,
+        "job_tokens_per_s": tokens / job_wall,
+        "job_end_to_end_tokens_per_s": tokens / job_total,
+        "job_vs_bare": bare / job_wall,
+        "job_end_to_end_vs_bare": bare / job_total,
+        "goal": {"job_vs_bare": 0.9, "met": bare / job_wall >= 0.9},
+    }
+    path = Path(__file__).parent / "results" / "eval_job.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(r, indent=1))
+    print("\n| blocks | tokens | threads | bare tok/s | job tok/s (execution) | job / bare "
+          "| job end to end tok/s | end to end / bare |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {r['blocks']} | {tokens} | {threads} | {r['bare_tokens_per_s']:.0f} "
+          f"| {r['job_tokens_per_s']:.0f} | {r['job_vs_bare']:.2f}x "
+          f"| {r['job_end_to_end_tokens_per_s']:.0f} | {r['job_end_to_end_vs_bare']:.2f}x |")  # fmt: skip
+    print(f"\nwritten {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -104,7 +200,14 @@ def main() -> None:
     p.add_argument("--S", type=int, default=16, help="synthetic sentences per block")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--job", metavar="EXPORT", help="time the Ray evaluation job of this export")
+    p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the in-process Ray")
     args = p.parse_args()
+    if args.job:
+        if not args.data:
+            raise SystemExit("--job needs --data OUT (a preprocess output with a held-out split)")
+        job_vs_bare(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = args.rows or (256 if args.quick else 2048)
@@ -135,12 +238,18 @@ def main() -> None:
             timing: dict[str, float] = {}
             nll: dict[str, float] = {}
             run(model, table.slice(0, args.batch_rows), "pad", args)  # warm-up
+            mem: dict[str, Any] = {}
             for batching in ("pad", "prepack"):
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 best = float("inf")
                 for _ in range(args.repeats):
                     sec, nll[batching] = run(model, table, batching, args)
                     best = min(best, sec)
                 timing[batching] = best
+                mem[batching] = memory(table, batching, args, arch_cfg)
+                if args.device == "cuda":
+                    mem[batching]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
             rel = abs(nll["prepack"] - nll["pad"]) / abs(nll["pad"])
             r = {
                 "arch": arch_cfg.arch,
@@ -151,6 +260,7 @@ def main() -> None:
                 "prepack_tokens_per_s": tokens / timing["prepack"],
                 "speedup": timing["pad"] / timing["prepack"],
                 "nll_rel_diff": rel,
+                "memory": mem,
             }
             assert rel < 1e-5, r
             results.append(r)
@@ -170,14 +280,24 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=1))
     print(f"\n{preset} ({args.device}), {args.batch_rows} blocks per call, budget {args.budget}\n")
     print(
-        "| model | workload | blocks | tokens | pad tok/s | prepack tok/s | speedup | NLL rel diff |"
+        "| model | workload | blocks | tokens | pad tok/s | prepack tok/s | speedup "
+        "| largest forward pad : prepack (padding) | peak MiB pad : prepack | NLL rel diff |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        m = r["memory"]
+        peak = (
+            f"{m['pad']['cuda_peak_bytes'] / 2**20:.0f} : {m['prepack']['cuda_peak_bytes'] / 2**20:.0f}"
+            if "cuda_peak_bytes" in m["pad"]
+            else "-"
+        )
         print(
             f"| {r['arch']} | {r['workload']} | {r['blocks']} | {r['tokens']} "
             f"| {r['pad_tokens_per_s']:.0f} | {r['prepack_tokens_per_s']:.0f} "
-            f"| {r['speedup']:.2f}x | {r['nll_rel_diff']:.1e} |"
+            f"| {r['speedup']:.2f}x "
+            f"| {m['pad']['largest_forward_slots']} ({m['pad']['largest_forward_padding']:.0%}) : "
+            f"{m['prepack']['largest_forward_slots']} ({m['prepack']['largest_forward_padding']:.0%}) "
+            f"| {peak} | {r['nll_rel_diff']:.1e} |"
         )
     print(f"\nwritten {path}")
 

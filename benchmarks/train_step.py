@@ -6,9 +6,11 @@
 Both models get the same batches: packed blocks as the data pipeline writes them (exactly
 ``--sentences`` sentences per row, lengths ~ Poisson(25) capped at M=64, documents of
 ~``--doc-sentences`` sentences running across rows, or one long document per row),
-through ``training.data.collate``. The GPT gets a document-causal mask where a row holds several
-documents, ``is_causal`` SDPA where it holds one. A step is
-forward, cross-entropy over the labels, backward (no optimizer: it is the same for both).
+through ``training.data.collate``. Our GPT attends each document as its own causal sequence
+(documents gathered by length, fused SDPA, no T x T mask). The peer is Hugging Face's Llama of
+the same shape holding the GPT's weights (``benchmarks/_peer.py``; causal over whole rows, as
+SDPA Llama runs packed rows; skip it with ``--no-peer``). A step is
+forward, cross-entropy over the labels, backward (no optimizer: it is the same for all).
 tokens/s counts real (non-pad) tokens; best of ``--repeats`` timings of ``--steps`` steps.
 ``--profile`` prints the top operators of one step of each model (torch.profiler).
 Results: ``benchmarks/results/train_step[_quick].json``.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import _peer
 from training.data.collate import PackedBatch, collate_blocks
 from training.model import ModelConfig, Transformer, build_model
 from training.model.flops import train_step_flops
@@ -70,10 +73,13 @@ def documents_of(rows: list[dict[str, Any]]) -> list[list[int]]:
     return docs
 
 
-def step(model: Transformer, b: PackedBatch, autocast: bool) -> None:
+def step(model: Any, b: PackedBatch, autocast: bool) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(b.input_ids, b.sentence_ids, b.document_ids)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten())
+        if isinstance(model, Transformer):
+            logits = model(b.input_ids, b.sentence_ids, b.document_ids)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten())
+        else:
+            loss = _peer.peer_loss(model, b.input_ids, b.labels)
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -106,6 +112,7 @@ def main() -> None:
         "--threads", type=int, help="CPU threads (default: 1 with --quick, robust on a shared box)"
     )
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face Llama peer")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -118,10 +125,17 @@ def main() -> None:
     steps = args.steps or (2 if args.quick else 10)
     sentence_counts = args.sentences or ([40] if args.quick else [40, 80, 160])
     hf_cfg = ModelConfig.preset(preset, vocab_size=args.vocab_size)
-    models = {}
+    models: dict[str, Any] = {}
     for cfg in (hf_cfg, hf_cfg.baseline()):
         torch.manual_seed(0)
         models[cfg.arch] = build_model(cfg).to(device).train()
+    peer_diff = None
+    if not args.no_peer and _peer.available():
+        models["llama"] = _peer.llama_peer(models["gpt"])
+        probe = torch.randint(3, hf_cfg.vocab_size, (2, 64), device=device)
+        peer_diff = _peer.check_same_function(models["gpt"], models["llama"], probe, atol=1e-3)
+    elif not args.no_peer:
+        print("# transformers is not installed: no Llama peer (pip install -e '.[hf]')")
     print(f"# {preset} vs its GPT baseline, {models['gpt'].num_parameters() / 1e6:.1f}M params, "
           f"batch {batch}, {device}{' bf16 autocast' if autocast else ' fp32'}", flush=True)  # fmt: skip
 
@@ -148,7 +162,8 @@ def main() -> None:
                     step(model, b, autocast)
                 _sync(device)
                 best = min(best, time.perf_counter() - t0)
-            flops = train_step_flops(model.config, documents_of(rows)).total
+            config = model.config if isinstance(model, Transformer) else models["gpt"].config
+            flops = train_step_flops(config, documents_of(rows)).total  # attended FLOPs
             entry[arch] = {
                 "tokens_per_s": tokens / best,
                 "seconds": best,
@@ -171,6 +186,8 @@ def main() -> None:
                 print(prof.key_averages().table(sort_by=key, row_limit=15))
         entry["speedup"] = entry["gpthf"]["tokens_per_s"] / entry["gpt"]["tokens_per_s"]
         entry["flops_ratio"] = entry["gpt"]["flops_per_token"] / entry["gpthf"]["flops_per_token"]
+        if "llama" in entry:
+            entry["gpt_vs_llama"] = entry["gpt"]["tokens_per_s"] / entry["llama"]["tokens_per_s"]
         results.append(entry)
 
     report: dict[str, Any] = {
@@ -184,8 +201,24 @@ def main() -> None:
         "torch": torch.__version__,
         "gpthf_config": hf_cfg.to_dict(),
         "batch": batch,
+        "peer": "transformers LlamaForCausalLM (sdpa)" if "llama" in models else None,
+        "peer_max_logit_diff": peer_diff,
         "results": results,
-        "goal": {"speedup": 1.2, "met": all(r["speedup"] >= 1.2 for r in results)},
+        "goals": {
+            "gpthf_at_flop_ratio": {
+                "goal": "GPTHF speedup over our GPT >= their FLOP ratio",
+                "met": all(r["speedup"] >= r["flops_ratio"] for r in results),
+            },
+            "gpt_vs_llama": {
+                "goal": 1.0,
+                "min": min(
+                    (r["gpt_vs_llama"] for r in results if "gpt_vs_llama" in r), default=None
+                ),
+                "met": all(r.get("gpt_vs_llama", 0) >= 1.0 for r in results)
+                if "llama" in models
+                else None,
+            },
+        },
     }
     out = (
         args.out
@@ -194,14 +227,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(
-        "\n| sentences/row | sentences/doc | T | GPT tok/s | GPTHF tok/s | speedup | GPT/GPTHF FLOPs |"
+        "\n| sentences/row | sentences/doc | T | Llama tok/s | GPT tok/s | GPTHF tok/s "
+        "| GPT / Llama | GPTHF / GPT | GPT/GPTHF FLOPs |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         docs = r["doc_sentences"] or "one doc/row"
-        print(f"| {r['sentences_per_row']} | {docs} | {r['T']} | {r['gpt']['tokens_per_s']:,.0f} "
-              f"| {r['gpthf']['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x |")  # fmt: skip
-    print(f"\ngoal GPTHF >= 1.2x: {'met' if report['goal']['met'] else 'missed'}; wrote {out}")
+        llama = f"{r['llama']['tokens_per_s']:,.0f}" if "llama" in r else "-"
+        vs = f"{r['gpt_vs_llama']:.2f}x" if "gpt_vs_llama" in r else "-"
+        print(f"| {r['sentences_per_row']} | {docs} | {r['T']} | {llama} | {r['gpt']['tokens_per_s']:,.0f} "
+              f"| {r['gpthf']['tokens_per_s']:,.0f} | {vs} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x |")  # fmt: skip
+    print()
+    for name, g in report["goals"].items():
+        print(f"- {name}: {json.dumps(g)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

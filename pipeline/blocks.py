@@ -36,12 +36,8 @@ BLOCK_SCHEMA = pa.schema(
     },
 )
 
-LIST_COLUMNS = ("input_ids", "sentence_lengths", "document_index")
-"""The integer list columns (what a model batch is built from)."""
-MODEL_COLUMNS = LIST_COLUMNS
-"""What collate needs to build a model batch."""
-SCORING_COLUMNS = (*MODEL_COLUMNS, "num_bytes", "num_words")
-"""What training and evaluation read from a shard: the model columns plus the byte and word
-counts that bits-per-byte and word perplexity are normalised by."""
+from pipeline.columns import LIST_COLUMNS, MODEL_COLUMNS, SCORING_COLUMNS  # noqa: E402
+
+__all__ = ["BLOCK_SCHEMA", "COLUMN_DOCS", "LIST_COLUMNS", "MODEL_COLUMNS", "SCORING_COLUMNS"]
 
 assert set(COLUMN_DOCS) == set(BLOCK_SCHEMA.names)

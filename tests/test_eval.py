@@ -266,10 +266,31 @@ def test_failing_shard_is_named(data_dir: Path, exports: dict[str, str]) -> None
     from training.eval.job import _Scorer
 
     m = _manifest(data_dir)
-    scorer = _Scorer(exports["gpt"], None, False, m.pad_id, m.eos_id, "prepack", 256)
+    scorer = _Scorer(exports["gpt"], None, False, m.pad_id, m.eos_id, "prepack", 256, 1, 1)
     bad = pa.table({**HAND, "path": ["x/heldout/u7.parquet"] * 2})
     bad = bad.set_column(1, "sentence_lengths", pa.array([[3, 3], [4]]))  # 6 != 5 tokens
     with pytest.raises(EvalError, match=r"u7\.parquet"):
         scorer(bad)
     good = scorer(bad.set_column(1, "sentence_lengths", pa.array([[3, 2], [4]])))
     assert good["targets"].tolist() == [3, 3] and good["tokens"].tolist() == [5, 4]
+
+
+def test_scoring_actors_use_the_nodes_cores(exports: dict[str, str]) -> None:
+    """Ray starts actors with OMP_NUM_THREADS=1; the scorer sets torch's threads itself:
+    ``threads`` when given, else the node's cores shared among the actors."""
+    import os
+
+    import torch
+
+    from training.eval.job import _Scorer
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        for threads, actors, expected in ((3, 1, 3), (0, 1, cores), (0, 2 * cores, 1)):
+            _Scorer(exports["gpt"], None, False, 1, 0, "prepack", 256, threads, actors)
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(EvalConfigError, match="threads"):
+        EvalConfig(checkpoints=["x"], data="d", output="o", threads=-1)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.blocks import MODEL_COLUMNS
+from pipeline.columns import MODEL_COLUMNS
 
 IGNORE_INDEX = -100
 

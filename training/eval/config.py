@@ -35,6 +35,8 @@ class EvalConfig:
     """Split of the manifest to score."""
     actors: int = 1
     """Size of the scoring actor pool (one model per actor)."""
+    threads: int = 0
+    """Torch CPU threads per scoring actor (0: the node's cores shared among the actors; Ray would give each actor one)."""
     gpu: bool = False
     """One GPU per actor."""
     batching: Batching = "prepack"
@@ -49,6 +51,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.checkpoints:
             raise EvalConfigError("give at least one --checkpoint (an export folder)")
+        if self.threads < 0:
+            raise EvalConfigError(f"threads must be >= 0 (0: automatic), got {self.threads}")
         for name in ("actors", "token_budget", "batch_rows"):
             if getattr(self, name) < 1:
                 raise EvalConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -47,9 +48,14 @@ class _Scorer:
         eos_id: int,
         batching: str,
         token_budget: int,
+        threads: int,
+        actors: int,
     ) -> None:
         import torch
 
+        # Ray starts actors with OMP_NUM_THREADS=1, so torch would score on one core however
+        # many the node has: that alone halved the job's rate against its own bare loop.
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // actors))
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         self.model = load_export(checkpoint, storage, device=self.device).model
         self.kw = dict(pad_id=pad_id, eos_id=eos_id, batching=batching, token_budget=token_budget)
@@ -133,6 +139,8 @@ def _evaluate_one(
             eos_id=manifest.eos_id,
             batching=cfg.batching,
             token_budget=cfg.token_budget,
+            threads=cfg.threads,
+            actors=cfg.actors,
         ),
         batch_size=cfg.batch_rows,
         batch_format="pyarrow",

@@ -9,13 +9,18 @@ block of a stage with that block's ``(B, T, H, hd)`` queries, keys and values.
 Patterns for a full forward over packed rows:
 
 * ``DocumentCausalAttention`` (GPT): causal within each document; positions restart at every
-  document. Rows holding a single document use ``is_causal`` SDPA (fused kernels, no mask).
+  document. Documents are gathered into short sequences grouped by length (``RunRouting``) and
+  attended with ``is_causal`` SDPA; rows that each hold one document are attended as they are.
 * ``SentenceAttention`` (GPTHF encoder): causal within each sentence; positions restart at
-  every sentence. Tokens are gathered into one short padded sequence per sentence,
-  ``(n_sentences, s_max)``, and attended with ``is_causal`` SDPA: no T x T anything.
+  every sentence. Sentences are gathered the same way: no T x T anything.
 * ``SentenceEndAttention`` (GPTHF body): each token attends the keys at the ends of the earlier
-  sentences of its document, gathered into ``(B, N_max)``, plus its own key. Positions are the
-  sentence index within the document.
+  sentences of its document plus its own key, document by document (queries of a document
+  against that document's ends). Positions are the sentence index within the document.
+
+No pattern materialises a T x T mask or score matrix (tests/test_model_attention.py records
+every tensor of a forward and backward). On CUDA the gathered causal sequences run on SDPA's
+flash kernel; FlexAttention would express the same masks, but its backward does not run on
+CPU (STACK.md) and gathering needs no compile step.
 
 Patterns for generation (per-sequence state lives in the caches; see ``training.generation.decode``):
 

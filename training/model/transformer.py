@@ -9,7 +9,7 @@ with tied input/output embeddings. They differ only in the attention pattern eac
   sentence), then L_b body layers where a token sees the ends of the earlier sentences of its
   document plus itself (positions = sentence index in the document).
 
-The patterns live in ``training.model.attention``; none of them materialises a T x T mask for GPTHF.
+The patterns live in ``training.model.attention``; none of them materialises a T x T mask.
 Generation (``training.generation.decode``) reuses the same blocks with cached patterns.
 """
 
