@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from pipeline.blocks import SCORING_COLUMNS
 from pipeline.manifest import Manifest, ManifestError
 from tests.conftest import preprocessed
+from training.eval.config import EvalConfigError
 from training.eval.job import EvalConfig, EvalError, run_eval
 from training.eval.report import EvalReport, format_table
 from training.eval.scoring import (
