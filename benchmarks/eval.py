@@ -14,7 +14,8 @@ Workloads: ``--data``: the held-out shards of a preprocess output (blocks of exa
 sentences: only sentence lengths vary). Synthetic (default): ``full``, blocks of exactly S
 sentences of ~Poisson(25) tokens, as the pipeline writes them; ``mix``, blocks of 1..S
 sentences (uniform), standing for a held-out mix of shard tails and sources packed with other
-S. Random weights (speed does not depend on them).
+S; ``tail``, 1 + Geometric sentences (mean ~S/4, capped at S), the long-tailed length mix of
+the Prepacking paper's prompt sets (most requests short, a few long). Random weights (speed does not depend on them).
 
 Memory, as the Prepacking paper reports it: per layout, the largest forward (rows x width
 slots), the share of its slots that are padding, and on CUDA the peak allocated memory.
@@ -47,11 +48,18 @@ from training.eval.scoring import score_blocks
 from training.model import ModelConfig, build_model
 
 
-def synthetic(n: int, S: int, vary: bool, c: ModelConfig, seed: int) -> pa.Table:
+def synthetic(n: int, S: int, vary: str, c: ModelConfig, seed: int) -> pa.Table:
+    """vary: "none" (S sentences a block), "uniform" (1..S) or "tail" (1 + Geometric, mean
+    ~S/4, capped at S: mostly short blocks and a few long ones)."""
     rng = np.random.default_rng(seed)
     ids, lens, docs, nb = [], [], [], []
     for _ in range(n):
-        k = int(rng.integers(1, S + 1)) if vary else S
+        if vary == "uniform":
+            k = int(rng.integers(1, S + 1))
+        elif vary == "tail":
+            k = min(S, int(rng.geometric(4 / S)))
+        else:
+            k = S
         lengths = np.clip(rng.poisson(25, k), 2, c.max_sentence_tokens)
         doc = np.minimum(np.cumsum(rng.random(k) < 0.1), k)  # documents of ~10 sentences
         tok = rng.integers(3, c.vocab_size, int(lengths.sum()))
@@ -226,8 +234,9 @@ def main() -> None:
         workloads["heldout"] = table
     cfg = ModelConfig.preset(preset, **base)
     if not args.data:
-        workloads["full"] = synthetic(rows, args.S, False, cfg, 0)
-        workloads["mix"] = synthetic(rows, args.S, True, cfg, 1)
+        workloads["full"] = synthetic(rows, args.S, "none", cfg, 0)
+        workloads["mix"] = synthetic(rows, args.S, "uniform", cfg, 1)
+        workloads["tail"] = synthetic(rows, args.S, "tail", cfg, 2)
 
     results = []
     for arch_cfg in (cfg, cfg.baseline()):

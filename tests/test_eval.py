@@ -86,6 +86,18 @@ def test_prepack_layout_never_crosses_blocks() -> None:
     assert batch.labels[0, :9].tolist() == [6, 0, -100, 0, -100, 9, 10, 0, -100]
 
 
+def test_a_block_longer_than_the_budget_sets_the_row_width_for_all() -> None:
+    """Rows fill up to the longest block rather than padding to it: [10], [4, 3, 2]."""
+    blocks = {
+        "input_ids": [[5] * n for n in (10, 4, 3, 2)],
+        "sentence_lengths": [[n] for n in (10, 4, 3, 2)],
+        "document_index": [[0]] * 4,
+    }
+    batch, owner = prepack_blocks(blocks, pad_id=1, token_budget=6, pad_to_multiple=1)
+    assert batch.input_ids.shape == (2, 10)
+    assert owner[1].tolist() == [1] * 4 + [2] * 3 + [3] * 2 + [-1]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 40), max_size=40), st.integers(8, 64))
 def test_first_fit_decreasing(lengths: list[int], budget: int) -> None:

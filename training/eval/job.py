@@ -54,13 +54,19 @@ class _Scorer:
         import torch
 
         # Ray starts actors with OMP_NUM_THREADS=1, so torch would score on one core however
-        # many the node has: that alone halved the job's rate against its own bare loop.
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // actors))
+        # many the node has. OpenMP's thread count is per calling thread and Ray Data calls
+        # the UDF from another thread than this constructor, so ``__call__`` sets it again.
+        self.threads = threads or max(1, len(os.sched_getaffinity(0)) // actors)
+        torch.set_num_threads(self.threads)
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         self.model = load_export(checkpoint, storage, device=self.device).model
         self.kw = dict(pad_id=pad_id, eos_id=eos_id, batching=batching, token_budget=token_budget)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         paths = batch.column("path").to_pylist()
         try:
             scored = score_blocks(self.model, batch, device=self.device, **self.kw)  # type: ignore[arg-type]
