@@ -11,7 +11,8 @@ through ``training.data.collate``. Our GPT attends each document as its own caus
 the same shape holding the GPT's weights (``benchmarks/_peer.py``; causal over whole rows, as
 SDPA Llama runs packed rows; skip it with ``--no-peer``). A step is
 forward, cross-entropy over the labels, backward (no optimizer: it is the same for all).
-tokens/s counts real (non-pad) tokens; best of ``--repeats`` timings of ``--steps`` steps.
+tokens/s counts real (non-pad) tokens; best of ``--repeats`` timings of ``--steps`` steps,
+the models timed in turn within each repeat.
 ``--profile`` prints the top operators of one step of each model (torch.profiler).
 Results: ``benchmarks/results/train_step[_quick].json``.
 """
@@ -106,7 +107,7 @@ def main() -> None:
         help="mean sentences per document, one run each (0: every row is one long document)",
     )
     ap.add_argument("--steps", type=int, help="timed steps (default 10; quick 3)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N, models in turn")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
         "--threads", type=int, help="CPU threads (default: 1 with --quick, robust on a shared box)"
@@ -152,25 +153,30 @@ def main() -> None:
             "doc_sentences": doc_sent,
             "T": batches[0].input_ids.shape[1],
         }
-        for arch, model in models.items():
+        # Round robin: every repeat times each model once, so a slow spell of a shared machine
+        # costs all of them alike instead of whichever model happened to run then.
+        for model in models.values():
             step(model, batches[0], autocast)  # warm-up
-            best = float("inf")
-            for _ in range(args.repeats):
+        best = dict.fromkeys(models, float("inf"))
+        for _ in range(args.repeats):
+            for arch, model in models.items():
                 _sync(device)
                 t0 = time.perf_counter()
                 for b in batches:
                     step(model, b, autocast)
                 _sync(device)
-                best = min(best, time.perf_counter() - t0)
+                best[arch] = min(best[arch], time.perf_counter() - t0)
+        for arch, model in models.items():
             config = model.config if isinstance(model, Transformer) else models["gpt"].config
             flops = train_step_flops(config, documents_of(rows)).total  # attended FLOPs
             entry[arch] = {
-                "tokens_per_s": tokens / best,
-                "seconds": best,
+                "tokens_per_s": tokens / best[arch],
+                "seconds": best[arch],
                 "flops_per_token": flops / tokens,
             }
             print(
-                f"  S={n_sent} docs~{doc_sent} T={entry['T']} {arch}: {tokens / best:,.0f} tok/s",
+                f"  S={n_sent} docs~{doc_sent} T={entry['T']} {arch}: "
+                f"{tokens / best[arch]:,.0f} tok/s",
                 flush=True,
             )
             if args.profile:
