@@ -159,7 +159,7 @@ class RunRouting:
     Runs are grouped by length (powers of two; every run of <= ``MIN_BUCKET`` tokens in one
     group), so padding costs at most 2x inside a group and a forward makes one SDPA call per
     group: about log2(T / 16) calls, not one per run. The grouping is planned on the host
-    once per forward (one sync, for the run lengths) and shared by every layer.
+    once per forward (two small syncs: the run starts and lengths) and shared by every layer.
 
     ``groups`` is None when each row is already a single run starting at position 0: the rows
     themselves are then the sequences (trailing padding is never seen by a causal query).
@@ -187,9 +187,8 @@ class RunRouting:
         n_runs = first.shape[0]
         if n_runs == 0:
             raise ValueError("a batch with no real token: every sentence id is -1 (padding)")
-        length = torch.zeros(max(n_runs, 1), dtype=torch.long, device=device)
+        length = torch.zeros(n_runs, dtype=torch.long, device=device)
         length.scatter_add_(0, run_of, flat_valid.long())
-        length = length[:n_runs]
         row_runs = (start & valid).sum(dim=1)
         single, prefix = torch.stack(
             [(row_runs == 1).all(), (valid[:, 1:] <= valid[:, :-1]).all()]
@@ -278,7 +277,7 @@ class DocumentCausalAttention(Attention):
 
 @dataclass
 class SentenceLayout:
-    """Routing of one GPTHF forward, built once (one host sync) and shared by all its layers.
+    """Routing of one GPTHF forward, built once (a few small host syncs) and shared by all its layers.
 
     The encoder attends within sentences (``sentences``); the body attends, per document
     (``documents``), from each token to the ends of its document's earlier sentences: its cost
