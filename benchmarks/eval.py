@@ -22,9 +22,10 @@ slots), the share of its slots that are padding, and on CUDA the peak allocated 
 
 ``--job EXPORT`` times the evaluation job itself (``training.eval.job.run_eval``: Ray Data read,
 actor pool, per-shard sums, report) on the held-out split of ``--data`` against its own scoring
-loop run bare on the same blocks with the same export and threads: the job's execution time
+loop run bare on the same blocks with the same export and threads (``--split`` picks another split of
+``--data``): the job's execution time
 (``wall_s``: from the first read to the last batch) and its end-to-end time, over the bare
-loop. Ray starts in-process (``--ray-cpus``). Results: ``benchmarks/results/eval_job.json``.
+loop. Ray starts in-process (``--ray-cpus``). Results: ``benchmarks/results/eval_job_<split>.json``.
 Results: ``benchmarks/results/eval[_quick].json``.
 """
 
@@ -73,7 +74,7 @@ def synthetic(n: int, S: int, vary: str, c: ModelConfig, seed: int) -> pa.Table:
     )
 
 
-def heldout(data: str) -> tuple[pa.Table, dict[str, Any]]:
+def heldout(data: str, split: str = "heldout") -> tuple[pa.Table, dict[str, Any]]:
     import pyarrow.parquet as pq
 
     from pipeline.blocks import SCORING_COLUMNS
@@ -82,7 +83,7 @@ def heldout(data: str) -> tuple[pa.Table, dict[str, Any]]:
     m = read_manifest(data)
     if m is None:
         raise SystemExit(f"{data}: no manifest.json")
-    uris = m.shard_uris(data, "heldout")
+    uris = m.shard_uris(data, split)
     tables = [pq.read_table(u, columns=list(SCORING_COLUMNS)) for u in uris]
     return pa.concat_tables(tables), m
 
@@ -148,7 +149,7 @@ def job_vs_bare(args: argparse.Namespace) -> None:
     exp = load_export(args.job, None)
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    table, _ = heldout(args.data)
+    table, _ = heldout(args.data, args.split)
     tokens = int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py())
     args.device = "cpu"
     run(exp.model, table.slice(0, args.batch_rows), "prepack", args)  # warm-up
@@ -162,6 +163,7 @@ def job_vs_bare(args: argparse.Namespace) -> None:
                     checkpoints=[args.job],
                     data=args.data,
                     output=out,
+                    split=args.split,
                     batch_rows=args.batch_rows,
                     token_budget=args.budget,
                     threads=threads,
@@ -175,6 +177,7 @@ def job_vs_bare(args: argparse.Namespace) -> None:
     r = {
         "export": args.job,
         "data": args.data,
+        "split": args.split,
         "blocks": len(table),
         "tokens": tokens,
         "threads": threads,
@@ -185,7 +188,7 @@ def job_vs_bare(args: argparse.Namespace) -> None:
         "job_end_to_end_vs_bare": bare / job_total,
         "goal": {"job_vs_bare": 0.9, "met": bare / job_wall >= 0.9},
     }
-    path = Path(__file__).parent / "results" / "eval_job.json"
+    path = Path(__file__).parent / "results" / f"eval_job_{args.split}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(r, indent=1))
     print("\n| blocks | tokens | threads | bare tok/s | job tok/s (execution) | job / bare "
@@ -210,6 +213,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--job", metavar="EXPORT", help="time the Ray evaluation job of this export")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the in-process Ray")
+    p.add_argument("--split", default="heldout", help="--job: the split of --data to score")
     args = p.parse_args()
     if args.job:
         if not args.data:
