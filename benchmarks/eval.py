@@ -21,12 +21,11 @@ Memory, as the Prepacking paper reports it: per layout, the largest forward (row
 slots), the share of its slots that are padding, and on CUDA the peak allocated memory.
 
 ``--job EXPORT`` times the evaluation job itself (``training.eval.job.run_eval``: Ray Data read,
-actor pool, per-shard sums, report) on the held-out split of ``--data`` against its own scoring
-loop run bare on the same blocks with the same export and threads (``--split`` picks another split of
-``--data``): the job's execution time
-(``wall_s``: from the first read to the last batch) and its end-to-end time, over the bare
-loop. Ray starts in-process (``--ray-cpus``). Results: ``benchmarks/results/eval_job_<split>.json``.
-Results: ``benchmarks/results/eval[_quick].json``.
+actor pool, per-shard sums, report) on a split of ``--data`` (``--split``, held-out by default)
+against its own scoring loop run bare on the same blocks with the same export and threads: the
+job's execution time (``wall_s``: from the first read to the last batch) and its end-to-end
+time, over the bare loop. Ray starts in-process (``--ray-cpus``).
+Results: ``benchmarks/results/eval[_quick].json``, ``eval_job_<split>.json``.
 """
 
 from __future__ import annotations
