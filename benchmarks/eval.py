@@ -165,7 +165,8 @@ def job_vs_bare(args: argparse.Namespace) -> None:
                     split=args.split,
                     batch_rows=args.batch_rows,
                     token_budget=args.budget,
-                    threads=threads,
+                    actors=args.actors,
+                    threads=args.actor_threads or max(1, threads // args.actors),
                 )
                 t0 = time.perf_counter()
                 report = run_eval(cfg)
@@ -180,6 +181,8 @@ def job_vs_bare(args: argparse.Namespace) -> None:
         "blocks": len(table),
         "tokens": tokens,
         "threads": threads,
+        "actors": args.actors,
+        "actor_threads": args.actor_threads or max(1, threads // args.actors),
         "bare_tokens_per_s": tokens / bare,
         "job_tokens_per_s": tokens / job_wall,
         "job_end_to_end_tokens_per_s": tokens / job_total,
@@ -190,6 +193,9 @@ def job_vs_bare(args: argparse.Namespace) -> None:
     path = Path(__file__).parent / "results" / f"eval_job_{args.split}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(r, indent=1))
+    print(
+        f"\nbare loop: {threads} threads; job: {r['actors']} actor(s) x {r['actor_threads']} threads"
+    )
     print("\n| blocks | tokens | threads | bare tok/s | job tok/s (execution) | job / bare "
           "| job end to end tok/s | end to end / bare |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
@@ -213,6 +219,10 @@ def main() -> None:
     p.add_argument("--job", metavar="EXPORT", help="time the Ray evaluation job of this export")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the in-process Ray")
     p.add_argument("--split", default="heldout", help="--job: the split of --data to score")
+    p.add_argument("--actors", type=int, default=1, help="--job: scoring actors")
+    p.add_argument(
+        "--actor-threads", type=int, default=0, help="--job: torch threads per actor (0: auto)"
+    )
     args = p.parse_args()
     if args.job:
         if not args.data:
