@@ -98,6 +98,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _generate(
+    model: Transformer, prompts: list[list[int]], new: int, mode: str, sentence_len: int, **kw: Any
+) -> Any:
+    """``generate`` under the benchmark's protocol: EOS-S and end-of-document suppressed, the
+    sentence cap ending every sentence, every row making ``new`` tokens."""
+    c = model.config
+    return generate(
+        model,
+        prompts,
+        max_new_tokens=new,
+        mode=mode,
+        max_sentence_tokens=sentence_len,
+        stop_at_eod=False,
+        suppress_tokens=[c.eos_id, c.eod_id],
+        **kw,
+    )
+
+
 def run_one(
     model: Transformer,
     mode: str,
@@ -112,15 +130,7 @@ def run_one(
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        result = generate(
-            model,
-            prompts,
-            max_new_tokens=new,
-            mode=mode,
-            max_sentence_tokens=sentence_len,
-            stop_at_eod=False,
-            suppress_tokens=[model.config.eos_id, model.config.eod_id],
-        )
+        result = _generate(model, prompts, new, mode, sentence_len)
         _sync(device)
         total = time.perf_counter() - t0
         if total < best[0]:
@@ -180,16 +190,7 @@ def bf16_exactness(
     for mode in MODES[c.arch]:
         if mode == "full":
             continue
-        r = generate(
-            model,
-            prompts,
-            max_new_tokens=new,
-            mode=mode,
-            max_sentence_tokens=sentence_len,
-            stop_at_eod=False,
-            suppress_tokens=suppress,
-            return_logits=True,
-        )
+        r = _generate(model, prompts, new, mode, sentence_len, return_logits=True)
         assert r.logits is not None
         seqs = torch.tensor(r.sequences, device=model.embed.weight.device)  # (B, P + new)
         P = len(prompts[0])

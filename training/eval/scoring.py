@@ -130,7 +130,7 @@ def prepack_blocks(
     cols = _rows_as_lists(rows)
     lengths = [len(x) for x in cols["input_ids"]]
     # A block longer than the budget sets the batch's width anyway: let the other rows fill
-    # up to it instead of padding (on the demo's held-out blocks, 12% -> 6% padding).
+    # up to it instead of padding to it.
     bins = first_fit_decreasing(lengths, max(token_budget, *lengths) if lengths else token_budget)
     packed: dict[str, list[np.ndarray]] = {k: [] for k in cols}
     owners: list[np.ndarray] = []

@@ -172,8 +172,7 @@ class RunRouting:
     to_token: Tensor | None  # (B * T,) index into the groups' concatenated slots; 0 on pads
     run_first: Tensor  # (R,) flat index of each run's first token, in order
     run_length: list[int]  # host copy of each run's length
-    group_runs: list[Tensor]  # per group (n,) run ids, on the device
-    group_runs_host: list[Tensor]  # the same on the host
+    group_runs: list[Tensor]  # per group (n,) run ids, on the host
 
     @classmethod
     def build(cls, start: Tensor, valid: Tensor) -> RunRouting:
@@ -195,15 +194,14 @@ class RunRouting:
         ).tolist()
         host_length = length.cpu()
         if single and prefix:  # one run per row, from position 0: the rows are the runs
-            rows = torch.arange(n_runs)
-            return cls(valid, None, None, first, host_length.tolist(), [rows.to(device)], [rows])
+            return cls(valid, None, None, first, host_length.tolist(), [torch.arange(n_runs)])
         bucket = torch.ceil(torch.log2(host_length.clamp(min=cls.MIN_BUCKET).double())).long()
         order = torch.argsort(bucket, stable=True)
         _, counts = torch.unique_consecutive(bucket[order], return_counts=True)
         concat_start = torch.zeros(n_runs, dtype=torch.long)  # host
-        groups, group_runs, host_runs, base = [], [], [], 0
+        groups, group_runs, base = [], [], 0
         for runs in order.split(counts.tolist()):
-            host_runs.append(runs)
+            group_runs.append(runs)
             L = int(host_length[runs].max())
             concat_start[runs] = base + torch.arange(runs.shape[0]) * L
             base += runs.shape[0] * L
@@ -213,10 +211,9 @@ class RunRouting:
             # query slots under the causal mask, so never seen by a real query.
             offset = torch.where(slot < length[runs_dev, None], slot, 0)  # (n, L)
             groups.append(first[runs_dev, None] + offset)
-            group_runs.append(runs_dev)
         pos = torch.arange(B * T, device=device) - first[run_of]
         to_token = torch.where(flat_valid, concat_start.to(device)[run_of] + pos, 0)
-        return cls(valid, groups, to_token, first, host_length.tolist(), group_runs, host_runs)
+        return cls(valid, groups, to_token, first, host_length.tolist(), group_runs)
 
     def gather(self, x: Tensor) -> list[Tensor]:
         """(B, T, ...) -> one (n, L, ...) tensor per group."""
@@ -327,14 +324,13 @@ class SentenceLayout:
             torch.arange(B * T, device=device)
         )  # (R, N_max + 1): flat index of end j of doc r
         doc_ends, doc_allowed = [], []
-        for runs, pos, host_runs in zip(
+        for runs, pos in zip(
             documents.group_runs,
             documents.gather(sentence_pos),  # per group (n, L)
-            documents.group_runs_host,
             strict=True,
         ):
-            width = max(int(host_ends[host_runs].max()), 1)
-            doc_ends.append(end_table[runs, :width])  # (n, N_g)
+            width = max(int(host_ends[runs].max()), 1)
+            doc_ends.append(end_table[runs.to(device), :width])  # (n, N_g)
             j = torch.arange(width, device=device)
             doc_allowed.append((j[None, None, :] < pos[:, :, None])[:, None])  # (n, 1, L, N_g)
 
