@@ -78,6 +78,13 @@ class InputConfig:
     """For plain text: one document per file, or one per blank-line-separated paragraph."""
     max_record_bytes: int = 8 << 20
     """A longer JSONL line or text document is skipped as record_too_large (never held whole)."""
+    split_bytes: int = field(default=16 << 20, metadata=cli("--split-bytes"))
+    """A larger file is cut into pieces of about this many bytes that workers share: Parquet
+    by row groups, plain JSONL by lines, plain text by paragraphs (0: never cut)."""
+
+    def __post_init__(self) -> None:
+        if self.split_bytes < 0:
+            raise ConfigError("input.split_bytes must be >= 0 (0: never cut a file)")
 
 
 @dataclass
@@ -128,8 +135,14 @@ class PreprocessConfig:
     """An input whose size/etag changed since it was processed: error, or replace its shards."""
     plot: bool = True
     """Write stats.png next to stats.json."""
+    local_below_bytes: int = field(default=8 << 20, metadata=cli("--local-below-bytes"))
+    """New input smaller than this is processed in this process, without starting Ray (which
+    alone takes about 5 s), when no cluster is named (RAY_ADDRESS) and Ray is not running here
+    already; 0: always on Ray."""
 
     def __post_init__(self) -> None:
+        if self.local_below_bytes < 0:
+            raise ConfigError("local_below_bytes must be >= 0 (0: always on Ray)")
         if self.workers < 0:
             raise ConfigError("workers must be >= 0")
         if self.cpus_per_worker <= 0:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from pipeline.counters import StrictModeError
-from pipeline.storage import InputFile, StorageError
+from pipeline.counters import Counters, StrictModeError
+from pipeline.pieces import WorkUnit
+from pipeline.storage import StorageError
 from pipeline.unit import UnitContext, process_unit
 
 
@@ -44,11 +48,11 @@ task (pipeline.storage), and a bad input file is counted, not raised."""
 TASK_BYTES = 64 << 20
 
 
-def group_units(units: list[InputFile], workers: int) -> list[list[InputFile]]:
-    """Consecutive groups of about TASK_BYTES, at least two per worker when files allow."""
+def group_units(units: list[WorkUnit], workers: int) -> list[list[WorkUnit]]:
+    """Consecutive groups of about TASK_BYTES, at least two per worker when units allow."""
     total = sum(u.size for u in units)
     target = max(1, min(TASK_BYTES, total // max(1, 2 * workers)))
-    groups: list[list[InputFile]] = [[]]
+    groups: list[list[WorkUnit]] = [[]]
     size = 0
     for u in units:
         if groups[-1] and size + u.size > target:
@@ -59,9 +63,9 @@ def group_units(units: list[InputFile], workers: int) -> list[list[InputFile]]:
     return groups
 
 
-def _process_one(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
+def _process_one(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
     try:
-        return process_unit(f, ctx)
+        return process_unit(u, ctx)
     except (StrictModeError, StorageError) as exc:
         # Returned, not raised: the driver re-raises it as itself, without Ray's wrapping
         # and without retrying a failure that is not transient.
@@ -70,9 +74,12 @@ def _process_one(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
 
 def _process_batch(batch: dict[str, np.ndarray], ctx: UnitContext) -> dict[str, np.ndarray]:
     records = []
-    for group in batch["units"]:
-        for item in json.loads(group):
-            record = _process_one(InputFile(**item), ctx)
+    for group, payload in zip(batch["group"], batch["units"], strict=True):
+        t0 = time.perf_counter()
+        for item in json.loads(payload):
+            record = _process_one(WorkUnit.from_dict(item), ctx)
+            record["group"] = int(group)
+            record["seconds"] = round(time.perf_counter() - t0, 3)
             records.append(json.dumps(record))
             if "error" in record:
                 # The run fails at this error: the group's other files would only try (and
@@ -81,8 +88,81 @@ def _process_batch(batch: dict[str, np.ndarray], ctx: UnitContext) -> dict[str, 
     return {"record": np.array(records, dtype=object)}
 
 
+def ray_map(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
+    """``fn`` over argument tuples as Ray tasks (one CPU each), results in order; an error of
+    ours raised in a task is raised here as itself."""
+    import ray
+
+    init_ray()
+    task = ray.remote(fn).options(num_cpus=1, max_retries=TASK_MAX_RETRIES)
+    try:
+        return list(ray.get([task.remote(*a) for a in args]))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (StorageError, StrictModeError)):
+            raise exc.cause from None
+        raise
+
+
+class GroupLog:
+    """One line per finished group of units in the driver's log: what a person following a
+    long run (or reading its log the next morning) needs, as the groups finish."""
+
+    def __init__(self, groups: list[list[WorkUnit]]) -> None:
+        self.groups = groups
+        self.left = [len(g) for g in groups]
+        self.counters = [Counters() for _ in groups]
+        self.total_bytes = sum(u.size for g in groups for u in g)
+        self.done_bytes = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, record: dict[str, Any]) -> None:
+        g = record.get("group", 0)
+        self.counters[g].merge(Counters.from_dict(record["stats"]))
+        self.left[g] -= 1
+        if self.left[g] == 0:
+            self._line(g, record.get("seconds", 0.0))
+
+    def _line(self, g: int, seconds: float) -> None:
+        units = self.groups[g]
+        size = sum(u.size for u in units)
+        self.done_bytes += size
+        c = self.counters[g].counts
+        files = {u.file.uri for u in units}
+        pieces = sum(1 for u in units if u.pieces > 1)
+        what = f"{len(files)} file(s)" + (f", {pieces} piece(s) of split files" if pieces else "")
+        skipped = self.counters[g].skipped
+        skips = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
+        done = sum(1 for n in self.left if n == 0)
+        print(
+            f"[preprocess] group {g + 1} done ({done}/{len(self.groups)}): {what}, "
+            f"{size / 1e6:.1f} MB in {seconds:.1f}s, {c.get('documents', 0):,} documents, "
+            f"{c.get('tokens', 0):,} tokens, skipped: {skips}; run: "
+            f"{self.done_bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB "
+            f"after {time.perf_counter() - self.t0:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def run_units_here(units: list[WorkUnit], ctx: UnitContext) -> list[dict[str, Any]]:
+    """Process every unit in this process, one after the other: for runs too small to pay for
+    starting Ray (see ``PreprocessConfig.local_below_bytes``)."""
+    log = GroupLog([units])
+    records = []
+    t0 = time.perf_counter()
+    for u in units:
+        record = _process_one(u, ctx)
+        if "error" in record:
+            err = record["error"]
+            raise _USER_ERRORS[err["type"]](err["message"])
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        records.append(record)
+        log.add(record)
+    return records
+
+
 def run_units(
-    units: list[InputFile],
+    units: list[WorkUnit],
     ctx: UnitContext,
     *,
     workers: int = 0,
@@ -102,13 +182,9 @@ def run_units(
     data_ctx.enable_progress_bars = progress
     groups = group_units(units, workers)
     items = [
-        {
-            "units": json.dumps(
-                [{"uri": u.uri, "size": u.size, "fingerprint": u.fingerprint} for u in g]
-            )
-        }
-        for g in groups
+        {"group": i, "units": json.dumps([u.to_dict() for u in g])} for i, g in enumerate(groups)
     ]
+    log = GroupLog(groups)
     threads = str(max(1, int(cpus_per_worker)))
     with warnings.catch_warnings():
         # Ray 2.60 takes max_retries only as a plain remote arg, which it flags as deprecated
@@ -136,6 +212,7 @@ def run_units(
                 err = record["error"]
                 raise _USER_ERRORS[err["type"]](err["message"])
             records.append(record)
+            log.add(record)
     finally:
         # Stops the streaming executor at once, cancelling the tasks still running or queued,
         # instead of whenever the garbage collector reaches the iterator.

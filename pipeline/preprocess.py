@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import PreprocessConfig, config_hash
 from pipeline.counters import Counters
-from pipeline.distributed import run_units
+from pipeline.distributed import ray_map, run_units, run_units_here
 from pipeline.errors import UserError
 from pipeline.manifest import (
     SPLITS,
@@ -23,6 +26,7 @@ from pipeline.manifest import (
     TokenizerRef,
     create_exclusive,
 )
+from pipeline.pieces import local_map, plan_units
 from pipeline.stats import build_stats, write_stats
 from pipeline.storage import (
     InputFile,
@@ -30,10 +34,11 @@ from pipeline.storage import (
     expand_inputs,
     filesystem_for,
     join,
+    protocol_of,
     storage_errors,
 )
 from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
-from pipeline.unit import UnitContext, unit_key
+from pipeline.unit import UnitContext
 
 
 class ChangedInputError(UserError):
@@ -117,13 +122,60 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         staging_uri=staging,
         strict=cfg.strict,
     )
-    records = run_units(
-        plan.todo, ctx, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, progress=progress
+    here = _run_here(cfg, plan.todo)
+    t0 = time.perf_counter()
+    units = plan_units(plan.todo, cfg.input, cfg.storage, local_map if here else ray_map)
+    split = sum(1 for u in units if u.piece == 0 and u.pieces > 1)
+    where = "in this process (small run: Ray not started)" if here else "on Ray"
+    print(
+        f"[preprocess] {len(plan.todo)} new file(s), {sum(f.size for f in plan.todo) / 1e6:.1f} "
+        f"MB, in {len(units)} work unit(s)"
+        + (f" ({split} large file(s) cut, {time.perf_counter() - t0:.1f}s)" if split else "")
+        + f", {where}",
+        file=sys.stderr,
+        flush=True,
     )
-    missing = {unit_key(f) for f in plan.todo} - {r["unit"] for r in records}
+    if here:
+        pieces = run_units_here(units, ctx)
+    else:
+        pieces = run_units(
+            units, ctx, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, progress=progress
+        )
+    missing = {u.key for u in units} - {_piece_key(r) for r in pieces}
     if missing:
         raise RuntimeError(f"work units produced no record: {sorted(missing)}; nothing committed")
-    return _commit(cfg, output, staging, run_id, tok, previous, plan, records)
+    return _commit(cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces))
+
+
+def _run_here(cfg: PreprocessConfig, todo: list[InputFile]) -> bool:
+    """Whether this run is small enough to process without Ray (see ``local_below_bytes``)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False
+    return sum(f.size for f in todo) < cfg.local_below_bytes
+
+
+def _piece_key(record: dict[str, Any]) -> str:
+    n = record["pieces"]
+    return record["unit"] if n == 1 else f"{record['unit']}-{record['piece']:05d}"
+
+
+def _by_file(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per input file: the records of its pieces merged, shards in piece order."""
+    files: dict[str, dict[str, Any]] = {}
+    counters: dict[str, Counters] = {}
+    for r in sorted(pieces, key=lambda r: (r["uri"], r["piece"])):
+        if r["uri"] not in files:
+            files[r["uri"]] = {k: r[k] for k in ("uri", "size", "fingerprint", "unit")}
+            files[r["uri"]]["shards"] = []
+            counters[r["uri"]] = Counters()
+        files[r["uri"]]["shards"].extend(r["shards"])
+        counters[r["uri"]].merge(Counters.from_dict(r["stats"]))
+    for uri, record in files.items():
+        record["stats"] = counters[uri].to_dict()
+    return list(files.values())
 
 
 _RUN_TIME = "%Y%m%dT%H%M%SZ"
@@ -191,18 +243,13 @@ def _commit(
     moved: set[str] = set()
     while True:
         with storage_errors(output, "commit shards to"):
-            for r in records:
-                for info in r["shards"].values():
-                    if info["path"] in moved:
-                        continue
-                    target = join(root, info["path"])
-                    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                    fs.mv(join(staging_path, info["path"]), target)
-                    moved.add(info["path"])
+            todo = [i["path"] for r in records for i in r["shards"] if i["path"] not in moved]
+            _move_all(fs, staging_path, root, todo)
+            moved.update(todo)
             if previous is None:
                 _write_tokenizer(fs, root, tok, output)
         manifest = _next_manifest(cfg, run_id, tok, previous, plan, records)
-        added = sorted(i["path"] for r in records for i in r["shards"].values())
+        added = sorted(i["path"] for r in records for i in r["shards"])
         run_summary = _run_summary(run_id, manifest.version, records, added)
         stats = build_stats(manifest, run_summary)
         write_stats(output, stats, cfg.storage, cfg.plot)
@@ -213,14 +260,14 @@ def _commit(
             previous = Manifest.require(output, cfg.storage)
             previous.check_compatible(cfg.output_identity(), tok.sha256, output)
             replan = plan_inputs([files[r["uri"]] for r in records], previous, cfg.on_changed)
-            todo = {f.uri for f in replan.todo}
+            still = {f.uri for f in replan.todo}
             print(
                 f"[preprocess] another run committed manifest v{conflict.version} first; "
-                f"rebasing onto v{previous.version}: {len(records) - len(todo)} of my "
+                f"rebasing onto v{previous.version}: {len(records) - len(still)} of my "
                 f"{len(records)} input(s) are already in it",
                 file=sys.stderr,
             )
-            records = [r for r in records if r["uri"] in todo]
+            records = [r for r in records if r["uri"] in still]
             plan = Plan(todo=replan.todo, replaced=replan.replaced)
             if not records:
                 _remove(fs, [staging_path])
@@ -235,6 +282,25 @@ def _commit(
     return PreprocessResult(
         output, manifest.version, [r["uri"] for r in records], added, run_summary, stats
     )
+
+
+COMMIT_THREADS = 16
+"""Shard moves in flight at once: an object store's move is a copy and a delete (tens of ms
+each), so a run's hundreds of shards are moved in parallel, not one by one."""
+
+
+def _move_all(fs: Any, staging: str, root: str, paths: list[str]) -> None:
+    """Move staged shards into place; each split's folder is made once, not per shard."""
+    if protocol_of(root) == "file":
+        for folder in sorted({p.rsplit("/", 1)[0] for p in paths}):
+            fs.makedirs(join(root, folder), exist_ok=True)
+    if len(paths) <= 1 or protocol_of(root) == "file":
+        # A local move is one rename: threads would only add their own cost.
+        for p in paths:
+            fs.mv(join(staging, p), join(root, p))
+        return
+    with ThreadPoolExecutor(max_workers=min(COMMIT_THREADS, len(paths))) as pool:
+        list(pool.map(lambda p: fs.mv(join(staging, p), join(root, p)), paths))
 
 
 def _write_tokenizer(fs: Any, root: str, tok: Any, output: str) -> None:
@@ -269,22 +335,24 @@ def _next_manifest(
             fingerprint=r["fingerprint"],
             unit=r["unit"],
             added_in_version=version,
-            shards=tuple(sorted(i["path"] for i in r["shards"].values())),
+            shards=tuple(sorted(i["path"] for i in r["shards"])),
             stats=r["stats"],
         )
         for r in records
     ]
+    replaced_shards = {rel for e in plan.replaced for rel in e.shards}
     splits: dict[str, tuple[ShardRef, ...]] = {}
     for split in SPLITS:
         kept = [
             s
             for s in (previous.splits.get(split, ()) if previous else ())
-            if s.path.split("/", 1)[1].rsplit(".", 1)[0] not in replaced_units
+            if s.path not in replaced_shards
         ]
         new = [
-            ShardRef(split=split, **{**r["shards"][split], "added_in_version": version})
+            ShardRef(**{**info, "added_in_version": version})
             for r in records
-            if split in r["shards"]
+            for info in r["shards"]
+            if info["split"] == split
         ]
         splits[split] = tuple(sorted(kept + new, key=lambda s: s.path))
     return Manifest(

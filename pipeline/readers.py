@@ -50,6 +50,34 @@ _NON_TEXT = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f\udc80-\udcff]")
 
 
 @dataclass(frozen=True)
+class Span:
+    """The part of a file that one work unit reads (:mod:`pipeline.pieces` plans them).
+
+    Bytes ``[start, end)`` of an uncompressed JSONL or text file, cut right after a line end
+    (JSONL) or at the start of a blank line (text paragraphs); or row groups ``[start, end)``
+    of a Parquet file. ``first_record`` is the file-wide index of its first record, so that
+    document ids and error locations are those of the file read whole.
+    """
+
+    start: int = 0
+    end: int | None = None
+    """None: to the end of the file."""
+    first_record: int = 0
+
+    @property
+    def is_first(self) -> bool:
+        """The span that opens the file: it alone counts the file and its file-level skips."""
+        return self.start == 0
+
+    @property
+    def is_whole(self) -> bool:
+        return self.start == 0 and self.end is None
+
+
+WHOLE = Span()
+
+
+@dataclass(frozen=True)
 class Document:
     doc_id: str
     text: str
@@ -197,17 +225,22 @@ def _lines(chunks: Iterable[bytes], limit: int) -> Iterator[tuple[bytes | None, 
 
 
 def read_documents(
-    fs: Any, path: str, uri: str, cfg: InputConfig, counters: Counters
+    fs: Any, path: str, uri: str, cfg: InputConfig, counters: Counters, span: Span = WHOLE
 ) -> Iterator[Document]:
-    """Stream the documents of one file. Never raises on bad data (unless strict): counts it.
+    """Stream the documents of one file (or of one span of it). Never raises on bad data
+    (unless strict): counts it.
 
     Storage faults are not bad data: they propagate (the storage layer has already retried).
     """
     fmt = detect(uri, cfg.format)
-    counters.add("files")
+    if span.is_first:
+        counters.add("files")
     try:
         if fmt == "parquet":
-            yield from _read_parquet(fs, path, uri, cfg, counters)
+            yield from _read_parquet(fs, path, uri, cfg, counters, span)
+            return
+        if not span.is_whole:
+            yield from _read_span(fs, path, uri, fmt, cfg, counters, span)
             return
         with fs.open(path, "rb") as raw:
             f, _ = _open_decompressed(raw)
@@ -233,6 +266,60 @@ def read_documents(
         counters.skip("unreadable_file", f"{uri}: {type(exc).__name__}: {exc}")
 
 
+class _Limited:
+    """At most ``n`` bytes of a file, from where it stands."""
+
+    def __init__(self, f: IO[bytes], n: int) -> None:
+        self.f, self.left = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.f.read(self.left if size < 0 else min(size, self.left))
+        self.left -= len(data)
+        return data
+
+
+def open_span(f: IO[bytes], span: Span) -> Iterator[bytes]:
+    """The chunks of a byte span of an open, uncompressed file."""
+    f.seek(span.start)
+    if span.end is None:
+        return _chunks(f)
+    return _chunks(cast(IO[bytes], _Limited(f, span.end - span.start)))
+
+
+def _read_span(
+    fs: Any, path: str, uri: str, fmt: str, cfg: InputConfig, counters: Counters, span: Span
+) -> Iterator[Document]:
+    """One byte span of an uncompressed JSONL or paragraph-text file.
+
+    Every span looks at the file's own first bytes, so a binary file is skipped by all of its
+    spans alike (and counted once, by the first).
+    """
+    with fs.open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+        if sniff_compression(head[:16]) is not None:
+            # The planner splits only plain files; this one was replaced by a compressed one.
+            raise ValueError(f"{uri} is compressed now: it cannot be read by byte ranges")
+        if _looks_binary(head):
+            if span.is_first:
+                counters.skip("binary_file", uri)
+            return
+        chunks = open_span(f, span)
+        if fmt == "jsonl":
+            yield from _read_jsonl(chunks, uri, cfg, counters, span.first_record)
+        else:
+            yield from _read_paragraphs(chunks, uri, cfg, counters, span.first_record)
+
+
+def count_records(chunks: Iterable[bytes], fmt: str, cfg: InputConfig) -> int:
+    """How many record indexes a span of a JSONL (lines, blank ones included) or paragraph-text
+    file uses: what the next span's ``first_record`` adds to this one's."""
+    if fmt == "jsonl":
+        return sum(1 for _ in _lines(chunks, cfg.max_record_bytes))
+    return sum(1 for _ in _paragraph_segments(chunks, cfg.max_record_bytes))
+
+
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     if first:
         yield first
@@ -247,9 +334,9 @@ def _too_large(n: int, location: str, cfg: InputConfig, counters: Counters) -> N
 
 
 def _read_jsonl(
-    chunks: Iterable[bytes], uri: str, cfg: InputConfig, counters: Counters
+    chunks: Iterable[bytes], uri: str, cfg: InputConfig, counters: Counters, first: int = 0
 ) -> Iterator[Document]:
-    for index, (raw, size) in enumerate(_lines(chunks, cfg.max_record_bytes)):
+    for index, (raw, size) in enumerate(_lines(chunks, cfg.max_record_bytes), start=first):
         location = f"{uri}:{index + 1}"
         if raw is None:
             counters.add("records")
@@ -346,23 +433,29 @@ def _read_text_file(
 
 
 def _read_paragraphs(
-    chunks: Iterable[bytes], uri: str, cfg: InputConfig, counters: Counters
+    chunks: Iterable[bytes], uri: str, cfg: InputConfig, counters: Counters, first: int = 0
 ) -> Iterator[Document]:
     """One document per paragraph: lines up to a blank one (spaces and tabs only).
 
     A paragraph's index counts every paragraph before it, skipped ones included, so one bad
     paragraph never shifts the ids of the others.
     """
-    limit = cfg.max_record_bytes
+    segments = _paragraph_segments(chunks, cfg.max_record_bytes)
+    for index, (lines, size, overlong) in enumerate(segments, start=first):
+        yield from _paragraph(lines, size, overlong, index, uri, cfg, counters)
+
+
+def _paragraph_segments(
+    chunks: Iterable[bytes], limit: int
+) -> Iterator[tuple[list[bytes], int, bool]]:
+    """``(lines, size, overlong)`` per paragraph; an overlong one keeps no lines."""
     lines: list[bytes] = []
     size = 0
     overlong = False
-    index = 0
     for raw, n in _lines(chunks, limit):
         if raw is not None and not raw.strip(b" \t"):
             if lines or overlong:
-                yield from _paragraph(lines, size, overlong, index, uri, cfg, counters)
-                index += 1
+                yield lines, size, overlong
                 lines, size, overlong = [], 0, False
             continue
         size += n + (1 if size else 0)
@@ -371,7 +464,7 @@ def _read_paragraphs(
         elif not overlong:
             lines.append(raw)
     if lines or overlong:
-        yield from _paragraph(lines, size, overlong, index, uri, cfg, counters)
+        yield lines, size, overlong
 
 
 def _paragraph(
@@ -393,21 +486,25 @@ def _paragraph(
 
 
 def _read_parquet(
-    fs: Any, path: str, uri: str, cfg: InputConfig, counters: Counters
+    fs: Any, path: str, uri: str, cfg: InputConfig, counters: Counters, span: Span = WHOLE
 ) -> Iterator[Document]:
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if cfg.text_field not in names:
-            counters.skip(
-                "missing_text_field", f"{uri}: no column {cfg.text_field!r} (has {names})"
-            )
+            if span.is_first:
+                counters.skip(
+                    "missing_text_field", f"{uri}: no column {cfg.text_field!r} (has {names})"
+                )
             return
         columns = [cfg.text_field]
         if cfg.id_field is not None and cfg.id_field in names and cfg.id_field != cfg.text_field:
             columns.append(cfg.id_field)
-        index = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        groups = None
+        if not span.is_whole:
+            groups = list(range(span.start, pf.num_row_groups if span.end is None else span.end))
+        index = span.first_record
+        for batch in pf.iter_batches(columns=columns, batch_size=1024, row_groups=groups):
             texts = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
             for text, ident in zip(texts, ids, strict=True):

@@ -1,4 +1,5 @@
-"""One work unit (an input file) through every stage: read -> normalise -> split -> tokenize -> pack.
+"""One work unit (a file, or a piece of one) through every stage: read -> normalise -> split ->
+tokenize -> pack.
 
 This is the function Ray runs; it knows nothing of Ray. Its shards are written to a staging
 prefix under deterministic names; the driver commits them with the manifest.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +23,9 @@ from pipeline.config import InputConfig, PackingConfig, StorageConfig
 from pipeline.counters import Counters
 from pipeline.manifest import SPLITS
 from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
+from pipeline.pieces import WorkUnit, unit_key
 from pipeline.readers import read_documents
-from pipeline.storage import InputFile, filesystem_for, join, protocol_of, storage_errors
+from pipeline.storage import filesystem_for, join, protocol_of, storage_errors
 from pipeline.text import normalise, split_sentences
 
 DOC_BATCH = 256
@@ -32,15 +33,7 @@ DOC_BATCH_BYTES = 4 << 20
 """A batch is tokenized once it holds DOC_BATCH documents or this many bytes of text, so that
 its memory (tokenizer encodings cost tens of bytes per input byte) does not grow with the
 documents' size: at most this plus one document of up to input.max_record_bytes."""
-_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def unit_key(f: InputFile) -> str:
-    """Deterministic shard stem: readable file name + hash of (uri, fingerprint)."""
-    base = f.uri.rstrip("/").rsplit("/", 1)[-1]
-    base = _SLUG.sub("_", base.split(".", 1)[0])[:40] or "input"
-    digest = hashlib.sha256(f"{f.uri}|{f.fingerprint}".encode()).hexdigest()[:12]
-    return f"{base}-{digest}"
+__all__ = ["DOC_BATCH", "UnitContext", "heldout_hash", "process_unit", "unit_key"]
 
 
 def heldout_hash(doc_id: str, seed: int) -> float:
@@ -111,16 +104,17 @@ class _ShardWriter:
         return {**self.stats, "documents": len(self.doc_ids), "sha256": digest.hexdigest()}
 
 
-def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
-    """Run all stages over one input file; upload its shards to staging; return its record."""
-    key = unit_key(f)
+def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
+    """Run all stages over one work unit; upload its shards to staging; return its record."""
+    f = u.file
+    key = u.key
     counters = Counters(strict=ctx.strict)
     tok = _tokenizer(ctx.tokenizer_json)
     S = ctx.packing.sentences_per_block
     packers = {s: BlockPacker(S) for s in SPLITS}
     in_fs, in_path = filesystem_for(f.uri, ctx.storage)
     out_fs, staging = filesystem_for(ctx.staging_uri, ctx.storage)
-    shards: dict[str, dict[str, Any]] = {}
+    shards: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gpthf-unit-") as tmp:
         writers = {
             s: _ShardWriter(s, os.path.join(tmp, f"{s}.parquet"), ctx.packing.row_group_blocks)
@@ -155,7 +149,7 @@ def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
             batch_bytes = 0
 
         with storage_errors(f.uri, "read"):
-            for doc in read_documents(in_fs, in_path, f.uri, ctx.input, counters):
+            for doc in read_documents(in_fs, in_path, f.uri, ctx.input, counters, u.span):
                 paragraphs = normalise(doc.text)
                 sentences = split_sentences(paragraphs)
                 if not sentences:
@@ -188,12 +182,14 @@ def process_unit(f: InputFile, ctx: UnitContext) -> dict[str, Any]:
                     # (Object stores have no directories; there it would only probe the bucket.)
                     out_fs.makedirs(join(staging, s), exist_ok=True)
                 out_fs.put_file(writers[s].path, target)
-            shards[s] = {"path": rel, **info}
+            shards.append({"split": s, "path": rel, **info})
     return {
         "uri": f.uri,
         "size": f.size,
         "fingerprint": f.fingerprint,
-        "unit": key,
+        "unit": unit_key(f),
+        "piece": u.piece,
+        "pieces": u.pieces,
         "shards": shards,
         "stats": counters.to_dict(),
     }

@@ -182,6 +182,7 @@ _WORKER = textwrap.dedent(
     """
     import json, os, resource, sys, tempfile
     from pipeline.config import InputConfig, PackingConfig, StorageConfig
+    from pipeline.pieces import WorkUnit
     from pipeline.storage import InputFile
     from pipeline.tokenizer import LoadedTokenizer
     from pipeline.unit import UnitContext, process_unit
@@ -194,7 +195,8 @@ _WORKER = textwrap.dedent(
         staging_uri=tempfile.mkdtemp(),
     )
     def run(p):
-        return process_unit(InputFile(uri=p, size=os.path.getsize(p), fingerprint="f"), ctx)
+        f = InputFile(uri=p, size=os.path.getsize(p), fingerprint="f")
+        return process_unit(WorkUnit(f), ctx)
     run(small)  # imports, tokenizer, Parquet writer: the worker's baseline
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     record = run(big)

@@ -48,6 +48,7 @@ def _preprocess_cmd(raw: Path, out: Path, tok: Path) -> list[str]:
         sys.executable, "-m", "jobs.cli", "preprocess", str(raw), "--output", str(out),
         "--tokenizer", str(tok), "-S", "8", "-M", "32", "--heldout-fraction", "0.3",
         "--workers", "2", "--no-plot",
+        "--local-below-bytes", "0",  # a Ray worker to kill, however small the corpus
     ]  # fmt: skip
 
 
