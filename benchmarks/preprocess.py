@@ -1,28 +1,248 @@
-"""Preprocessing throughput: the Ray Data pipeline end to end against the bare split+tokenize floor.
+"""Preprocessing throughput: ``gpthf preprocess`` as a user runs it, against its floor and datatrove.
 
-    python benchmarks/preprocess.py [--copies 4] [--out benchmarks/results/preprocess.json]
+    .venv/bin/python benchmarks/preprocess.py [--small-mb 30] [--large-mb 60] [--one-file-mb 40]
+        [--repeats 2] [--workers 2] [--skip-datatrove] [--out benchmarks/results/preprocess.json]
+    .venv/bin/python benchmarks/preprocess.py --quick      # 6/12 MB, one file of 8 MB, 1 repeat
 
-The floor is the loop that bounds preprocessing (STACK.md): read a file, blingfire
-``text_to_sentences``, ``tokenizers`` ``encode_batch``, nothing else, on the same text and the same
-number of cores (1 or 2 processes). The pipeline adds normalisation, EOS/EOD tokens, packing,
-Parquet writing, hashing, the manifest and Ray Data scheduling. Both sides of every ratio run in
-this one invocation, on the sample corpus (copied ``--copies`` times to get past start-up noise).
+Every side of every ratio runs in this one invocation on the same text: English JSONL built
+from the sample corpus (Shakespeare, ``pipeline.sample_corpus``), its plays cut into paragraphs
+on blank lines and grouped into records of 2-5 KB (web-document sized), ``{"text": ...}`` only.
+Four corpora: "small" (``--small-mb`` over 48 files), "large" (``--large-mb`` over 96 files,
+so both have files of one size), one small file (~0.3 MB) and one large file
+(``--one-file-mb``, plus its first half).
+
+- **End to end**: the ``gpthf preprocess`` command in a subprocess (Python start-up, Ray start
+  and stop, commit and manifest included), a fresh output each time, best of ``--repeats``.
+  Two corpus sizes give a **marginal rate** (extra MB / extra seconds) and the **fixed cost**
+  (what the small run spends beyond its MB at that rate). When a pair straddles the command's
+  ``local_below_bytes`` (small input is processed without Ray), both runs of the pair get
+  ``--local-below-bytes 0`` so that they take the same path (reported as ``forced_ray``); the
+  one-small-file run never does: it is the fixed cost a user sees. The work units of each run
+  are read from the command's own ``[preprocess]`` line: a file no larger than
+  ``input.split_bytes`` is one unit, which a second worker cannot speed up (the ``--quick``
+  one-file sizes are below the default).
+- **Floor**: the bare loop that bounds preprocessing (json.loads each line, blingfire
+  ``text_to_sentences``, ``tokenizers`` ``encode_batch`` without special tokens, nothing else),
+  in 1 and 2 spawned processes with one Rayon thread each, on the same small and large corpora.
+- **datatrove** (``pip install datatrove==0.10.1 orjson==3.13.0``: its JsonlReader needs
+  orjson; ``--skip-datatrove`` or not installed: skipped): ``JsonlReader -> DocumentTokenizer``
+  (the local tokenizer file, no hub; no shuffling, EOD after each document) under
+  ``LocalPipelineExecutor(tasks=files, workers=--workers)``, one Rayon thread per worker, in a
+  subprocess, same corpora.
+- **Stage profile**: one process, a ~5 MB slice, the pipeline's own per-document functions one
+  stage at a time (read + JSON parse, normalise, sentence split, tokenize, pack, held-out hash and
+  counters, Parquet write, sha256), seconds, MB/s and share of their sum.
+
+The benchmark itself never starts Ray, and RAY_ADDRESS is removed from the commands' environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import multiprocessing as mp
 import os
 import platform
+import random
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMALL_FILES, LARGE_FILES = 48, 96
+ONE_SMALL_FILE_MB = 0.3
+PROFILE_MB = 5.0
+FLOOR_DOC_BATCH = 256
+GOALS = {
+    "marginal_vs_floor_2p": 0.9,
+    "marginal_vs_datatrove": 0.9,
+    "one_small_file_s": 8.0,
+    "one_file_2w_over_1w": 1.8,
+}
+
+# ------------------------------------------------------------------------------------- corpora
+
+
+def build_records(corpus: Path, seed: int = 0) -> list[str]:
+    """The sample corpus as JSONL lines: each play's paragraphs grouped into 2-5 KB records."""
+    rng = random.Random(seed)
+    lines = []
+    for f in sorted(corpus.glob("*.txt")):
+        paragraphs = [p.strip() for p in re.split(r"\n[ \t]*\n", f.read_text()) if p.strip()]
+        group: list[str] = []
+        size, target = 0, rng.randint(2000, 5000)
+        for p in paragraphs:
+            group.append(p)
+            size += len(p) + 2
+            if size >= target:
+                lines.append(json.dumps({"text": "\n\n".join(group)}, ensure_ascii=False) + "\n")
+                group, size, target = [], 0, rng.randint(2000, 5000)
+        if group:
+            lines.append(json.dumps({"text": "\n\n".join(group)}, ensure_ascii=False) + "\n")
+    return lines
+
+
+def write_corpus(folder: Path, records: list[str], mb: float, n_files: int, stem: str) -> dict:
+    """``n_files`` JSONL files of about ``mb / n_files`` MB each, cycling through the records."""
+    folder.mkdir(parents=True)
+    per_file = mb * 1e6 / n_files
+    i = 0
+    for k in range(n_files):
+        size = 0
+        with open(folder / f"{stem}-{k:03d}.jsonl", "w", encoding="utf-8") as out:
+            while size < per_file:
+                line = records[i % len(records)]
+                i += 1
+                out.write(line)
+                size += len(line.encode("utf-8"))
+    return describe(folder)
+
+
+def describe(folder: Path) -> dict:
+    files = sorted(folder.glob("*.jsonl"))
+    return {
+        "path": str(folder),
+        "MB": round(sum(f.stat().st_size for f in files) / 1e6, 3),
+        "files": len(files),
+    }
+
+
+def half_of(src: Path, dst_folder: Path) -> dict:
+    """The first half (by bytes, whole lines) of a one-file corpus."""
+    dst_folder.mkdir(parents=True)
+    target, size = src.stat().st_size / 2, 0
+    with open(src, "rb") as f, open(dst_folder / f"half-{src.name}", "wb") as out:
+        for line in f:
+            if size >= target:
+                break
+            out.write(line)
+            size += len(line)
+    return describe(dst_folder)
+
+
+# ------------------------------------------------------------------------------- the command
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    drop = {"RAY_ADDRESS", "RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    return env
+
+
+def local_below_bytes() -> int | None:
+    """The command's default threshold for processing without Ray (None: no such option)."""
+    from pipeline.config import PreprocessConfig
+
+    for f in dataclasses.fields(PreprocessConfig):
+        if f.name == "local_below_bytes" and isinstance(f.default, int):
+            return f.default
+    return None
+
+
+def run_cli(
+    gpthf: str, corpus: dict, tok: str, out: Path, workers: int | None, force_ray: bool
+) -> tuple[float, str]:
+    cmd = [gpthf, "preprocess", corpus["path"], "--output", str(out), "--tokenizer", tok]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    if force_ray:
+        cmd += ["--local-below-bytes", "0"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    where = next(
+        (ln for ln in proc.stderr.splitlines() if ln.startswith("[preprocess]") and "unit" in ln),
+        "",
+    )
+    return wall, where
+
+
+def units(log: str) -> int | None:
+    """Work units of a run, from the command's ``[preprocess] ... in N work unit(s)`` line."""
+    m = re.search(r"in (\d+) work unit", log)
+    return int(m.group(1)) if m else None
+
+
+def best_cli(args: argparse.Namespace, work: Path, corpus: dict, workers: int | None, force: bool):
+    runs = []
+    for r in range(args.repeats):
+        runs.append(run_cli(args.gpthf, corpus, args.tok, work / f"out-{r}", workers, force))
+    return min(runs)
+
+
+def pair(small: dict, large: dict, t_small: float, t_large: float) -> dict[str, Any]:
+    """Marginal rate and fixed cost from two sizes of the same text."""
+    d_mb, d_t = large["MB"] - small["MB"], t_large - t_small
+    marginal = d_mb / d_t if d_t > 0 else float("inf")
+    fixed = t_small - small["MB"] / marginal if d_t > 0 else t_small
+    return {
+        "small_MB": small["MB"],
+        "large_MB": large["MB"],
+        "small_s": round(t_small, 3),
+        "large_s": round(t_large, 3),
+        "marginal_MBps": round(marginal, 3),
+        "fixed_s": round(fixed, 3),
+        "large_MBps": round(large["MB"] / t_large, 3),
+    }
+
+
+def end_to_end(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, Any]:
+    threshold = local_below_bytes()
+
+    def forced(*cs: dict) -> bool:
+        return threshold is not None and min(c["MB"] * 1e6 for c in cs) < threshold
+
+    out: dict[str, Any] = {"local_below_bytes": threshold}
+    small, large = corpora["small"], corpora["large"]
+    force = forced(small, large)
+    (ts, ws), (tl, wl) = (best_cli(args, work, c, args.workers, force) for c in (small, large))
+    out["multi_file"] = {
+        **pair(small, large, ts, tl),
+        "workers": args.workers,
+        "forced_ray": force,
+        "units": [units(ws), units(wl)],
+        "log": [ws, wl],
+    }
+    t, w = best_cli(args, work, corpora["one_small"], None, False)
+    out["one_small_file"] = {"MB": corpora["one_small"]["MB"], "s": round(t, 3), "log": w}
+    half, full = corpora["one_half"], corpora["one_large"]
+    force = forced(half, full)
+    per_workers = {}
+    for n in (1, 2):
+        (th, wh), (tf, wf) = (best_cli(args, work, c, n, force) for c in (half, full))
+        per_workers[str(n)] = {
+            **pair(half, full, th, tf),
+            "units": [units(wh), units(wf)],
+            "log": [wh, wf],
+        }
+    m1, m2 = (per_workers[k]["marginal_MBps"] for k in ("1", "2"))
+    out["one_large_file"] = {
+        "forced_ray": force,
+        "workers": per_workers,
+        "marginal_2w_over_1w": round(m2 / m1, 3),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------- floor
+
+
+def _one_thread() -> None:
+    os.environ["RAYON_NUM_THREADS"] = "1"
 
 
 def _floor_worker(args: tuple[list[str], str]) -> int:
@@ -33,119 +253,366 @@ def _floor_worker(args: tuple[list[str], str]) -> int:
     tok = Tokenizer.from_file(tok_path)
     n = 0
     for f in files:
-        text = Path(f).read_text()
-        sentences = blingfire.text_to_sentences(text).split("\n")
-        n += sum(len(e.ids) for e in tok.encode_batch(sentences, add_special_tokens=False))
+        with open(f, encoding="utf-8") as fh:
+            batch: list[str] = []
+            docs = 0
+            for line in fh:
+                batch.extend(blingfire.text_to_sentences(json.loads(line)["text"]).split("\n"))
+                docs += 1
+                if docs == FLOOR_DOC_BATCH:
+                    n += sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False))
+                    batch, docs = [], 0
+            if batch:
+                n += sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False))
     return n
 
 
-def floor(files: list[str], tok_path: str, procs: int) -> float:
+def floor_time(corpus: dict, tok_path: str, procs: int) -> float:
+    files = sorted(str(p) for p in Path(corpus["path"]).glob("*.jsonl"))
     chunks = [files[i::procs] for i in range(procs)]
     t0 = time.perf_counter()
-    if procs == 1:
-        _floor_worker((files, tok_path))
-    else:
-        with mp.get_context("spawn").Pool(procs, initializer=_one_thread) as pool:
-            pool.map(_floor_worker, [(c, tok_path) for c in chunks])
+    with mp.get_context("spawn").Pool(procs, initializer=_one_thread) as pool:
+        pool.map(_floor_worker, [(c, tok_path) for c in chunks])
     return time.perf_counter() - t0
 
 
-def _one_thread() -> None:
-    os.environ["RAYON_NUM_THREADS"] = "1"
+def floor(args: argparse.Namespace, corpora: dict) -> dict[str, Any]:
+    out = {}
+    small, large = corpora["small"], corpora["large"]
+    for procs in (1, 2):
+        ts, tl = (
+            min(floor_time(c, args.tok, procs) for _ in range(args.repeats)) for c in (small, large)
+        )
+        out[f"{procs}p"] = pair(small, large, ts, tl)
+    return out
+
+
+# --------------------------------------------------------------------------------- datatrove
+
+_DATATROVE = """
+import sys
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.tokens import DocumentTokenizer
+
+src, out, tok, logs, tasks, workers = sys.argv[1:7]
+LocalPipelineExecutor(
+    pipeline=[
+        JsonlReader(src, glob_pattern="*.jsonl", text_key="text"),
+        DocumentTokenizer(
+            out,
+            tokenizer_name_or_path=tok,
+            eos_token="<|endofdoc|>",
+            shuffle_documents=False,
+        ),
+    ],
+    tasks=int(tasks),
+    workers=int(workers),
+    logging_dir=logs,
+).run()
+"""
+
+
+def datatrove_time(corpus: dict, tok: str, work: Path, workers: int) -> float:
+    out, logs = work / "dt-out", work / "dt-logs"
+    cmd = [sys.executable, "-c", _DATATROVE, corpus["path"], str(out), tok, str(logs)]
+    cmd += [str(corpus["files"] or 2), str(workers)]
+    # One Rayon thread per worker process, as the floor and the pipeline's workers; no hub.
+    env = clean_env(RAYON_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(logs, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"datatrove failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def datatrove(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, Any]:
+    if args.skip_datatrove:
+        return {"skipped": "--skip-datatrove"}
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        return {"skipped": "datatrove not installed"}
+    small, large = corpora["small"], corpora["large"]
+    try:
+        ts, tl = (
+            min(datatrove_time(c, args.tok, work, args.workers) for _ in range(args.repeats))
+            for c in (small, large)
+        )
+    except RuntimeError as exc:  # keep the other measurements of this run
+        print(exc, file=sys.stderr)
+        return {"skipped": f"datatrove failed: {str(exc).splitlines()[0]}"}
+    return {
+        "version": importlib.metadata.version("datatrove"),
+        "workers": args.workers,
+        **pair(small, large, ts, tl),
+    }
+
+
+# --------------------------------------------------------------------------- stage profile
+
+
+def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
+    import numpy as np
+    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.config import InputConfig, PackingConfig
+    from pipeline.counters import Counters
+    from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
+    from pipeline.readers import read_documents
+    from pipeline.text import normalise, split_sentences
+    from pipeline.tokenizer import load_tokenizer
+
+    try:
+        from pipeline.unit import DOC_BATCH, heldout_hash
+    except ImportError:  # moved: the same constants
+        DOC_BATCH = 256
+
+        def heldout_hash(doc_id: str, seed: int) -> float:
+            h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+            return int.from_bytes(h, "big") / 2**64
+
+    path, tok_path, out_path = args
+    packing = PackingConfig()
+    loaded = load_tokenizer(tok_path)
+    tok, ids = loaded.tokenizer, loaded.special_ids
+    counters = Counters()
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn()
+        times[name] = time.perf_counter() - t0
+        return result
+
+    docs = timed(
+        "read + JSON parse",
+        lambda: list(read_documents(LocalFileSystem(), path, path, InputConfig(), counters)),
+    )
+    paragraphs = timed("normalise", lambda: [normalise(d.text) for d in docs])
+    sentences = timed("sentence split", lambda: [split_sentences(p) for p in paragraphs])
+    pairs = [(d.doc_id, s) for d, s in zip(docs, sentences, strict=True) if s]
+
+    def tokenize() -> list[Any]:
+        out = []
+        for i in range(0, len(pairs), DOC_BATCH):
+            out += tokenize_documents(
+                pairs[i : i + DOC_BATCH],
+                tok,
+                eos_id=ids["end_of_sentence"],
+                eod_id=ids["end_of_document"],
+                max_sentence_tokens=packing.max_sentence_tokens,
+                counters=counters,
+            )
+        return out
+
+    tokenized = timed("tokenize", tokenize)
+
+    def bookkeeping() -> None:
+        for doc in tokenized:
+            heldout_hash(doc.doc_id, packing.seed)
+            counters.add("documents_train")
+            counters.add_document_sentences(len(doc.pieces))
+            counters.add_sentence_lengths(np.fromiter((len(p) for p in doc.pieces), np.int64))
+
+    timed("held-out hash + counters", bookkeeping)
+
+    def pack() -> list[dict[str, Any]]:
+        packer = BlockPacker(packing.sentences_per_block)
+        rows = []
+        for doc in tokenized:
+            rows += packer.add(doc)
+        return rows + packer.flush()
+
+    rows = timed("pack", pack)
+    timed(
+        "Parquet write (zstd)",
+        lambda: pq.write_table(
+            rows_to_table(rows),
+            out_path,
+            compression="zstd",
+            row_group_size=packing.row_group_blocks,
+        ),
+    )
+
+    def sha256() -> str:
+        digest = hashlib.sha256()
+        with open(out_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    timed("sha256", sha256)
+    return times
+
+
+def profile(args: argparse.Namespace, work: Path, corpora: dict, mb: float) -> dict[str, Any]:
+    src = sorted(Path(corpora["large"]["path"]).glob("*.jsonl"))
+    folder = work / "profile"
+    folder.mkdir()
+    size = 0
+    with open(folder / "slice.jsonl", "wb") as out:
+        for f in src:
+            with open(f, "rb") as fh:
+                for line in fh:
+                    if size >= mb * 1e6:
+                        break
+                    out.write(line)
+                    size += len(line)
+    slice_mb = size / 1e6
+    job = (str(folder / "slice.jsonl"), args.tok, str(folder / "slice.parquet"))
+    with mp.get_context("spawn").Pool(1, initializer=_one_thread) as pool:
+        times = pool.apply(_profile_worker, (job,))
+    total = sum(times.values())
+    stages = {
+        k: {"s": round(v, 3), "MBps": round(slice_mb / v, 1), "share": round(v / total, 3)}
+        for k, v in times.items()
+    }
+    return {"MB": round(slice_mb, 3), "total_s": round(total, 3), "stages": stages}
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    e2e = report["end_to_end"]
+    ours = e2e["multi_file"]["marginal_MBps"]
+    dt = report["datatrove"].get("marginal_MBps")
+    values = {
+        "marginal_vs_floor_2p": ours / report["floor"]["2p"]["marginal_MBps"],
+        "marginal_vs_datatrove": None if dt is None else ours / dt,
+        "one_small_file_s": e2e["one_small_file"]["s"],
+        "one_file_2w_over_1w": e2e["one_large_file"]["marginal_2w_over_1w"],
+    }
+    out = {}
+    for name, value in values.items():
+        target = GOALS[name]
+        upper = name.endswith("_s")  # a time: at most; a ratio: at least
+        met = None if value is None else (value <= target if upper else value >= target)
+        out[name] = {
+            "value": None if value is None else round(value, 3),
+            "goal": f"{'<=' if upper else '>='} {target}",
+            "met": met,
+        }
+    return out
+
+
+def print_report(report: dict[str, Any]) -> None:
+    c, e2e = report["corpora"], report["end_to_end"]
+    print(
+        f"corpora: small {c['small']['MB']} MB / {c['small']['files']} files, large "
+        f"{c['large']['MB']} MB / {c['large']['files']} files, one file {c['one_large']['MB']} "
+        f"MB (and half), one small file {c['one_small']['MB']} MB; {report['cpus']} cores\n"
+    )
+    print("| run | small s | large s | marginal MB/s | fixed s | large-run MB/s | work units |")
+    print("|---|---|---|---|---|---|---|")
+
+    def row(name: str, p: dict[str, Any]) -> None:
+        print(
+            f"| {name} | {p['small_s']} | {p['large_s']} | {p['marginal_MBps']} | "
+            f"{p['fixed_s']} | {p['large_MBps']} | {'/'.join(map(str, p.get('units', [])))} |"
+        )
+
+    mf = e2e["multi_file"]
+    row(f"gpthf preprocess, {mf['workers']} workers" + (" (Ray forced)" * mf["forced_ray"]), mf)
+    for n, p in e2e["one_large_file"]["workers"].items():
+        forced = " (Ray forced)" * e2e["one_large_file"]["forced_ray"]
+        row(f"gpthf preprocess, one file (half/full), {n} worker(s){forced}", p)
+    for n, p in report["floor"].items():
+        row(f"floor, {n[:-1]} process(es)", p)
+    dt = report["datatrove"]
+    if "skipped" in dt:
+        print(f"| datatrove | {dt['skipped']} | | | | | |")
+    else:
+        row(f"datatrove {dt['version']}, {dt['workers']} workers", dt)
+    print(f"\none small file ({e2e['one_small_file']['MB']} MB): {e2e['one_small_file']['s']} s")
+
+    prof = report["profile"]
+    print(f"\nstage profile, one process, {prof['MB']} MB ({prof['total_s']} s in all):\n")
+    print("| stage | s | MB/s | share |")
+    print("|---|---|---|---|")
+    for name, s in prof["stages"].items():
+        print(f"| {name} | {s['s']} | {s['MBps']} | {s['share']:.1%} |")
+
+    print("\n| goal | value | target | |")
+    print("|---|---|---|---|")
+    for name, g in report["goals"].items():
+        met = {True: "met", False: "missed", None: "n/a"}[g["met"]]
+        print(f"| {name} | {g['value']} | {g['goal']} | {met} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--small-mb", type=float, default=30.0)
+    ap.add_argument("--large-mb", type=float, default=60.0)
+    ap.add_argument("--one-file-mb", type=float, default=40.0)
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every measurement")
+    ap.add_argument("--workers", type=int, default=2, help="workers of the multi-file runs")
+    ap.add_argument("--quick", action="store_true", help="6/12 MB, one file 8 MB, 1 repeat")
+    ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/preprocess.json")
     args = ap.parse_args()
-    os.environ["RAYON_NUM_THREADS"] = "1"  # the floor's encode_batch: one core per process
+    profile_mb = PROFILE_MB
+    if args.quick:
+        args.small_mb, args.large_mb, args.one_file_mb, args.repeats = 6.0, 12.0, 8.0, 1
+        profile_mb = 2.0
+    args.gpthf = str(Path(sys.executable).parent / "gpthf")
+    if not Path(args.gpthf).exists():
+        sys.exit(f"{args.gpthf} not found: install the project (pip install -e .) in this venv")
 
-    import ray
-    from ray.data import DataContext
-
-    from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
-    from pipeline.preprocess import run_preprocess
     from pipeline.sample_corpus import ensure_sample_corpus
     from pipeline.tokenizer import train_tokenizer
 
-    corpus = ensure_sample_corpus()
+    sample = ensure_sample_corpus()
     work = Path(tempfile.mkdtemp(prefix="gpthf-bench-"))
-    src = work / "raw"
-    src.mkdir()
-    for k in range(args.copies):
-        for f in sorted(corpus.glob("*.txt")):
-            shutil.copy(f, src / f"{f.stem}-{k}.txt")
-    files = sorted(str(p) for p in src.glob("*.txt"))
-    mb = sum(os.path.getsize(f) for f in files) / 1e6
-    tok_path = str(work / "tokenizer.json")
-    train_tokenizer([str(corpus)], tok_path, vocab_size=8192, sample_bytes=20_000_000)
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
-    results: dict[str, float] = {}
     try:
-        for workers in (1, 2):
-            best = float("inf")
-            for r in range(args.repeats):
-                cfg = PreprocessConfig(
-                    input=InputConfig(paths=[str(src)]),
-                    output=str(work / f"out-{workers}-{r}"),
-                    tokenizer=tok_path,
-                    packing=PackingConfig(heldout_fraction=0.01),
-                    workers=workers,
-                    plot=False,
-                )
-                t0 = time.perf_counter()
-                run_preprocess(cfg)
-                best = min(best, time.perf_counter() - t0)
-            results[f"pipeline_{workers}w_s"] = best
-            results[f"floor_{workers}p_s"] = min(
-                floor(files, tok_path, workers) for _ in range(args.repeats)
-            )
-    finally:
-        ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
-
-    rows = []
-    for n in (1, 2):
-        p, f = mb / results[f"pipeline_{n}w_s"], mb / results[f"floor_{n}p_s"]
-        rows.append(
-            {
-                "workers": n,
-                "pipeline_MBps": round(p, 2),
-                "floor_MBps": round(f, 2),
-                "ratio_to_floor": round(p / f, 3),
-            }
+        t0 = time.perf_counter()
+        args.tok = str(work / "tokenizer.json")
+        train_tokenizer([str(sample)], args.tok, vocab_size=8192, sample_bytes=20_000_000)
+        records = build_records(sample)
+        corpora = {
+            "small": write_corpus(work / "small", records, args.small_mb, SMALL_FILES, "small"),
+            "large": write_corpus(work / "large", records, args.large_mb, LARGE_FILES, "large"),
+            "one_small": write_corpus(work / "one-small", records, ONE_SMALL_FILE_MB, 1, "one"),
+            "one_large": write_corpus(work / "one-large", records, args.one_file_mb, 1, "big"),
+        }
+        corpora["one_half"] = half_of(
+            next(Path(corpora["one_large"]["path"]).glob("*.jsonl")), work / "one-half"
         )
-    scaling = results["pipeline_1w_s"] / results["pipeline_2w_s"]
-    floor_scaling = results["floor_1p_s"] / results["floor_2p_s"]
-    report = {
-        "benchmark": "preprocess",
-        "corpus_MB": round(mb, 2),
-        "files": len(files),
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "rows": rows,
-        "pipeline_scaling_1_to_2": round(scaling, 3),
-        "floor_scaling_1_to_2": round(floor_scaling, 3),
-        "seconds": {k: round(v, 3) for k, v in results.items()},
-        "goals": {"ratio_to_floor": ">= 0.8", "pipeline_scaling_1_to_2": ">= 1.8"},
-    }
+        print(f"tokenizer and corpora: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        report: dict[str, Any] = {
+            "benchmark": "preprocess",
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "corpora": {
+                k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in corpora.items()
+            },
+        }
+        for name, fn in (
+            ("end_to_end", lambda: end_to_end(args, work, corpora)),
+            ("floor", lambda: floor(args, corpora)),
+            ("datatrove", lambda: datatrove(args, work, corpora)),
+            ("profile", lambda: profile(args, work, corpora, profile_mb)),
+        ):
+            t0 = time.perf_counter()
+            report[name] = fn()
+            print(f"{name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["goals"] = goals(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"corpus {mb:.1f} MB in {len(files)} files, {os.cpu_count()} cores\n")
-    print("| workers | pipeline MB/s | floor MB/s | pipeline / floor |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['workers']} | {r['pipeline_MBps']} | {r['floor_MBps']} | {r['ratio_to_floor']} |"
-        )
-    print(f"\nscaling 1 -> 2 workers: pipeline {scaling:.2f}x, floor {floor_scaling:.2f}x")
-    print(f"written to {args.out}")
+    print_report(report)
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":
