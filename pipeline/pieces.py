@@ -71,7 +71,10 @@ class WorkUnit:
         """Bytes of input (about, for Parquet pieces): what the scheduler balances."""
         if self.pieces == 1:
             return self.file.size
-        return self.file.size // self.pieces
+        if detect(self.file.uri) == "parquet":  # spans of row groups, not bytes
+            return self.file.size // self.pieces
+        end = self.file.size if self.span.end is None else self.span.end
+        return end - self.span.start
 
     def to_dict(self) -> dict[str, Any]:
         f, s = self.file, self.span

@@ -141,7 +141,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         pieces = run_units(
             units, ctx, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, progress=progress
         )
-    missing = {u.key for u in units} - {_piece_key(r) for r in pieces}
+    missing = {u.key for u in units} - {r["key"] for r in pieces}
     if missing:
         raise RuntimeError(f"work units produced no record: {sorted(missing)}; nothing committed")
     return _commit(cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces))
@@ -155,11 +155,6 @@ def _run_here(cfg: PreprocessConfig, todo: list[InputFile]) -> bool:
     if ray is not None and ray.is_initialized():
         return False
     return sum(f.size for f in todo) < cfg.local_below_bytes
-
-
-def _piece_key(record: dict[str, Any]) -> str:
-    n = record["pieces"]
-    return record["unit"] if n == 1 else f"{record['unit']}-{record['piece']:05d}"
 
 
 def _by_file(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -188,6 +188,7 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
         "size": f.size,
         "fingerprint": f.fingerprint,
         "unit": unit_key(f),
+        "key": key,
         "piece": u.piece,
         "pieces": u.pieces,
         "shards": shards,
