@@ -7,13 +7,15 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import PreprocessConfig, config_hash
 from pipeline.counters import Counters
-from pipeline.distributed import ray_map, run_units, run_units_here
+from pipeline.distributed import init_ray, ray_map, run_units, run_units_here
 from pipeline.errors import UserError
 from pipeline.manifest import (
     SPLITS,
@@ -68,6 +70,31 @@ class PreprocessResult:
         return bool(self.new_inputs)
 
 
+class DriverClock:
+    """Where the driver's seconds go, phase by phase: printed as one line at the end of a run
+    and kept in the run summary (``stats.json``'s ``last_run.seconds``), so that a nightly
+    job's fixed costs (Ray start-up, planning, commit, stats) can be told from its work."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.seconds.items())
+        return f"[preprocess] driver: {self.total():.1f}s in all: {parts}"
+
+
 def plan_inputs(inputs: list[InputFile], previous: Manifest | None, on_changed: str) -> Plan:
     plan = Plan()
     done = {e.uri: e for e in (previous.inputs if previous else ())}
@@ -95,24 +122,27 @@ def plan_inputs(inputs: list[InputFile], previous: Manifest | None, on_changed: 
 
 def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> PreprocessResult:
     """Preprocess ``cfg.input.paths`` into ``cfg.output``; incremental and idempotent."""
+    clock = DriverClock()
     cfg.validate_for_run()
     output = cfg.output.rstrip("/")
     # Every check that can fail does so before any work is scheduled.
-    inputs = expand_inputs(cfg.input.paths, cfg.storage)
-    tok = load_tokenizer(cfg.tokenizer, cfg.storage)
-    check_writable(output, cfg.storage)
-    previous = Manifest.read(output, cfg.storage)
-    identity = cfg.output_identity()
-    if previous is not None:
-        previous.check_compatible(identity, tok.sha256, output)
-    plan = plan_inputs(inputs, previous, cfg.on_changed)
+    with clock.phase("checks"):
+        inputs = expand_inputs(cfg.input.paths, cfg.storage)
+        tok = load_tokenizer(cfg.tokenizer, cfg.storage)
+        check_writable(output, cfg.storage)
+        previous = Manifest.read(output, cfg.storage)
+        identity = cfg.output_identity()
+        if previous is not None:
+            previous.check_compatible(identity, tok.sha256, output)
+        plan = plan_inputs(inputs, previous, cfg.on_changed)
     if not plan.todo:
         assert previous is not None
         return PreprocessResult(output, previous.version, [], [], {}, build_stats(previous))
 
     run_id = dt.datetime.now(dt.UTC).strftime(_RUN_TIME) + "-" + uuid.uuid4().hex[:8]
     staging = join(output, "_staging", run_id)
-    sweep_staging(output, cfg.storage)
+    with clock.phase("checks"):
+        sweep_staging(output, cfg.storage)
     ctx = UnitContext(
         input=cfg.input,
         packing=cfg.packing,
@@ -123,38 +153,51 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         strict=cfg.strict,
     )
     here = _run_here(cfg, plan.todo)
-    t0 = time.perf_counter()
-    units = plan_units(plan.todo, cfg.input, cfg.storage, local_map if here else ray_map)
+    if not here and not _ray_running():
+        with clock.phase("Ray start"):  # (or, with RAY_ADDRESS, joining the cluster)
+            init_ray()
+    with clock.phase("plan"):
+        units = plan_units(plan.todo, cfg.input, cfg.storage, local_map if here else ray_map)
     split = sum(1 for u in units if u.piece == 0 and u.pieces > 1)
     where = "in this process (small run: Ray not started)" if here else "on Ray"
     print(
         f"[preprocess] {len(plan.todo)} new file(s), {sum(f.size for f in plan.todo) / 1e6:.1f} "
         f"MB, in {len(units)} work unit(s)"
-        + (f" ({split} large file(s) cut, {time.perf_counter() - t0:.1f}s)" if split else "")
+        + (f" ({split} large file(s) cut, {clock.seconds['plan']:.1f}s)" if split else "")
         + f", {where}",
         file=sys.stderr,
         flush=True,
     )
-    if here:
-        pieces = run_units_here(units, ctx)
-    else:
-        pieces = run_units(
-            units, ctx, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, progress=progress
-        )
+    with clock.phase("processing"):
+        if here:
+            pieces = run_units_here(units, ctx)
+        else:
+            pieces = run_units(
+                units,
+                ctx,
+                workers=cfg.workers,
+                cpus_per_worker=cfg.cpus_per_worker,
+                progress=progress,
+            )
     missing = {u.key for u in units} - {r["key"] for r in pieces}
     if missing:
         raise RuntimeError(f"work units produced no record: {sorted(missing)}; nothing committed")
-    return _commit(cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces))
+    result = _commit(cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces), clock)
+    print(clock.line(), file=sys.stderr, flush=True)
+    return result
 
 
 def _run_here(cfg: PreprocessConfig, todo: list[InputFile]) -> bool:
     """Whether this run is small enough to process without Ray (see ``local_below_bytes``)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if os.environ.get("RAY_ADDRESS") or _ray_running():
         return False
     return sum(f.size for f in todo) < cfg.local_below_bytes
+
+
+def _ray_running() -> bool:
+    """Whether this process is already connected to Ray (never imports Ray to find out)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
 
 
 def _by_file(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -222,6 +265,7 @@ def _commit(
     previous: Manifest | None,
     plan: Plan,
     records: list[dict[str, Any]],
+    clock: DriverClock,
 ) -> PreprocessResult:
     """Move the staged shards into place and commit the next manifest version.
 
@@ -237,19 +281,23 @@ def _commit(
     files = {f.uri: f for f in plan.todo}
     moved: set[str] = set()
     while True:
-        with storage_errors(output, "commit shards to"):
+        with clock.phase("commit shards"), storage_errors(output, "commit shards to"):
             todo = [i["path"] for r in records for i in r["shards"] if i["path"] not in moved]
             _move_all(fs, staging_path, root, todo)
             moved.update(todo)
             if previous is None:
                 _write_tokenizer(fs, root, tok, output)
-        manifest = _next_manifest(cfg, run_id, tok, previous, plan, records)
-        added = sorted(i["path"] for r in records for i in r["shards"])
-        run_summary = _run_summary(run_id, manifest.version, records, added)
-        stats = build_stats(manifest, run_summary)
-        write_stats(output, stats, cfg.storage, cfg.plot)
+        with clock.phase("stats"):
+            manifest = _next_manifest(cfg, run_id, tok, previous, plan, records)
+            added = sorted(i["path"] for r in records for i in r["shards"])
+            run_summary = _run_summary(run_id, manifest.version, records, added)
+            # What the driver spent up to here (the commit and clean-up follow in the log).
+            run_summary["seconds"] = {**clock.seconds, "driver_so_far": clock.total()}
+            stats = build_stats(manifest, run_summary)
+            write_stats(output, stats, cfg.storage, cfg.plot)
         try:
-            manifest.commit(output, cfg.storage)  # the commit point
+            with clock.phase("manifest"):
+                manifest.commit(output, cfg.storage)  # the commit point
             break
         except ManifestConflict as conflict:
             previous = Manifest.require(output, cfg.storage)
@@ -269,11 +317,12 @@ def _commit(
                 return PreprocessResult(output, previous.version, [], [], {}, build_stats(previous))
     # The commit has happened: clean-up is best effort, and what it leaves is invisible to
     # readers (staging is never listed; replaced shards are no longer in the manifest).
-    _remove(
-        fs,
-        [staging_path]
-        + [join(root, rel) for old in plan.replaced for rel in old.shards if rel not in added],
-    )
+    with clock.phase("clean-up"):
+        _remove(
+            fs,
+            [staging_path]
+            + [join(root, rel) for old in plan.replaced for rel in old.shards if rel not in added],
+        )
     return PreprocessResult(
         output, manifest.version, [r["uri"] for r in records], added, run_summary, stats
     )

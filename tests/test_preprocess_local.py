@@ -105,6 +105,14 @@ def test_full_run_manifest_matches_the_shards(
     assert stats["documents"] == 120 and stats["skipped"] == {}
     assert stats["tokens"] == sum(manifest.totals(s)["tokens"] for s in ("train", "heldout"))
     assert (out / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Where the driver's seconds went: every phase up to the stats, which add up to no more
+    # than the driver's time so far, and processing (the work itself) among them.
+    seconds = stats["last_run"]["seconds"]
+    phases = {k: v for k, v in seconds.items() if k != "driver_so_far"}
+    assert {"checks", "plan", "processing", "commit shards"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and seconds["processing"] > 0
+    assert sum(phases.values()) <= seconds["driver_so_far"] + 1e-3
+    assert "Ray start" not in phases, "Ray was already running: nothing to start"
     assert not list((out / "_staging").glob("2*")), "staging cleaned up after the commit"
 
 

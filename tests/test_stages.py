@@ -13,11 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import InputConfig
 from pipeline.counters import Counters, StrictModeError
 from pipeline.readers import detect, read_documents, sniff_compression
-from pipeline.text import normalise, split_sentences
+from pipeline.text import _normalise_reference, normalise, split_sentences
 
 
 def _read(
@@ -33,6 +35,42 @@ def test_normalise_keeps_paragraphs_apart_and_collapses_whitespace() -> None:
     text = "A   heading\r\n\r\nFirst line\nwrapped\there.\x07 Second\u200b one!\n \n\nLast"
     assert normalise(text) == ["A heading", "First line wrapped here. Second one!", "Last"]
     assert normalise("  \n\n \t ") == []
+
+
+# Every character class normalise treats specially: line ends (LF, CR, CRLF, U+2028/2029),
+# blank-line whitespace (space, tab) and other whitespace (NBSP, ideographic space, VT, FS),
+# controls and zero-width marks, and a letter with a combining accent (NFC composes it).
+_TRICKY = [
+    "a",
+    "b",
+    ".",
+    " ",
+    "\t",
+    "\n",
+    "\r",
+    "\r\n",
+    "\u2028",
+    "\u2029",
+    "\u00a0",
+    "\u3000",
+    "\x0b",
+    "\x1c",
+    "\x07",
+    "\x85",
+    "\u200b",
+    "\ufeff",
+    "e\u0301",
+    "\u00e9",
+    "Z",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_TRICKY), max_size=40).map("".join))
+def test_normalise_equals_its_plain_definition(text: str) -> None:
+    # normalise() skips steps that cannot change the text and groups lines instead of
+    # splitting on a regex: it must stay the same function as the step-by-step definition.
+    assert normalise(text) == _normalise_reference(text)
 
 
 def test_split_sentences_never_glues_a_heading_to_the_next_paragraph() -> None:
