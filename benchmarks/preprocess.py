@@ -32,6 +32,13 @@ so both have files of one size), one small file (~0.3 MB) and one large file
   (the local tokenizer file, no hub; no shuffling, EOD after each document) under
   ``LocalPipelineExecutor(tasks=files, workers=--workers)``, one Rayon thread per worker, in a
   subprocess, same corpora.
+- **Per-token path inside a task**: the pipeline's own ``process_unit`` (read, normalise,
+  split, tokenize, pack, write and hash shards) against the floor's loop, one spawned process
+  each with one Rayon thread, on the same files (a third of the small corpus), timed after
+  imports and tokenizer load: the gap to the floor with Ray, start-up and scheduling out of it.
+- **Interleaved**: every timed run above is taken in turn within each repeat (end to end,
+  floors, datatrove, per-token, then again), best of ``--repeats`` each, so that a slow spell
+  on a shared machine costs every side of a ratio alike.
 - **Stage profile**: one process, a ~5 MB slice, the pipeline's own per-document functions one
   stage at a time (read + JSON parse, normalise, sentence split, tokenize, pack, held-out hash and
   counters, Parquet write, sha256), seconds, MB/s and share of their sum.
@@ -43,8 +50,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -56,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +82,7 @@ GOALS = {
     "marginal_vs_datatrove": 0.9,
     "one_small_file_s": 8.0,
     "one_file_2w_over_1w": 1.8,
+    "per_token_vs_floor_1p": 0.9,
 }
 
 # ------------------------------------------------------------------------------------- corpora
@@ -181,13 +192,6 @@ def units(log: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def best_cli(args: argparse.Namespace, work: Path, corpus: dict, workers: int | None, force: bool):
-    runs = []
-    for r in range(args.repeats):
-        runs.append(run_cli(args.gpthf, corpus, args.tok, work / f"out-{r}", workers, force))
-    return min(runs)
-
-
 def pair(small: dict, large: dict, t_small: float, t_large: float) -> dict[str, Any]:
     """Marginal rate and fixed cost from two sizes of the same text."""
     d_mb, d_t = large["MB"] - small["MB"], t_large - t_small
@@ -202,52 +206,6 @@ def pair(small: dict, large: dict, t_small: float, t_large: float) -> dict[str, 
         "fixed_s": round(fixed, 3),
         "large_MBps": round(large["MB"] / t_large, 3),
     }
-
-
-def end_to_end(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, Any]:
-    threshold = local_below_bytes()
-
-    def forced(*cs: dict) -> bool:
-        return threshold is not None and min(c["MB"] * 1e6 for c in cs) < threshold
-
-    out: dict[str, Any] = {"local_below_bytes": threshold}
-    small, large = corpora["small"], corpora["large"]
-    force = forced(small, large)
-    (ts, ws, ds), (tl, wl, dl) = (
-        best_cli(args, work, c, args.workers, force) for c in (small, large)
-    )
-    out["multi_file"] = {
-        **pair(small, large, ts, tl),
-        "workers": args.workers,
-        "forced_ray": force,
-        "units": [units(ws), units(wl)],
-        "log": [ws, wl],
-        "driver": [ds, dl],
-    }
-    t, w, d = best_cli(args, work, corpora["one_small"], None, False)
-    out["one_small_file"] = {
-        "MB": corpora["one_small"]["MB"],
-        "s": round(t, 3),
-        "log": w,
-        "driver": d,
-    }
-    half, full = corpora["one_half"], corpora["one_large"]
-    force = forced(half, full)
-    per_workers = {}
-    for n in (1, 2):
-        (th, wh, _), (tf, wf, _) = (best_cli(args, work, c, n, force) for c in (half, full))
-        per_workers[str(n)] = {
-            **pair(half, full, th, tf),
-            "units": [units(wh), units(wf)],
-            "log": [wh, wf],
-        }
-    m1, m2 = (per_workers[k]["marginal_MBps"] for k in ("1", "2"))
-    out["one_large_file"] = {
-        "forced_ray": force,
-        "workers": per_workers,
-        "marginal_2w_over_1w": round(m2 / m1, 3),
-    }
-    return out
 
 
 # ------------------------------------------------------------------------------------- floor
@@ -289,16 +247,42 @@ def floor_time(corpus: dict, tok_path: str, procs: int, offsets: bool = False) -
     return time.perf_counter() - t0
 
 
-def floor(args: argparse.Namespace, corpora: dict) -> dict[str, Any]:
-    out = {}
-    small, large = corpora["small"], corpora["large"]
-    for name, procs, offsets in (("1p", 1, False), ("2p", 2, False), ("2p-offsets", 2, True)):
-        ts, tl = (
-            min(floor_time(c, args.tok, procs, offsets) for _ in range(args.repeats))
-            for c in (small, large)
+def _per_token_worker(args: tuple[str, list[str], str]) -> float:
+    """Seconds one process spends on ``files`` (tokenizer loaded, imports done): the floor's
+    bare loop, or the pipeline's own ``process_unit`` (read, normalise, split, tokenize, pack,
+    write and hash shards) into a scratch folder."""
+    kind, files, tok_path = args
+    if kind == "floor":
+        t0 = time.perf_counter()
+        _floor_worker((files, tok_path, False))
+        return time.perf_counter() - t0
+    from pipeline.config import PreprocessConfig
+    from pipeline.pieces import WorkUnit
+    from pipeline.storage import expand_inputs
+    from pipeline.tokenizer import load_tokenizer
+    from pipeline.unit import UnitContext, process_unit
+
+    cfg = PreprocessConfig()
+    tok = load_tokenizer(tok_path)
+    inputs = expand_inputs(files, cfg.storage)
+    with tempfile.TemporaryDirectory(prefix="gpthf-bench-unit-") as staging:
+        ctx = UnitContext(
+            input=cfg.input,
+            packing=cfg.packing,
+            storage=cfg.storage,
+            tokenizer_json=tok.json,
+            special_ids=tok.special_ids,
+            staging_uri=staging,
         )
-        out[name] = pair(small, large, ts, tl)
-    return out
+        t0 = time.perf_counter()
+        for f in inputs:
+            process_unit(WorkUnit(f), ctx)
+        return time.perf_counter() - t0
+
+
+def per_token_time(kind: str, files: list[str], tok_path: str) -> float:
+    with mp.get_context("spawn").Pool(1, initializer=_one_thread) as pool:
+        return float(pool.apply(_per_token_worker, ((kind, files, tok_path),)))
 
 
 # --------------------------------------------------------------------------------- datatrove
@@ -343,27 +327,133 @@ def datatrove_time(corpus: dict, tok: str, work: Path, workers: int) -> float:
     return wall
 
 
-def datatrove(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, Any]:
-    if args.skip_datatrove:
-        return {"skipped": "--skip-datatrove"}
-    try:
-        import datatrove  # noqa: F401
-    except ImportError:
-        return {"skipped": "datatrove not installed"}
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Any]:
+    """Best of ``repeats`` of every measurement, taken in turn within each repeat (A, B, C, A,
+    B, C, ...): a slow spell on a shared machine then costs every side of a ratio alike, where
+    measuring one side after the other put whole minutes between them. A measurement returns
+    its seconds (or a tuple starting with them); one that fails is dropped with its error."""
+    best: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    for r in range(repeats):
+        for name, fn in runs.items():
+            if name in failed:
+                continue
+            try:
+                result = fn()
+            except RuntimeError as exc:  # keep the other measurements of this run
+                print(exc, file=sys.stderr)
+                failed[name] = str(exc).splitlines()[0]
+                continue
+            seconds = result[0] if isinstance(result, tuple) else result
+            if name not in best or seconds < (
+                best[name][0] if isinstance(best[name], tuple) else best[name]
+            ):
+                best[name] = result
+            print(f"  repeat {r + 1}/{repeats} {name}: {seconds:.2f}s", file=sys.stderr)
+    return {**best, **{f"failed:{k}": v for k, v in failed.items()}}
+
+
+def measure(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, Any]:
+    """Every timed run of the report, interleaved (see :func:`interleaved`)."""
+    threshold = local_below_bytes()
+
+    def forced(*cs: dict) -> bool:
+        return threshold is not None and min(c["MB"] * 1e6 for c in cs) < threshold
+
     small, large = corpora["small"], corpora["large"]
-    try:
-        ts, tl = (
-            min(datatrove_time(c, args.tok, work, args.workers) for _ in range(args.repeats))
-            for c in (small, large)
-        )
-    except RuntimeError as exc:  # keep the other measurements of this run
-        print(exc, file=sys.stderr)
-        return {"skipped": f"datatrove failed: {str(exc).splitlines()[0]}"}
-    return {
-        "version": importlib.metadata.version("datatrove"),
-        "workers": args.workers,
-        **pair(small, large, ts, tl),
+    half, full = corpora["one_half"], corpora["one_large"]
+    force_multi, force_one = forced(small, large), forced(half, full)
+    out = work / "out"
+
+    def cli(corpus: dict, workers: int | None, force: bool) -> Callable[[], Any]:
+        return lambda: run_cli(args.gpthf, corpus, args.tok, out, workers, force)
+
+    runs: dict[str, Callable[[], Any]] = {
+        "e2e small": cli(small, args.workers, force_multi),
+        "e2e large": cli(large, args.workers, force_multi),
+        "e2e one small file": cli(corpora["one_small"], None, False),
     }
+    for n in (1, 2):
+        runs[f"e2e half {n}w"] = cli(half, n, force_one)
+        runs[f"e2e full {n}w"] = cli(full, n, force_one)
+    for name, procs, offsets in (("1p", 1, False), ("2p", 2, False), ("2p-offsets", 2, True)):
+        for size, c in (("small", small), ("large", large)):
+            runs[f"floor {name} {size}"] = functools.partial(
+                floor_time, c, args.tok, procs, offsets
+            )
+    dt_skipped = None
+    if args.skip_datatrove:
+        dt_skipped = "--skip-datatrove"
+    elif importlib.util.find_spec("datatrove") is None:
+        dt_skipped = "datatrove not installed"
+    else:
+        for size, c in (("small", small), ("large", large)):
+            runs[f"datatrove {size}"] = functools.partial(
+                datatrove_time, c, args.tok, work, args.workers
+            )
+    # The per-token path inside a task: the pipeline's process_unit against the floor's loop,
+    # one process each, on the same files (the small corpus's first third).
+    files = sorted(str(p) for p in Path(small["path"]).glob("*.jsonl"))[: SMALL_FILES // 3]
+    for kind in ("pipeline", "floor"):
+        runs[f"per-token {kind}"] = functools.partial(per_token_time, kind, files, args.tok)
+    t = interleaved(runs, args.repeats)
+
+    e2e: dict[str, Any] = {"local_below_bytes": threshold}
+    (ts, ws, ds), (tl, wl, dl) = t["e2e small"], t["e2e large"]
+    e2e["multi_file"] = {
+        **pair(small, large, ts, tl),
+        "workers": args.workers,
+        "forced_ray": force_multi,
+        "units": [units(ws), units(wl)],
+        "log": [ws, wl],
+        "driver": [ds, dl],
+    }
+    t1, w1, d1 = t["e2e one small file"]
+    e2e["one_small_file"] = {
+        "MB": corpora["one_small"]["MB"],
+        "s": round(t1, 3),
+        "log": w1,
+        "driver": d1,
+    }
+    per_workers = {}
+    for n in (1, 2):
+        (th, wh, _), (tf, wf, _) = t[f"e2e half {n}w"], t[f"e2e full {n}w"]
+        per_workers[str(n)] = {
+            **pair(half, full, th, tf),
+            "units": [units(wh), units(wf)],
+            "log": [wh, wf],
+        }
+    m1, m2 = (per_workers[k]["marginal_MBps"] for k in ("1", "2"))
+    e2e["one_large_file"] = {
+        "forced_ray": force_one,
+        "workers": per_workers,
+        "marginal_2w_over_1w": round(m2 / m1, 3),
+    }
+    floors = {
+        name: pair(small, large, t[f"floor {name} small"], t[f"floor {name} large"])
+        for name in ("1p", "2p", "2p-offsets")
+    }
+    if dt_skipped is None and "datatrove small" in t and "datatrove large" in t:
+        dt: dict[str, Any] = {
+            "version": importlib.metadata.version("datatrove"),
+            "workers": args.workers,
+            **pair(small, large, t["datatrove small"], t["datatrove large"]),
+        }
+    else:
+        failure = t.get("failed:datatrove small") or t.get("failed:datatrove large")
+        dt = {"skipped": dt_skipped or f"datatrove failed: {failure}"}
+    mb = sum(Path(f).stat().st_size for f in files) / 1e6
+    tp, tf_ = t["per-token pipeline"], t["per-token floor"]
+    per_token = {
+        "MB": round(mb, 3),
+        "files": len(files),
+        "pipeline_s": round(tp, 3),
+        "floor_s": round(tf_, 3),
+        "pipeline_MBps": round(mb / tp, 3),
+        "floor_MBps": round(mb / tf_, 3),
+        "pipeline_over_floor": round(tf_ / tp, 3),
+    }
+    return {"end_to_end": e2e, "floor": floors, "datatrove": dt, "per_token": per_token}
 
 
 # --------------------------------------------------------------------------- stage profile
@@ -502,6 +592,7 @@ def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "marginal_vs_datatrove": None if dt is None else ours / dt,
         "one_small_file_s": e2e["one_small_file"]["s"],
         "one_file_2w_over_1w": e2e["one_large_file"]["marginal_2w_over_1w"],
+        "per_token_vs_floor_1p": report["per_token"]["pipeline_over_floor"],
     }
     out = {}
     for name, value in values.items():
@@ -551,6 +642,13 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"- one small file: {e2e['one_small_file']['driver'] or '(no line)'}")
     for mb, line in zip((c["small"]["MB"], c["large"]["MB"]), mf["driver"], strict=True):
         print(f"- {mb} MB, {mf['workers']} workers: {line or '(no line)'}")
+
+    pt = report["per_token"]
+    print(
+        f"\nper-token path, one process, {pt['MB']} MB in {pt['files']} files: the pipeline's "
+        f"process_unit {pt['pipeline_s']} s ({pt['pipeline_MBps']} MB/s), the floor's loop "
+        f"{pt['floor_s']} s ({pt['floor_MBps']} MB/s): {pt['pipeline_over_floor']} of the floor"
+    )
 
     prof = report["profile"]
     print(f"\nstage profile, one process, {prof['MB']} MB ({prof['total_s']} s in all):\n")
@@ -618,15 +716,10 @@ def main() -> None:
                 k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in corpora.items()
             },
         }
-        for name, fn in (
-            ("end_to_end", lambda: end_to_end(args, work, corpora)),
-            ("floor", lambda: floor(args, corpora)),
-            ("datatrove", lambda: datatrove(args, work, corpora)),
-            ("profile", lambda: profile(args, work, corpora, profile_mb)),
-        ):
-            t0 = time.perf_counter()
-            report[name] = fn()
-            print(f"{name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        t0 = time.perf_counter()
+        report.update(measure(args, work, corpora))
+        print(f"timed runs: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        report["profile"] = profile(args, work, corpora, profile_mb)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["goals"] = goals(report)

@@ -59,8 +59,8 @@ def tokenize_documents(
     overhead costs more than the work.
     """
     flat = [s for _, sentences in docs for s in sentences]
-    # encode_batch_fast: the same ids without character offsets, which nothing here uses and
-    # which cost about a quarter of the tokenizer's time (benchmarks/preprocess.py's profile).
+    # encode_batch_fast: the same ids without the character offsets, which nothing here uses
+    # (a few percent of the tokenizer's time, within this machine's run-to-run noise).
     encodings = tokenizer.encode_batch_fast(flat, add_special_tokens=False) if flat else []
     out: list[TokenizedDocument] = []
     budget = max_sentence_tokens - 1
@@ -146,19 +146,47 @@ class BlockPacker:
         return row
 
 
+# Arrow arrays are built from buffers, never from Python or NumPy objects through pa.array():
+# that path imports pandas to sniff its input (0.4 s, once per worker process, which a run of
+# small files pays in full), and it copies what a buffer only wraps.
+
+
+def _numpy_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    values = np.ascontiguousarray(values, dtype=type_.to_pandas_dtype())
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
+
+
+def _offsets(lengths: list[int]) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return _numpy_array(offsets, pa.int32())
+
+
 def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
     values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
     return pa.ListArray.from_arrays(
-        pa.array(offsets), pa.array(values.astype(np.int32, copy=False))
+        _offsets([len(a) for a in arrays]), _numpy_array(values, pa.int32())
     )
 
 
+def _string_list_array(lists: list[list[str]]) -> pa.ListArray:
+    encoded = [s.encode("utf-8") for strings in lists for s in strings]
+    strings = pa.Array.from_buffers(
+        pa.string(),
+        len(encoded),
+        [None, _offsets([len(b) for b in encoded]).buffers()[1], pa.py_buffer(b"".join(encoded))],
+    )
+    return pa.ListArray.from_arrays(_offsets([len(x) for x in lists]), strings)
+
+
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    columns = {name: _list_array([r[name] for r in rows]) for name in LIST_COLUMNS}
-    for name in BLOCK_SCHEMA.names:
-        if name in columns:
-            continue
-        columns[name] = [r[name] for r in rows]
-    return pa.Table.from_pydict(columns, schema=BLOCK_SCHEMA)
+    columns = []
+    for f in BLOCK_SCHEMA:
+        values = [r[f.name] for r in rows]
+        if f.name in LIST_COLUMNS:
+            columns.append(_list_array(values))
+        elif f.type == pa.list_(pa.string()):
+            columns.append(_string_list_array(values))
+        else:
+            columns.append(_numpy_array(np.array(values, dtype=f.type.to_pandas_dtype()), f.type))
+    return pa.Table.from_arrays(columns, schema=BLOCK_SCHEMA)

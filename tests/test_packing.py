@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,60 @@ def test_document_continuing_into_next_block_is_marked(tok: LoadedTokenizer) -> 
     assert [r["first_sentence_offset"] for r in rows] == [0, 3]
     table = rows_to_table(rows)
     assert table.num_rows == 2 and table.schema.field("input_ids").type.value_type.bit_width == 32
+
+
+def _rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        lengths = [rng.randint(1, 5) for _ in range(rng.randint(0, 4))]
+        rows.append(
+            {
+                "input_ids": np.array([rng.randrange(9000) for _ in range(sum(lengths))], np.int32),
+                "sentence_lengths": np.array(lengths, np.int32),
+                "document_index": np.array(sorted(rng.randrange(3) for _ in lengths), np.int32),
+                "num_bytes": rng.randrange(2**40),
+                "num_words": rng.randrange(1000),
+                "document_ids": [
+                    rng.choice(["a", "dé#1", "s3://b/k.jsonl#7", ""]) for _ in lengths
+                ],
+                "first_sentence_offset": rng.randrange(50),
+            }
+        )
+    return rows
+
+
+def test_rows_to_table_is_the_plain_arrow_conversion() -> None:
+    # rows_to_table builds Arrow arrays from buffers (no pandas import); it must equal the
+    # plain conversion of the same rows, empty lists and non-ASCII ids included.
+    import pyarrow as pa
+
+    from pipeline.blocks import BLOCK_SCHEMA
+
+    rng = random.Random(5)
+    for n in (0, 1, 7):
+        rows = _rows(rng, n)
+        plain = pa.Table.from_pylist(
+            [
+                {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+                for r in rows
+            ],
+            schema=BLOCK_SCHEMA,
+        )
+        assert rows_to_table(rows).equals(plain)
+
+
+def test_writing_a_shard_never_imports_pandas() -> None:
+    # pandas costs 0.4 s to import in every worker process that writes shards.
+    code = (
+        "import sys, random, tempfile, pyarrow.parquet as pq\n"
+        "from tests.test_packing import _rows\n"
+        "from pipeline.packing import rows_to_table\n"
+        "with tempfile.TemporaryDirectory() as d:\n"
+        "    pq.write_table(rows_to_table(_rows(random.Random(1), 4)), d + '/x.parquet')\n"
+        "assert 'pandas' not in sys.modules, 'pandas was imported'\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
 
 
 def test_existing_tokenizer_gets_missing_special_tokens(tmp_path: Path) -> None:
