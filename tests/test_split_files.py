@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import InputConfig, PackingConfig, PreprocessConfig
 from pipeline.manifest import read_manifest
@@ -137,3 +139,29 @@ def test_files_that_cannot_be_cut_stay_whole(tmp_path: Path) -> None:
     for a, b in itertools.pairwise(plain):
         assert a.span.end == b.span.start and data[b.span.start - 1 : b.span.start] == b"\n"
         assert b.span.first_record == data[: b.span.start].count(b"\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 48 << 20), min_size=1, max_size=300),
+    workers=st.integers(1, 64),
+)
+def test_groups_keep_every_unit_once_in_order_and_balance_the_workers(
+    sizes: list[int], workers: int
+) -> None:
+    # Tasks take consecutive groups of units: every unit exactly once, in order; a group
+    # passes the target only by its last unit; and a large run has several groups per worker,
+    # so that no worker is left with a long tail while the others wait.
+    from pipeline.distributed import GROUPS_PER_WORKER, MIN_TASK_BYTES, TASK_BYTES, group_units
+    from pipeline.pieces import WorkUnit
+    from pipeline.storage import InputFile
+
+    units = [WorkUnit(InputFile(f"f{i}", n, "x")) for i, n in enumerate(sizes)]
+    groups = group_units(units, workers)
+    assert [u for g in groups for u in g] == units
+    total = sum(sizes)
+    target = min(TASK_BYTES, max(MIN_TASK_BYTES, total // (GROUPS_PER_WORKER * workers)))
+    for g in groups:
+        assert g and sum(u.size for u in g[:-1]) <= target
+    if total >= GROUPS_PER_WORKER * workers * MIN_TASK_BYTES and max(sizes) <= target:
+        assert len(groups) >= GROUPS_PER_WORKER * workers // 2
