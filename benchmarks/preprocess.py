@@ -24,9 +24,9 @@ so both have files of one size), one small file (~0.3 MB) and one large file
 - **Floor**: the bare loop that bounds preprocessing (json.loads each line, blingfire
   ``text_to_sentences``, ``tokenizers`` ``encode_batch_fast`` without special tokens, nothing
   else), in 1 and 2 spawned processes with one Rayon thread each, on the same small and large
-  corpora. ``encode_batch_fast`` (no character offsets) is what the pipeline calls, and about a
-  quarter faster than ``encode_batch``; the floor as the issue first measured it
-  (``encode_batch``, 2 processes) is reported beside it as ``2p-offsets``.
+  corpora. ``encode_batch_fast`` (no character offsets) is what the pipeline calls; the floor
+  as the issue first measured it (``encode_batch``, 2 processes) is reported beside it as
+  ``2p-offsets``.
 - **datatrove** (``pip install datatrove==0.10.1 orjson==3.13.0``: its JsonlReader needs
   orjson; ``--skip-datatrove`` or not installed: skipped): ``JsonlReader -> DocumentTokenizer``
   (the local tokenizer file, no hub; no shuffling, EOD after each document) under
@@ -263,17 +263,9 @@ def _per_token_worker(args: tuple[str, list[str], str]) -> float:
     from pipeline.unit import UnitContext, process_unit
 
     cfg = PreprocessConfig()
-    tok = load_tokenizer(tok_path)
     inputs = expand_inputs(files, cfg.storage)
     with tempfile.TemporaryDirectory(prefix="gpthf-bench-unit-") as staging:
-        ctx = UnitContext(
-            input=cfg.input,
-            packing=cfg.packing,
-            storage=cfg.storage,
-            tokenizer_json=tok.json,
-            special_ids=tok.special_ids,
-            staging_uri=staging,
-        )
+        ctx = UnitContext.for_run(cfg, load_tokenizer(tok_path), staging)
         t0 = time.perf_counter()
         for f in inputs:
             process_unit(WorkUnit(f), ctx)
@@ -327,11 +319,18 @@ def datatrove_time(corpus: dict, tok: str, work: Path, workers: int) -> float:
     return wall
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Any]:
+def _seconds(result: Any) -> float:
+    return float(result[0] if isinstance(result, tuple) else result)
+
+
+def interleaved(
+    runs: dict[str, Callable[[], Any]], repeats: int
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Best of ``repeats`` of every measurement, taken in turn within each repeat (A, B, C, A,
     B, C, ...): a slow spell on a shared machine then costs every side of a ratio alike, where
     measuring one side after the other put whole minutes between them. A measurement returns
-    its seconds (or a tuple starting with them); one that fails is dropped with its error."""
+    its seconds (or a tuple starting with them). Returns the best results, and the first error
+    of each measurement that failed (it is not tried again)."""
     best: dict[str, Any] = {}
     failed: dict[str, str] = {}
     for r in range(repeats):
@@ -344,13 +343,10 @@ def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, A
                 print(exc, file=sys.stderr)
                 failed[name] = str(exc).splitlines()[0]
                 continue
-            seconds = result[0] if isinstance(result, tuple) else result
-            if name not in best or seconds < (
-                best[name][0] if isinstance(best[name], tuple) else best[name]
-            ):
+            if name not in best or _seconds(result) < _seconds(best[name]):
                 best[name] = result
-            print(f"  repeat {r + 1}/{repeats} {name}: {seconds:.2f}s", file=sys.stderr)
-    return {**best, **{f"failed:{k}": v for k, v in failed.items()}}
+            print(f"  repeat {r + 1}/{repeats} {name}: {_seconds(result):.2f}s", file=sys.stderr)
+    return best, failed
 
 
 def measure(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, Any]:
@@ -396,7 +392,7 @@ def measure(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, An
     files = sorted(str(p) for p in Path(small["path"]).glob("*.jsonl"))[: SMALL_FILES // 3]
     for kind in ("pipeline", "floor"):
         runs[f"per-token {kind}"] = functools.partial(per_token_time, kind, files, args.tok)
-    t = interleaved(runs, args.repeats)
+    t, failed = interleaved(runs, args.repeats)
 
     e2e: dict[str, Any] = {"local_below_bytes": threshold}
     (ts, ws, ds), (tl, wl, dl) = t["e2e small"], t["e2e large"]
@@ -440,7 +436,7 @@ def measure(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, An
             **pair(small, large, t["datatrove small"], t["datatrove large"]),
         }
     else:
-        failure = t.get("failed:datatrove small") or t.get("failed:datatrove large")
+        failure = failed.get("datatrove small") or failed.get("datatrove large")
         dt = {"skipped": dt_skipped or f"datatrove failed: {failure}"}
     mb = sum(Path(f).stat().st_size for f in files) / 1e6
     tp, tf_ = t["per-token pipeline"], t["per-token floor"]

@@ -47,8 +47,9 @@ task (pipeline.storage), and a bad input file is counted, not raised."""
 # dominate small files, and each unit still gets its own deterministic shards. Groups are
 # about total / (GROUPS_PER_WORKER x workers) bytes, within [MIN_TASK_BYTES, TASK_BYTES]: a
 # worker that finishes early takes the next group, so the run's tail (workers idle while the
-# last groups finish) is at most about one small group. With two groups per worker a 60 MB run
-# on 2 workers lost 3 s of its 20 to that tail; a 4 MiB group costs ~2.5 s of one core.
+# last groups finish) is at most about one small group. (Two groups per worker, as before,
+# could leave one worker with a whole large group to finish alone.) A 4 MiB group is a few
+# seconds of one core at the per-token rate benchmarks/preprocess.py reports.
 TASK_BYTES = 64 << 20
 MIN_TASK_BYTES = 4 << 20
 GROUPS_PER_WORKER = 8

@@ -60,7 +60,7 @@ def tokenize_documents(
     """
     flat = [s for _, sentences in docs for s in sentences]
     # encode_batch_fast: the same ids without the character offsets, which nothing here uses
-    # (a few percent of the tokenizer's time, within this machine's run-to-run noise).
+    # (benchmarks/preprocess.py times the floor with both calls).
     encodings = tokenizer.encode_batch_fast(flat, add_special_tokens=False) if flat else []
     out: list[TokenizedDocument] = []
     budget = max_sentence_tokens - 1
@@ -147,8 +147,8 @@ class BlockPacker:
 
 
 # Arrow arrays are built from buffers, never from Python or NumPy objects through pa.array():
-# that path imports pandas to sniff its input (0.4 s, once per worker process, which a run of
-# small files pays in full), and it copies what a buffer only wraps.
+# that path imports pandas to sniff its input (a test holds shard writing free of it), which
+# every worker process would pay once, a run of small files in full.
 
 
 def _numpy_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -156,27 +156,29 @@ def _numpy_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
 
 
-def _offsets(lengths: list[int]) -> pa.Array:
+def _offsets(lengths: list[int]) -> np.ndarray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return _numpy_array(offsets, pa.int32())
+    return offsets
 
 
 def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
     values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
     return pa.ListArray.from_arrays(
-        _offsets([len(a) for a in arrays]), _numpy_array(values, pa.int32())
+        _numpy_array(_offsets([len(a) for a in arrays]), pa.int32()),
+        _numpy_array(values, pa.int32()),
     )
 
 
 def _string_list_array(lists: list[list[str]]) -> pa.ListArray:
     encoded = [s.encode("utf-8") for strings in lists for s in strings]
+    offsets = pa.py_buffer(_offsets([len(b) for b in encoded]))
     strings = pa.Array.from_buffers(
-        pa.string(),
-        len(encoded),
-        [None, _offsets([len(b) for b in encoded]).buffers()[1], pa.py_buffer(b"".join(encoded))],
+        pa.string(), len(encoded), [None, offsets, pa.py_buffer(b"".join(encoded))]
     )
-    return pa.ListArray.from_arrays(_offsets([len(x) for x in lists]), strings)
+    return pa.ListArray.from_arrays(
+        _numpy_array(_offsets([len(x) for x in lists]), pa.int32()), strings
+    )
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -188,5 +190,5 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
         elif f.type == pa.list_(pa.string()):
             columns.append(_string_list_array(values))
         else:
-            columns.append(_numpy_array(np.array(values, dtype=f.type.to_pandas_dtype()), f.type))
+            columns.append(_numpy_array(np.asarray(values), f.type))
     return pa.Table.from_arrays(columns, schema=BLOCK_SCHEMA)

@@ -143,15 +143,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
     staging = join(output, "_staging", run_id)
     with clock.phase("checks"):
         sweep_staging(output, cfg.storage)
-    ctx = UnitContext(
-        input=cfg.input,
-        packing=cfg.packing,
-        storage=cfg.storage,
-        tokenizer_json=tok.json,
-        special_ids=tok.special_ids,
-        staging_uri=staging,
-        strict=cfg.strict,
-    )
+    ctx = UnitContext.for_run(cfg, tok, staging)
     here = _run_here(cfg, plan.todo)
     if not here and not _ray_running():
         with clock.phase("Ray start"):  # (or, with RAY_ADDRESS, joining the cluster)

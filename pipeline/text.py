@@ -9,8 +9,6 @@ import blingfire
 
 # C0/C1 controls except tab and newline, plus zero-width and BOM characters.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
-_SPACES = re.compile(r"\s+")
 # blingfire always ends a sentence at U+2029, so whole documents go through it in one call.
 _PARAGRAPH_SEPARATOR = "\u2029"
 
@@ -18,13 +16,13 @@ _PARAGRAPH_SEPARATOR = "\u2029"
 def normalise(text: str) -> list[str]:
     """NFC, controls removed, whitespace collapsed; returns the non-empty paragraphs.
 
-    Paragraphs (blank-line separated) are kept apart because blingfire joins lines across
-    blank lines, which would glue a heading onto the next sentence.
+    Paragraphs (blank-line separated: a line of spaces and tabs only) are kept apart because
+    blingfire joins lines across blank lines, which would glue a heading onto the next sentence.
 
     This is on every byte's path, so each step is skipped when it cannot change the text, and
-    paragraphs are found by grouping lines rather than by a regex split (3-4x faster; the
-    result is identical: ``_normalise_reference`` is the plain definition, and a property test
-    holds the two equal).
+    paragraphs are found by grouping lines rather than by a regex split (the stage profile of
+    benchmarks/preprocess.py times it); tests/test_stages.py holds it equal to the plain
+    step-by-step definition.
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -34,34 +32,16 @@ def normalise(text: str) -> list[str]:
     text = _CONTROL.sub("", text)
     out: list[str] = []
     para: list[str] = []
-    for line in text.split("\n"):
+    for line in [*text.split("\n"), ""]:  # the final blank line ends the last paragraph
         if line.strip(" \t"):
             para.append(line)
         elif para:
             # str.split() splits on exactly the characters regex \s matches (Unicode
-            # whitespace), so this is the collapse of _SPACES.
+            # whitespace): this collapses every run of whitespace to one space.
             collapsed = " ".join(" ".join(para).split())
             if collapsed:
                 out.append(collapsed)
             para = []
-    if para:
-        collapsed = " ".join(" ".join(para).split())
-        if collapsed:
-            out.append(collapsed)
-    return out
-
-
-def _normalise_reference(text: str) -> list[str]:
-    """The definition of :func:`normalise`, step by step (kept for the property test)."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = text.replace(_PARAGRAPH_SEPARATOR, "\n\n").replace("\u2028", "\n")
-    text = unicodedata.normalize("NFC", text)
-    text = _CONTROL.sub("", text)
-    out = []
-    for para in _PARAGRAPH_BREAK.split(text):
-        para = _SPACES.sub(" ", para).strip()
-        if para:
-            out.append(para)
     return out
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from pipeline.blocks import BLOCK_SCHEMA
-from pipeline.config import InputConfig, PackingConfig, StorageConfig
+from pipeline.config import InputConfig, PackingConfig, PreprocessConfig, StorageConfig
 from pipeline.counters import Counters
 from pipeline.manifest import SPLITS
 from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
@@ -27,6 +27,7 @@ from pipeline.pieces import WorkUnit, unit_key
 from pipeline.readers import read_documents
 from pipeline.storage import filesystem_for, join, protocol_of, storage_errors
 from pipeline.text import normalise, split_sentences
+from pipeline.tokenizer import LoadedTokenizer
 
 DOC_BATCH = 256
 DOC_BATCH_BYTES = 4 << 20
@@ -53,6 +54,19 @@ class UnitContext:
     special_ids: dict[str, int]
     staging_uri: str
     strict: bool = False
+
+    @classmethod
+    def for_run(cls, cfg: PreprocessConfig, tok: LoadedTokenizer, staging_uri: str) -> UnitContext:
+        """The context of a run of ``cfg`` with tokenizer ``tok``, staging into ``staging_uri``."""
+        return cls(
+            input=cfg.input,
+            packing=cfg.packing,
+            storage=cfg.storage,
+            tokenizer_json=tok.json,
+            special_ids=tok.special_ids,
+            staging_uri=staging_uri,
+            strict=cfg.strict,
+        )
 
 
 @functools.lru_cache(maxsize=4)

@@ -111,7 +111,8 @@ def test_full_run_manifest_matches_the_shards(
     phases = {k: v for k, v in seconds.items() if k != "driver_so_far"}
     assert {"checks", "plan", "processing", "commit shards"} <= set(phases)
     assert all(v >= 0 for v in phases.values()) and seconds["processing"] > 0
-    assert sum(phases.values()) <= seconds["driver_so_far"] + 1e-3
+    # (each figure is rounded to the millisecond: allow half of one per figure)
+    assert sum(phases.values()) <= seconds["driver_so_far"] + 5e-4 * (len(phases) + 1)
     assert "Ray start" not in phases, "Ray was already running: nothing to start"
     assert not list((out / "_staging").glob("2*")), "staging cleaned up after the commit"
 

@@ -6,6 +6,8 @@ import bz2
 import gzip
 import json
 import lzma
+import re
+import unicodedata
 from pathlib import Path
 
 import fsspec
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from pipeline.config import InputConfig
 from pipeline.counters import Counters, StrictModeError
 from pipeline.readers import detect, read_documents, sniff_compression
-from pipeline.text import _normalise_reference, normalise, split_sentences
+from pipeline.text import _CONTROL, _PARAGRAPH_SEPARATOR, normalise, split_sentences
 
 
 def _read(
@@ -63,6 +65,16 @@ _TRICKY = [
     "\u00e9",
     "Z",
 ]
+
+
+def _normalise_reference(text: str) -> list[str]:
+    """What normalise() means, step by step (its original implementation)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace(_PARAGRAPH_SEPARATOR, "\n\n").replace("\u2028", "\n")
+    text = unicodedata.normalize("NFC", text)
+    text = _CONTROL.sub("", text)
+    paragraphs = (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n[ \t]*\n", text))
+    return [p for p in paragraphs if p]
 
 
 @settings(max_examples=400, deadline=None)
