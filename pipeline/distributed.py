@@ -44,21 +44,28 @@ task (pipeline.storage), and a bad input file is counted, not raised."""
 
 
 # A task handles a group of units (files or pieces): Ray's per-task cost (tens of ms) would
-# dominate small files, and each unit still gets its own deterministic shards. Groups are
-# about total / (GROUPS_PER_WORKER x workers) bytes, within [MIN_TASK_BYTES, TASK_BYTES]: a
-# worker that finishes early takes the next group, so the run's tail (workers idle while the
-# last groups finish) is at most about one small group. (Two groups per worker, as before,
-# could leave one worker with a whole large group to finish alone.) A 4 MiB group is a few
-# seconds of one core at the per-token rate benchmarks/preprocess.py reports.
+# dominate small files, and each unit still gets its own deterministic shards. A large run is
+# cut into about GROUPS_PER_WORKER groups per worker of at least MIN_TASK_BYTES: a worker that
+# finishes early takes the next group, so the run's tail (workers idle while the last groups
+# finish) is at most about one small group, where two large groups per worker could leave one
+# worker to finish a whole large group alone. A 4 MiB group is a few seconds of one core at
+# the per-token rate benchmarks/preprocess.py reports. A run too small for that still gets two
+# groups per worker (when its units allow), so that every worker has work.
 TASK_BYTES = 64 << 20
 MIN_TASK_BYTES = 4 << 20
 GROUPS_PER_WORKER = 8
 
 
+def group_target(total: int, workers: int) -> int:
+    """Bytes a group of units aims at, for ``total`` bytes over ``workers`` (see above)."""
+    workers = max(1, workers)
+    small_run = min(MIN_TASK_BYTES, total // (2 * workers))
+    return max(1, min(TASK_BYTES, max(small_run, total // (GROUPS_PER_WORKER * workers))))
+
+
 def group_units(units: list[WorkUnit], workers: int) -> list[list[WorkUnit]]:
-    """Consecutive groups of units, about GROUPS_PER_WORKER per worker (see above)."""
-    total = sum(u.size for u in units)
-    target = min(TASK_BYTES, max(MIN_TASK_BYTES, total // max(1, GROUPS_PER_WORKER * workers)))
+    """Consecutive groups of units of about ``group_target`` bytes each."""
+    target = group_target(sum(u.size for u in units), workers)
     groups: list[list[WorkUnit]] = [[]]
     size = 0
     for u in units:

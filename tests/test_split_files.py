@@ -150,9 +150,10 @@ def test_groups_keep_every_unit_once_in_order_and_balance_the_workers(
     sizes: list[int], workers: int
 ) -> None:
     # Tasks take consecutive groups of units: every unit exactly once, in order; a group
-    # passes the target only when it is one unit larger than the target; and a large run has
-    # several groups per worker, so that no worker is left with a long tail while others wait.
-    from pipeline.distributed import GROUPS_PER_WORKER, MIN_TASK_BYTES, TASK_BYTES, group_units
+    # passes the target only when it is one unit larger than the target; a large run has
+    # several groups per worker, so that no worker is left with a long tail while others wait;
+    # and a small run still gives every worker a group.
+    from pipeline.distributed import GROUPS_PER_WORKER, MIN_TASK_BYTES, group_target, group_units
     from pipeline.pieces import WorkUnit
     from pipeline.storage import InputFile
 
@@ -160,8 +161,10 @@ def test_groups_keep_every_unit_once_in_order_and_balance_the_workers(
     groups = group_units(units, workers)
     assert [u for g in groups for u in g] == units
     total = sum(sizes)
-    target = min(TASK_BYTES, max(MIN_TASK_BYTES, total // (GROUPS_PER_WORKER * workers)))
+    target = group_target(total, workers)
     for g in groups:
         assert g and (sum(u.size for u in g) <= target or len(g) == 1)
-    if total >= GROUPS_PER_WORKER * workers * MIN_TASK_BYTES and max(sizes) <= target:
-        assert len(groups) >= GROUPS_PER_WORKER * workers // 2
+    if max(sizes) <= target:
+        assert len(groups) >= min(workers, len(units))
+        if total >= GROUPS_PER_WORKER * workers * MIN_TASK_BYTES:
+            assert len(groups) >= GROUPS_PER_WORKER * workers // 2
