@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.generation.eviction import EvictingCache, EvictingKVAttention, ensure_free_slot
 from training.model import Transformer
 from training.model.attention import (
     KV,
@@ -38,6 +39,7 @@ from training.model.attention import (
     KVCacheAttention,
     rope_tables,
 )
+from training.model.pruning import NEG_INF, PruningRecord
 
 MODES = {"gpthf": ("full", "sentence-cache", "kv"), "gpt": ("full", "kv")}
 
@@ -152,13 +154,16 @@ class _Decoder:
     def _prefill_stages(
         self, capture: bool = True
     ) -> tuple[list[Tensor], list[tuple[Attention, range]]]:
-        """Full forward over the prompts, optionally capturing K/V (``attention.capture``);
-        returns the embeddings and each stage's output, and the stages."""
+        """Full forward over the prompts, optionally capturing K/V (``attention.capture``) and
+        what the pruned layers kept (``self.pruning``); returns the embeddings and each stage's
+        output, and the stages."""
         sid = sentence_ids_for(self.ids, self.lengths, self.config.eos_id)
         stages = self.model.stages(sid)
         xs = [self.model.embed(self.ids)]
+        self.pruning = PruningRecord(capture=capture) if self.config.prune else None
         for attention, layers in stages:
             attention.capture = {} if capture else None
+            attention.pruning = self.pruning
             xs.append(self.model.run_layers(xs[-1], attention, layers))
         return xs, stages
 
@@ -379,12 +384,119 @@ class _GPTHFSentenceCache(_Decoder):
         return {"live": live, "allocated": self._bytes(self.emb, self.sentence)}
 
 
+class _EvictingMixin(_Decoder):
+    """Shared by the pruned ``kv`` decoders: evicting caches of the pruned layers."""
+
+    evicting: dict[int, EvictingCache]
+
+    def _evicting_from_prefill(
+        self, layer_kv: dict[int, KV], last_query: Tensor, self_key: Tensor, n_keys: Tensor
+    ) -> None:
+        """Caches of the pruned layers after the prompt. layer_kv: (B, H, N, hd) per layer, in
+        key order; last_query: (B,) position of each row's last prompt token; self_key: (B,)
+        the key index that token is itself (-1: none); n_keys: (B,) keys of each row."""
+        assert self.pruning is not None
+        self.evictions: list[dict[int, Tensor]] = []
+        self.evicting = {}
+        for layer, (k, v) in layer_kv.items():
+            keep = self.pruning.keep[layer][self.rows, last_query]  # (B, N)
+            j = torch.arange(keep.shape[1], device=self.device)[None, :]
+            keep = torch.where(j == self_key[:, None], 0.0, keep)
+            live = (j < n_keys[:, None]) & (keep > NEG_INF)
+            cap = max(2 * keep.shape[1], keep.shape[1] + 16)
+            self.evicting[layer] = EvictingCache.from_prefill(
+                k, v, self.pruning.k_int[layer], keep, live, cap
+            )
+
+    def _evicting_attention(self, positions: np.ndarray, keep_self: Tensor) -> EvictingKVAttention:
+        ensure_free_slot(self.evicting)
+        return EvictingKVAttention(*self._rope(positions), self.evicting, keep_self)
+
+    def _evicting_bytes(self) -> tuple[float, list[Tensor]]:
+        """(live bytes per sequence, the tensors) of the evicting caches."""
+        live = sum(float(c.live.sum()) * c.slot_bytes() for c in self.evicting.values()) / self.B
+        return live, [t for c in self.evicting.values() for t in c.tensors()]
+
+    def kept_entries(self) -> dict[int, list[int]]:
+        """Live cache entries per pruned layer and row, now."""
+        return {layer: c.live.sum(dim=1).tolist() for layer, c in self.evicting.items()}
+
+
+class _GPTPrunedKV(_EvictingMixin):
+    """GPT with pruning: every layer's token cache evicts what the layer dropped."""
+
+    def prefill(self) -> Tensor:
+        xs, stages = self._prefill_stages()
+        ((attention, _),) = stages
+        assert attention.capture is not None
+        last = self.lengths - 1
+        self._evicting_from_prefill(
+            {layer: (k.transpose(1, 2), v.transpose(1, 2)) for layer, (k, v) in attention.capture.items()},
+            last, last, self.lengths,
+        )  # fmt: skip
+        return self._last_logits(xs[-1])
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        pos = self.state.length  # position of the fed token within the document
+        attention = self._evicting_attention(pos, _dev(active, self.device))
+        x = self.model.run_layers(
+            self.model.embed(tokens[:, None]), attention, range(self.config.n_layers)
+        )
+        self.evictions.append(attention.evicted)
+        return self.model.head(x[:, 0])
+
+    def cache_bytes(self) -> dict[str, float]:
+        live, tensors = self._evicting_bytes()
+        return {"live": live, "allocated": self._bytes(*tensors)}
+
+
+class _GPTHFPrunedKV(_EvictingMixin, _GPTHFKV):
+    """GPTHF with pruning: the body's sentence-end caches evict the sentences each layer
+    dropped; the encoder keeps the current sentence as without pruning."""
+
+    def prefill(self) -> Tensor:
+        logits = super().prefill()  # encoder caches as unpruned; body caches replaced below
+        s = self.state
+        n_done = _dev(s.n_done, self.device)
+        ends_with_eos = _dev(s.open_len == 0, self.device)
+        self_key = torch.where(ends_with_eos, n_done - 1, -1)
+        self._evicting_from_prefill(self.body_caches, self.lengths - 1, self_key, n_done)
+        self.body_caches = {}
+        return logits
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        c, s = self.config, self.state
+        enc = KVCacheAttention(  # position and slot = index within the current sentence
+            *self._rope(s.open_len), self.enc_caches, _dev(s.open_len, self.device), int(s.open_len.max()) + 1
+        )  # fmt: skip
+        keep_self = _dev(active, self.device) & (tokens == c.eos_id)  # a new sentence end
+        body = self._evicting_attention(s.n_done, keep_self)  # position: sentence index
+        x = self.model.embed(tokens[:, None])  # (B, 1, C)
+        x = self.model.run_layers(x, enc, range(c.n_encoder_layers))
+        x = self.model.run_layers(x, body, range(c.n_encoder_layers, c.n_layers))
+        self.evictions.append(body.evicted)
+        return self.model.head(x[:, 0])
+
+    def cache_bytes(self) -> dict[str, float]:
+        c, s = self.config, self.state
+        live, tensors = self._evicting_bytes()
+        live += float((c.n_encoder_layers * s.open_len).mean()) * 2 * c.d_model * self.dtype.itemsize
+        tensors += [t for kv in self.enc_caches.values() for t in kv]
+        return {"live": live, "allocated": self._bytes(*tensors)}
+
+
 _DECODERS: dict[tuple[str, str], type[_Decoder]] = {
     ("gpthf", "full"): _Full,
     ("gpt", "full"): _Full,
     ("gpthf", "sentence-cache"): _GPTHFSentenceCache,
     ("gpthf", "kv"): _GPTHFKV,
     ("gpt", "kv"): _GPTKV,
+}
+
+
+_PRUNED_DECODERS: dict[tuple[str, str], type[_Decoder]] = {
+    ("gpthf", "kv"): _GPTHFPrunedKV,
+    ("gpt", "kv"): _GPTPrunedKV,
 }
 
 
@@ -465,7 +577,14 @@ def generate(
     banned = torch.tensor(sorted({c.pad_id, *map(int, suppress_tokens)}), device=device)
     B = len(rows)
     state = _State.from_prompts(rows, c.eos_id)
-    decoder = _DECODERS[(c.arch, mode)](model, rows, state, max_new_tokens, M)
+    if c.prune and mode == "sentence-cache":
+        raise ValueError(
+            "mode 'sentence-cache' does not support a pruning model (its body re-runs over "
+            "sentence embeddings whose keep masks it does not track); use mode 'kv', which "
+            "evicts pruned sentences, or 'full'"
+        )
+    decoder_cls = _PRUNED_DECODERS.get((c.arch, mode)) if c.prune else None
+    decoder = (decoder_cls or _DECODERS[(c.arch, mode)])(model, rows, state, max_new_tokens, M)
     active = np.ones(B, dtype=bool)
     new: list[list[int]] = [[] for _ in range(B)]
     natural, forced = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)

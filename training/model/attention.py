@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.model.pruning import NEG_INF, Gate, PruningRecord, running_keep
+
 KV = tuple[Tensor, Tensor]
 
 
@@ -89,7 +91,13 @@ def sdpa(
 
 
 def attend_ends_and_self(
-    q: Tensor, k: Tensor, v: Tensor, k_ends: Tensor, v_ends: Tensor, allowed: Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_ends: Tensor,
+    v_ends: Tensor,
+    allowed: Tensor,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """The body attention core over packed rows.
 
@@ -97,12 +105,16 @@ def attend_ends_and_self(
     values at sentence ends; allowed: (B, 1 or H, T, N) bool. Each query attends the allowed
     ends plus its own key, with one softmax over both: O(T * N), never T x T. (Each query has
     a different "self" key, so this is not one SDPA call; in generation, with one query per row,
-    it is: see ``KVCacheAttention``.) Returns (B, H, T, hd).
+    it is: see ``KVCacheAttention``.) ``keep``: (B, 1, T, N) log keep of a pruned layer, added
+    to the ends' logits (the own key is always kept). Returns (B, H, T, hd).
     """
     scale = q.shape[-1] ** -0.5
-    scores_ends = (q @ k_ends.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B,H,T,N)
-    score_self = (q * k).sum(dim=-1, keepdim=True)  # (B, H, T, 1)
-    scores = torch.cat([scores_ends, score_self], dim=-1) * scale  # (B, H, T, N+1)
+    scores_ends = (q @ k_ends.transpose(-1, -2)) * scale  # (B, H, T, N)
+    if keep is not None:
+        scores_ends = scores_ends + keep.to(scores_ends.dtype)
+    scores_ends = scores_ends.masked_fill(~allowed, float("-inf"))
+    score_self = (q * k).sum(dim=-1, keepdim=True) * scale  # (B, H, T, 1)
+    scores = torch.cat([scores_ends, score_self], dim=-1)  # (B, H, T, N+1)
     # Softmax in the activation dtype: the kernels accumulate in fp32 internally, and autograd
     # then saves bf16 probabilities, not an fp32 (B, H, T, N+1) tensor, in bf16 training.
     probs = scores.softmax(dim=-1)
@@ -117,11 +129,14 @@ class Attention:
     """RoPE tables plus an attention pattern for one forward; called by each block.
 
     ``capture``: when a dict, each call stores what a generation cache needs, per layer index.
+    ``pruning``: where the pruned layers record what they kept (``Transformer.hidden_states``
+    sets it when the model prunes). A block of a pruned layer passes its ``Gate``.
     """
 
     def __init__(self, cos: Tensor, sin: Tensor) -> None:
         self.cos, self.sin = cos, sin  # (B, T, 1, hd/2)
         self.capture: dict[int, KV] | None = None
+        self.pruning: PruningRecord | None = None
         self._tables: dict[torch.dtype, KV] = {}
 
     def rotate(self, x: Tensor) -> Tensor:
@@ -136,14 +151,37 @@ class Attention:
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([x2, x1], dim=-1) * sin  # (x1 cos - x2 sin, x2 cos + x1 sin)
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
         raise NotImplementedError
+
+    def _record(self, layer: int, log_keep: Tensor, gated: Tensor, k_int: Tensor) -> None:
+        """Add a pruned layer's keep to ``pruning``; when capturing, also its (B, T, keys) log
+        keep and (B, keys, r) interaction keys (rows must then be single runs)."""
+        if self.pruning is None:
+            raise ValueError("a pruned layer ran without a PruningRecord (attention.pruning)")
+        self.pruning.add(layer, log_keep, gated)
+        if self.pruning.capture:
+            self.pruning.keep[layer] = log_keep
+            self.pruning.k_int[layer] = k_int
+
+
+def no_gate(pattern: Attention, gate: Gate | None) -> None:
+    if gate is not None:
+        raise ValueError(
+            f"{type(pattern).__name__} does not prune: a pruned layer needs the document "
+            "(GPT) or sentence-end (GPTHF body) pattern, or generation mode kv"
+        )
 
 
 class CausalAttention(Attention):
     """Causal SDPA over right-padded rows (pads come after every real token, so are never seen)."""
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
+        no_gate(self, gate)
         if self.capture is not None:
             self.capture[layer] = (k, v)
         return sdpa(q, k, v, causal=True)
@@ -241,6 +279,42 @@ class RunRouting:
         ]
         return self.scatter(outs)
 
+    def real_slots(self) -> list[Tensor]:
+        """Per group (n, L) bool: the slot holds a token of its run (not padding)."""
+        if self.groups is None:
+            return [self.valid]
+        device = self.valid.device
+        length = torch.tensor(self.run_length, device=device)
+        return [
+            torch.arange(g.shape[1], device=device)[None, :] < length[runs.to(device), None]
+            for g, runs in zip(self.groups, self.group_runs, strict=True)
+        ]
+
+    def causal_pruned(
+        self, q: Tensor, k: Tensor, v: Tensor, gate: Gate, record: Attention, layer: int
+    ) -> Tensor:
+        """``causal`` with the keep mask of a pruned layer added to the logits (per run: a
+        (L, L) gate matrix, as large as the run's attention scores)."""
+        outs = []
+        for qg, kg, vg, qi, ki, real in zip(
+            self.gather(q),
+            self.gather(k),
+            self.gather(v),
+            self.gather(gate.q_int),
+            self.gather(gate.k_int),
+            self.real_slots(),
+            strict=True,
+        ):
+            L = qg.shape[1]
+            t = torch.arange(L, device=qg.device)
+            earlier = t[None, :] < t[:, None]  # (L, L) key before query
+            gated = earlier[None] & real[:, :, None]  # (n, L, L)
+            log_keep = running_keep(gate.log_gates(qi, ki), gated)  # (n, L, L)
+            record._record(layer, log_keep, gated, gate.k_int)
+            bias = torch.where(earlier, log_keep, torch.where(t[None, :] == t[:, None], 0.0, NEG_INF))
+            outs.append(sdpa(qg, kg, vg, mask=bias[:, None].to(qg.dtype)))
+        return self.scatter(outs)
+
 
 def _document_runs(
     sentence_ids: Tensor, document_ids: Tensor | None
@@ -266,9 +340,13 @@ class DocumentCausalAttention(Attention):
         routing = RunRouting.build(new_doc, valid)
         return cls(*rope_tables(doc_pos, head_dim, theta), routing)
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
         if self.capture is not None:
             self.capture[layer] = (k, v)
+        if gate is not None:
+            return self.routing.causal_pruned(q, k, v, gate, self, layer)
         return self.routing.causal(q, k, v)
 
 
@@ -358,7 +436,10 @@ class SentenceAttention(Attention):
         super().__init__(*rope_tables(layout.token_pos, head_dim, theta))
         self.layout = layout
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
+        no_gate(self, gate)  # sentences are pruned in the body, never tokens of a sentence
         if self.capture is not None:
             self.capture[layer] = (k, v)
         return self.layout.sentences.causal(q, k, v)
@@ -371,7 +452,9 @@ class SentenceEndAttention(Attention):
         super().__init__(*rope_tables(layout.sentence_pos, head_dim, theta))
         self.layout = layout
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
         lay = self.layout
         H, hd = q.shape[2:]
         if self.capture is not None:
@@ -381,15 +464,29 @@ class SentenceEndAttention(Attention):
                 v.gather(1, ends).transpose(1, 2),
             )  # (B, H, N, hd)
         flat_k, flat_v = k.reshape(-1, H, hd), v.reshape(-1, H, hd)
+        if gate is None:
+            q_ints: list[Tensor | None] = [None] * len(lay.doc_ends)
+        else:
+            q_ints = list(lay.documents.gather(gate.q_int))
+            flat_ki = gate.k_int.reshape(-1, gate.k_int.shape[-1])
         outs = []
-        for qg, kg, vg, ends, allowed in zip(
+        for qg, kg, vg, ends, allowed, qi in zip(
             lay.documents.gather(q),
             lay.documents.gather(k),
             lay.documents.gather(v),
             lay.doc_ends,
             lay.doc_allowed,
+            q_ints,
             strict=True,
         ):
+            keep = None
+            if gate is not None:
+                assert qi is not None
+                gated = allowed[:, 0]  # (n, L, N_g): end j of an earlier sentence
+                log_keep = running_keep(gate.log_gates(qi, flat_ki[ends]), gated)
+                at_ends = lay.end_pos[:, :, None].expand(-1, -1, gate.k_int.shape[-1])
+                self._record(layer, log_keep, gated, gate.k_int.gather(1, at_ends))
+                keep = log_keep[:, None]  # (n, 1, L, N_g)
             out = attend_ends_and_self(
                 qg.transpose(1, 2),
                 kg.transpose(1, 2),
@@ -397,6 +494,7 @@ class SentenceEndAttention(Attention):
                 flat_k[ends].transpose(1, 2),  # (n, H, N_g, hd)
                 flat_v[ends].transpose(1, 2),
                 allowed,
+                keep,
             )  # (n, H, L, hd)
             outs.append(out.transpose(1, 2))
         return lay.documents.scatter(outs)  # (B, T, H, hd)
@@ -418,7 +516,10 @@ class KVCacheAttention(Attention):
         keys = torch.arange(n_keys, device=slot.device)
         self.mask = (keys[None, :] <= slot[:, None])[:, None, None, :]  # (B, 1, 1, n_keys)
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
+        no_gate(self, gate)
         k_cache, v_cache = self.caches[layer]  # (B, H, capacity, hd)
         k_cache[self.rows, :, self.slot] = k[:, 0]  # (B, H, hd) at each row's slot
         v_cache[self.rows, :, self.slot] = v[:, 0]

@@ -32,6 +32,7 @@ from training.model.attention import (
     SentenceEndAttention,
     SentenceLayout,
 )
+from training.model.pruning import Pruner, PruningRecord
 
 ARCHS = ("gpthf", "gpt")
 
@@ -64,6 +65,17 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (training memory, not maths)."""
+    prune: bool = False
+    """Dynamic Context Pruning: interaction projections and a gate per layer (GPT: every layer,
+    over earlier tokens; GPTHF: body layers, over earlier sentence ends). Off: today's model."""
+    prune_dim: int = 64
+    """r, the width of the interaction queries and keys."""
+    prune_alpha: float = 8.0
+    """alpha of the gate at inference (training anneals from 1 to the schedule's final value,
+    which the export records here)."""
+    prune_init_bias: float = 10.0
+    """beta at initialisation: sigma(10) = 0.99995, so a model that starts pruning keeps
+    essentially everything (fine-tuning lowers it where the sparsity loss pays)."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "gpthf-tiny": dict(arch="gpthf", d_model=128, n_heads=4, n_layers=6, n_encoder_layers=4, ffn_dim=512),
@@ -100,6 +112,16 @@ class ModelConfig:
             fail(f"eos_id, pad_id and eod_id must differ, got {ids}")
         if self.max_sentence_tokens < 2:
             fail("max_sentence_tokens must be >= 2 (one token plus EOS-S)")
+        if self.prune_dim < 1 or self.prune_alpha < 1:
+            fail(f"need prune_dim >= 1 and prune_alpha >= 1, got {self.prune_dim}, {self.prune_alpha}")
+
+    def prunes(self, layer: int) -> bool:
+        """Whether ``layer`` has a pruning gate (GPTHF: body layers only)."""
+        return self.prune and (self.arch == "gpt" or layer >= self.n_encoder_layers)
+
+    @property
+    def pruned_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.prunes(i)]
 
     @property
     def head_dim(self) -> int:
@@ -153,12 +175,17 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.gate_up = nn.Linear(d, 2 * config.ffn_dim, bias=False)
         self.down = nn.Linear(config.ffn_dim, d, bias=False)
+        self.pruner = (
+            Pruner(d, config.prune_dim, config.prune_init_bias) if config.prunes(layer) else None
+        )
 
     def forward(self, x: Tensor, attention: Attention) -> Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(self.attn_norm(x)).view(B, T, 3, self.n_heads, self.head_dim)
+        h = self.attn_norm(x)
+        qkv = self.qkv(h).view(B, T, 3, self.n_heads, self.head_dim)
         q, k = attention.rotate(qkv[:, :, :2]).unbind(dim=2)  # (B, T, H, hd) each
-        y = attention(self.layer, q, k, qkv[:, :, 2])  # (B, T, H, hd)
+        gate = self.pruner(h) if self.pruner is not None else None
+        y = attention(self.layer, q, k, qkv[:, :, 2], gate)  # (B, T, H, hd)
         x = x + self.proj(y.reshape(B, T, C))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, ffn) each
         return x + self.down(F.silu(gate) * up)
@@ -179,18 +206,31 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
+        self.last_pruning: PruningRecord | None = None
+        """What the last forward's pruned layers kept (None for a model without pruning)."""
         self.reset_parameters()
+        self.set_prune_alpha(config.prune_alpha)
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:  # norm weights
+            if name.endswith("gate_bias"):
+                nn.init.constant_(p, self.config.prune_init_bias)
+            elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
             elif name.endswith(("proj.weight", "down.weight")):  # writes into the residual
                 nn.init.normal_(p, std=residual_std)
             else:
                 nn.init.normal_(p, std=std)
+
+    def set_prune_alpha(self, alpha: float) -> None:
+        """alpha of every pruning gate (training anneals it; a loaded model uses the config's)."""
+        if alpha < 1:
+            raise ValueError(f"alpha must be >= 1, got {alpha}")
+        for block in self.blocks:
+            if block.pruner is not None:
+                block.pruner.alpha = float(alpha)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied matrix counts once
@@ -228,10 +268,14 @@ class Transformer(nn.Module):
     def hidden_states(
         self, input_ids: Tensor, sentence_ids: Tensor, document_ids: Tensor | None = None
     ) -> Tensor:
-        """Last block's output (B, T, C), before the final norm."""
+        """Last block's output (B, T, C), before the final norm. A pruning model leaves what its
+        gates kept in ``last_pruning``."""
         x = self.embed(input_ids)  # (B, T, C)
+        record = PruningRecord() if self.config.prune else None
         for attention, layers in self.stages(sentence_ids, document_ids):
+            attention.pruning = record
             x = self.run_layers(x, attention, layers)
+        self.last_pruning = record
         return x
 
     def head(self, x: Tensor) -> Tensor:

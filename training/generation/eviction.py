@@ -1,0 +1,125 @@
+"""Caches that evict what a pruning model dropped (Dynamic Context Pruning in ``kv`` mode).
+
+One ``EvictingCache`` per pruned layer holds, per row and slot, the key and value, the
+interaction key, and the running log keep of the entry (training.model.pruning). Each step:
+
+1. the fed token's gates against every live slot are added to the slots' log keep;
+2. slots whose keep reached 0 (log keep -inf) are freed: no later query can see them;
+3. the token's own K/V go into the row's first free slot (freed slots are reused, so the
+   cache's size follows the kept context, not the context), and it attends the live slots
+   plus itself with log keep added to the logits: the same function as the full forward;
+4. the own slot stays live if the entry is a key for later queries (GPT: every token; GPTHF
+   body: a sentence end), otherwise it is free again.
+
+RoPE is applied before a key is cached, so a slot's place in the cache carries no meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.model.attention import Attention
+from training.model.pruning import NEG_INF, Gate
+
+
+@dataclass
+class EvictingCache:
+    k: Tensor  # (B, H, capacity, hd)
+    v: Tensor  # (B, H, capacity, hd)
+    k_int: Tensor  # (B, capacity, r) fp32
+    log_keep: Tensor  # (B, capacity) fp32, for the latest query
+    live: Tensor  # (B, capacity) bool
+
+    @classmethod
+    def from_prefill(
+        cls, k: Tensor, v: Tensor, k_int: Tensor, log_keep: Tensor, live: Tensor, capacity: int
+    ) -> EvictingCache:
+        """k, v: (B, H, >= N, hd); k_int: (B, N, r); log_keep, live: (B, N) after the last prompt
+        token; slots N..capacity-1 start free."""
+        n = log_keep.shape[1]
+        pad = capacity - n
+        return cls(
+            k=F.pad(k[:, :, :n], (0, 0, 0, pad)),
+            v=F.pad(v[:, :, :n], (0, 0, 0, pad)),
+            k_int=F.pad(k_int.float(), (0, 0, 0, pad)),
+            log_keep=F.pad(torch.where(live, log_keep.float(), 0.0), (0, pad)),
+            live=F.pad(live, (0, pad), value=False),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.live.shape[1]
+
+    def grow(self, capacity: int) -> None:
+        pad = capacity - self.capacity
+        if pad <= 0:
+            return
+        self.k, self.v = F.pad(self.k, (0, 0, 0, pad)), F.pad(self.v, (0, 0, 0, pad))
+        self.k_int = F.pad(self.k_int, (0, 0, 0, pad))
+        self.log_keep = F.pad(self.log_keep, (0, pad))
+        self.live = F.pad(self.live, (0, pad), value=False)
+
+    def slot_bytes(self) -> int:
+        """Bytes one live slot holds (K, V, interaction key, log keep)."""
+        H, hd, r = self.k.shape[1], self.k.shape[3], self.k_int.shape[2]
+        return 2 * H * hd * self.k.element_size() + 4 * r + 4
+
+    def tensors(self) -> list[Tensor]:
+        return [self.k, self.v, self.k_int, self.log_keep, self.live]
+
+
+def ensure_free_slot(caches: dict[int, EvictingCache]) -> None:
+    """Before a step: every row of every cache needs one free slot for the fed token (live
+    counts only fall during a step, and rise by at most one). One host sync per step."""
+    if not caches:
+        return
+    live = torch.stack([c.live.sum(dim=1).max() for c in caches.values()])
+    needed = int(live.max()) + 1
+    for c in caches.values():
+        if needed > c.capacity:
+            c.grow(max(needed, 2 * c.capacity))
+
+
+class EvictingKVAttention(Attention):
+    """One fed token per row against ``EvictingCache``s (see the module docstring).
+
+    keep_self: (B,) bool, whether the fed token stays as a key for later queries.
+    """
+
+    def __init__(
+        self, cos: Tensor, sin: Tensor, caches: dict[int, EvictingCache], keep_self: Tensor
+    ) -> None:
+        super().__init__(cos, sin)
+        self.caches, self.keep_self = caches, keep_self
+        self.rows = torch.arange(keep_self.shape[0], device=keep_self.device)
+        self.evicted: dict[int, Tensor] = {}
+        """Per layer, (B, capacity) bool: the slots this step freed."""
+
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
+        if gate is None:
+            raise ValueError(f"layer {layer} has no pruning gate but its cache evicts")
+        c, rows = self.caches[layer], self.rows
+        log_gates = gate.log_gates(gate.q_int, c.k_int)[:, 0]  # (B, 1, r) x (B, cap, r) -> (B, cap)
+        c.log_keep = torch.where(c.live, c.log_keep + log_gates, c.log_keep)
+        dropped = c.live & (c.log_keep == NEG_INF)
+        self.evicted[layer] = dropped
+        c.live = c.live & ~dropped
+        slot = (~c.live).int().argmax(dim=1)  # (B,) the first free slot (ensure_free_slot)
+        c.k[rows, :, slot] = k[:, 0]  # (B, H, hd)
+        c.v[rows, :, slot] = v[:, 0]
+        c.k_int[rows, slot] = gate.k_int[:, 0]
+        c.log_keep[rows, slot] = 0.0
+        seen = c.live.clone()
+        seen[rows, slot] = True
+        bias = torch.where(seen, c.log_keep, NEG_INF)[:, None, None, :]  # (B, 1, 1, cap)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), c.k, c.v, attn_mask=bias.to(q.dtype)
+        )  # (B, H, 1, hd)
+        c.live[rows, slot] = self.keep_self
+        return out.transpose(1, 2)  # (B, 1, H, hd)

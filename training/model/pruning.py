@@ -1,0 +1,172 @@
+"""Dynamic Context Pruning (Anagnostidis et al. 2023, arXiv 2305.15805; DESIGN.md section 2).
+
+Each pruned layer has small interaction projections (width r) of its normed input. A later
+query n gates an earlier key j with ``sigma_alpha(q_int[n] . k_int[j] / sqrt(r) + beta)``; the
+key is kept for query k with the running product of the gates of every query after it up to
+and including k, so once a gate says 0 the key stays dropped and a cache can evict it:
+
+    log keep[k, j] = sum_{j < n <= k} log sigma_alpha(q_int[n] . k_int[j] / sqrt(r) + beta)
+
+``log keep`` is added to the attention logits (a query's own key is always kept). With
+alpha = 1 the gate is the ordinary sigmoid (never exactly 0); with alpha > 1 it is the first
+coordinate of alpha-entmax([x, 0]), which reaches exact zeros and ones. Training anneals alpha
+from 1 to its final value and adds lambda x (fraction of kept interactions) to the loss.
+
+Which keys a layer prunes: GPT layers prune earlier tokens of the document; GPTHF body layers
+prune the ends (embeddings) of earlier sentences of the document, never tokens of the current
+sentence (the encoder has no gate). The gates are pairwise, so a pruned layer forms one
+(queries x keys) gate matrix per document (GPT) or per document x sentence ends (GPTHF body),
+the same size as that layer's attention scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+NEG_INF = float("-inf")
+
+
+class _AlphaSigmoid(torch.autograd.Function):
+    """First coordinate p of alpha-entmax([x, 0]) for alpha > 1.
+
+    With e = alpha - 1, p solves p**e - (1 - p)**e = e * x (clamped: p = 1 for e * x >= 1,
+    p = 0 for e * x <= -1). The left side is increasing in p, so bisection converges; the
+    gradient is the implicit one, dp/dx = 1 / (p**(e-1) + (1-p)**(e-1)) inside (0, 1), 0 at the
+    clamps. (The ``entmax`` package solves the general n-way problem by bisection over a whole
+    dimension; this two-point case is one scalar equation per pair.)
+    """
+
+    ITERATIONS = 30  # interval 2**-30: below fp32 resolution of p
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+        e = alpha - 1.0
+        a = (x.double() * e).clamp(-1.0, 1.0)
+        lo, hi = torch.zeros_like(a), torch.ones_like(a)
+        for _ in range(_AlphaSigmoid.ITERATIONS):
+            mid = (lo + hi) * 0.5
+            above = mid.pow(e) - (1 - mid).pow(e) > a
+            hi = torch.where(above, mid, hi)
+            lo = torch.where(above, lo, mid)
+        p = (lo + hi) * 0.5
+        p = torch.where(a >= 1.0, 1.0, torch.where(a <= -1.0, 0.0, p))
+        ctx.e = e
+        ctx.save_for_backward(p)
+        return p.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        inside = (p > 0) & (p < 1)
+        q = p.clamp(1e-12, 1 - 1e-12)
+        slope = 1.0 / (q.pow(ctx.e - 1) + (1 - q).pow(ctx.e - 1))
+        return grad * torch.where(inside, slope, 0.0).to(grad.dtype), None
+
+
+def alpha_sigmoid(x: Tensor, alpha: float) -> Tensor:
+    """sigma_alpha(x): the sigmoid at alpha = 1, exact 0 and 1 outside |x| < 1/(alpha-1) above."""
+    if alpha < 1:
+        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    if alpha == 1.0:
+        return torch.sigmoid(x)
+    return _AlphaSigmoid.apply(x, alpha)
+
+
+def log_alpha_sigmoid(x: Tensor, alpha: float) -> Tensor:
+    """log sigma_alpha(x), -inf exactly where the gate is 0; gradients stay finite there."""
+    if alpha == 1.0:
+        return nn.functional.logsigmoid(x)
+    p = alpha_sigmoid(x, alpha)
+    # The clamp keeps log's gradient finite where p == 0; ``where`` then routes none of it.
+    return torch.where(p > 0, p.clamp_min(1e-30).log(), NEG_INF)
+
+
+class Pruner(nn.Module):
+    """One layer's interaction projections and gate bias beta."""
+
+    def __init__(self, d_model: int, dim: int, init_bias: float) -> None:
+        super().__init__()
+        self.dim = dim
+        self.interaction = nn.Linear(d_model, 2 * dim, bias=False)  # [q_int | k_int]
+        self.gate_bias = nn.Parameter(torch.full((1,), float(init_bias)))
+        self.alpha = 1.0
+        """Set by ``Transformer.set_prune_alpha`` (annealed in training, final at inference)."""
+
+    def forward(self, h: Tensor) -> Gate:
+        q_int, k_int = self.interaction(h).float().chunk(2, dim=-1)  # (B, T, r) each, fp32
+        return Gate(q_int, k_int, self.gate_bias.float(), self.alpha)
+
+
+@dataclass
+class Gate:
+    """A layer's interaction queries/keys for one forward, and how to turn them into gates."""
+
+    q_int: Tensor  # (..., T, r) fp32
+    k_int: Tensor  # (..., T, r) fp32
+    bias: Tensor  # (1,)
+    alpha: float
+
+    def log_gates(self, q_int: Tensor, k_int: Tensor) -> Tensor:
+        """log gate of each query against each key: (..., Lq, r) x (..., Lk, r) -> (..., Lq, Lk),
+        fp32. The products are taken in fp64: near the gate's zero the log gate is steep, and
+        the training forward (a (L, L) product) and a cache (one query at a time) must agree
+        on it to far below fp32's rounding of a differently ordered sum."""
+        x = q_int.double() @ k_int.double().transpose(-1, -2)
+        x = x / math.sqrt(q_int.shape[-1]) + self.bias.double()
+        return log_alpha_sigmoid(x, self.alpha).float()
+
+
+def running_keep(log_gates: Tensor, gated: Tensor) -> Tensor:
+    """log keep: the cumulative sum of the log gates along the query axis (-2), counting only
+    the ``gated`` (query, key) pairs; -inf once any counted gate was 0."""
+    return torch.where(gated, log_gates, 0.0).cumsum(dim=-2)
+
+
+@dataclass
+class PruningRecord:
+    """What a forward's pruned layers kept, per layer index.
+
+    ``kept``: sum of keep over the gated (query, key) pairs, a tensor that carries gradient (the
+    sparsity loss); ``pairs``: the number of those pairs. ``keep``: when ``capture`` is set,
+    each layer's log keep as the pattern computed it (for generation caches and reports).
+    """
+
+    kept: dict[int, Tensor] = field(default_factory=dict)
+    pairs: dict[int, Tensor] = field(default_factory=dict)
+    capture: bool = False
+    keep: dict[int, Tensor] = field(default_factory=dict)
+    """Per layer, when ``capture``: (B, T, keys) log keep of each query (GPT: keys are the
+    row's tokens; GPTHF body: the row's sentence ends in order). Rows must be single runs."""
+    k_int: dict[int, Tensor] = field(default_factory=dict)
+    """Per layer, when ``capture``: (B, keys, r) interaction keys of those keys."""
+
+    def add(self, layer: int, log_keep: Tensor, gated: Tensor) -> None:
+        kept = torch.where(gated, log_keep.exp(), 0.0).sum()
+        pairs = gated.sum()
+        if layer in self.kept:  # a layer attended in several groups (documents of one length)
+            kept, pairs = kept + self.kept[layer], pairs + self.pairs[layer]
+        self.kept[layer], self.pairs[layer] = kept, pairs
+
+    def kept_fraction(self) -> Tensor:
+        """Fraction of kept interactions over all pruned layers' gated pairs (0-dim, with grad)."""
+        if not self.kept:
+            return torch.zeros(())
+        kept = torch.stack(list(self.kept.values())).sum()
+        pairs = torch.stack(list(self.pairs.values())).sum()
+        return kept / pairs.clamp_min(1)
+
+    def per_layer(self) -> dict[int, float]:
+        """Kept fraction of each pruned layer (1.0 for a layer that saw no gated pair)."""
+        kept, pairs = self.totals()
+        return {layer: kept[layer] / pairs[layer] if pairs[layer] else 1.0 for layer in kept}
+
+    def totals(self) -> tuple[dict[int, float], dict[int, float]]:
+        """(kept, pairs) per layer as floats, for summing over batches and ranks."""
+        return (
+            {k: float(v.detach()) for k, v in sorted(self.kept.items())},
+            {k: float(v) for k, v in sorted(self.pairs.items())},
+        )
