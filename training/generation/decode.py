@@ -480,7 +480,9 @@ class _GPTHFPrunedKV(_EvictingMixin, _GPTHFKV):
     def cache_bytes(self) -> dict[str, float]:
         c, s = self.config, self.state
         live, tensors = self._evicting_bytes()
-        live += float((c.n_encoder_layers * s.open_len).mean()) * 2 * c.d_model * self.dtype.itemsize
+        live += (
+            float((c.n_encoder_layers * s.open_len).mean()) * 2 * c.d_model * self.dtype.itemsize
+        )
         tensors += [t for kv in self.enc_caches.values() for t in kv]
         return {"live": live, "allocated": self._bytes(*tensors)}
 

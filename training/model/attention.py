@@ -311,7 +311,9 @@ class RunRouting:
             gated = earlier[None] & real[:, :, None]  # (n, L, L)
             log_keep = running_keep(gate.log_gates(qi, ki), gated)  # (n, L, L)
             record._record(layer, log_keep, gated, gate.k_int)
-            bias = torch.where(earlier, log_keep, torch.where(t[None, :] == t[:, None], 0.0, NEG_INF))
+            bias = torch.where(
+                earlier, log_keep, torch.where(t[None, :] == t[:, None], 0.0, NEG_INF)
+            )
             outs.append(sdpa(qg, kg, vg, mask=bias[:, None].to(qg.dtype)))
         return self.scatter(outs)
 

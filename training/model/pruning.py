@@ -43,7 +43,7 @@ class _AlphaSigmoid(torch.autograd.Function):
     ITERATIONS = 30  # interval 2**-30: below fp32 resolution of p
 
     @staticmethod
-    def forward(ctx, x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, alpha: float) -> Tensor:
         e = alpha - 1.0
         a = (x.double() * e).clamp(-1.0, 1.0)
         lo, hi = torch.zeros_like(a), torch.ones_like(a)
@@ -59,7 +59,7 @@ class _AlphaSigmoid(torch.autograd.Function):
         return p.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
         inside = (p > 0) & (p < 1)
         q = p.clamp(1e-12, 1 - 1e-12)

@@ -113,7 +113,9 @@ class ModelConfig:
         if self.max_sentence_tokens < 2:
             fail("max_sentence_tokens must be >= 2 (one token plus EOS-S)")
         if self.prune_dim < 1 or self.prune_alpha < 1:
-            fail(f"need prune_dim >= 1 and prune_alpha >= 1, got {self.prune_dim}, {self.prune_alpha}")
+            fail(
+                f"need prune_dim >= 1 and prune_alpha >= 1, got {self.prune_dim}, {self.prune_alpha}"
+            )
 
     def prunes(self, layer: int) -> bool:
         """Whether ``layer`` has a pruning gate (GPTHF: body layers only)."""
@@ -228,9 +230,9 @@ class Transformer(nn.Module):
         """alpha of every pruning gate (training anneals it; a loaded model uses the config's)."""
         if alpha < 1:
             raise ValueError(f"alpha must be >= 1, got {alpha}")
-        for block in self.blocks:
-            if block.pruner is not None:
-                block.pruner.alpha = float(alpha)
+        for module in self.modules():
+            if isinstance(module, Pruner):
+                module.alpha = float(alpha)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied matrix counts once

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,8 @@ class ModelSection:
     """Model preset: gpthf-tiny, gpt-tiny, gpthf-8-4, gpt-12, gpthf-16-8 or gpt-24 (gpt-* are the GPT baselines)."""
     overrides: dict[str, Any] = field(default_factory=dict, metadata=cli("--model-overrides"))
     """ModelConfig fields to change, as JSON (e.g. '{"d_model": 64}'); not the vocabulary or special ids (those come from the data)."""
+    init_from: str = field(default="", metadata=cli("--init-from"))
+    """Fine-tune: start from the weights of this export (or training run folder) instead of a random init; it must be the same model (pruning parameters it lacks start at their init)."""
 
 
 @dataclass
@@ -94,6 +97,37 @@ class DeepSpeedSection:
     def __post_init__(self) -> None:
         if self.micro_batch_rows < 1 or self.grad_accum < 1:
             raise TrainConfigError("deepspeed: micro_batch_rows and grad_accum must be >= 1")
+
+
+@dataclass
+class PruningSection:
+    """Dynamic Context Pruning: gates trained with an annealed alpha and a sparsity loss."""
+
+    enabled: bool = field(default=False, metadata=cli("--prune"))
+    """Give the model pruning gates (GPT: every layer over tokens; GPTHF: body layers over sentence ends)."""
+    sparsity: float = field(default=0.0, metadata=cli("--prune-lambda"))
+    """lambda: the loss adds lambda x (fraction of kept interactions); larger prunes more."""
+    alpha_final: float = field(default=8.0, metadata=cli("--prune-alpha"))
+    """alpha at the end of the anneal (and at inference): the gates reach exact 0 and 1 beyond |x| = 1/(alpha - 1)."""
+    alpha_steps: int | None = None
+    """Steps of the cosine anneal of alpha from 1 to alpha_final; none: optim.total_steps."""
+
+    def __post_init__(self) -> None:
+        if self.sparsity < 0 or self.alpha_final < 1:
+            raise TrainConfigError("pruning: need sparsity (lambda) >= 0 and alpha_final >= 1")
+        if self.alpha_steps is not None and self.alpha_steps < 1:
+            raise TrainConfigError("pruning.alpha_steps must be >= 1")
+        if not self.enabled and self.sparsity:
+            raise TrainConfigError(
+                f"pruning.sparsity (--prune-lambda) is {self.sparsity:g} but pruning is off: pass "
+                "--prune to give the model its gates, or drop the lambda"
+            )
+
+    def alpha_at(self, step: int, total_steps: int) -> float:
+        """alpha for the 0-based ``step``: cosine from 1 to alpha_final over alpha_steps."""
+        span = self.alpha_steps or total_steps
+        progress = min(1.0, step / max(1, span))
+        return 1.0 + (self.alpha_final - 1.0) * 0.5 * (1.0 - math.cos(math.pi * progress))
 
 
 @dataclass
@@ -151,6 +185,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    pruning: PruningSection = field(default_factory=PruningSection)
     run: RunSection = field(default_factory=RunSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint/credentials (default: the AWS_* variables)."""
@@ -172,7 +207,7 @@ class TrainConfig:
         data.pop("uri")  # the same data may move
         ident = {
             "data": data,
-            "model": dataclasses.asdict(self.model),
+            "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "init_from"},
             "optim": dataclasses.asdict(self.optim),
             "deepspeed": {
                 k: v
@@ -182,6 +217,8 @@ class TrainConfig:
             "seed": self.run.seed,
             "workers": self.run.workers,
         }
+        if self.pruning.enabled:  # runs without pruning keep the hash they had before it existed
+            ident["pruning"] = dataclasses.asdict(self.pruning)
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate_for_run(self) -> None:

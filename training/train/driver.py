@@ -38,6 +38,7 @@ from training.train.checkpoint import (
 )
 from training.train.config import TrainConfig, TrainConfigError
 from training.train.context import WorkerContext
+from training.train.finetune import check_init_from
 from training.train.integrity import inspect, no_code_execution
 
 _DATA_IDS = ("vocab_size", "eos_id", "pad_id", "eod_id", "max_sentence_tokens")
@@ -74,6 +75,13 @@ def model_config_for(cfg: TrainConfig, manifest: Manifest) -> ModelConfig:
         )
     overrides = {k: v for k, v in cfg.model.overrides.items() if k not in _DATA_IDS}
     overrides["activation_checkpointing"] = cfg.deepspeed.activation_checkpointing
+    if {"prune", "prune_alpha"} & set(overrides):
+        raise TrainConfigError(
+            "switch pruning on with --prune and set its final alpha with --prune-alpha "
+            "(pruning.enabled, pruning.alpha_final), not through model.overrides"
+        )
+    if cfg.pruning.enabled:
+        overrides.update(prune=True, prune_alpha=cfg.pruning.alpha_final)
     try:
         return ModelConfig.preset(cfg.model.preset, **data, **overrides)
     except (TypeError, ValueError) as exc:
@@ -171,6 +179,8 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
     data_uri, output = cfg.data.uri.rstrip("/"), cfg.run.output.rstrip("/")
     manifest = Manifest.require(data_uri, cfg.storage)
     mc = model_config_for(cfg, manifest)
+    if cfg.model.init_from:
+        check_init_from(cfg.model.init_from, mc, manifest.tokenizer.sha256, cfg.storage)
     train_shards = [Shard(s.path, s.rows) for s in manifest.shards("train")]
     world = cfg.run.workers
     rps = cfg.deepspeed.micro_batch_rows * cfg.deepspeed.grad_accum

@@ -53,6 +53,12 @@ class StepMetrics:
     """Seconds this rank spent turning rows into tensors (counted as data wait)."""
     compute_s: float
     """Seconds of forward, backward and optimizer on this rank."""
+    prune_alpha: float | None = None
+    """alpha of the pruning gates this step (None: the model does not prune)."""
+    kept: dict[int, float] | None = None
+    """Fraction of the gated interactions each pruned layer kept, over the global batch."""
+    kept_all: float | None = None
+    """The same over all pruned layers (what the sparsity loss multiplies by lambda)."""
 
     def record(
         self, step_time_s: float, data_wait_s: float, peak: float | None, world: int
@@ -71,13 +77,25 @@ class StepMetrics:
             "step_time_s": step_time_s,
             "data_wait_frac": min(1.0, data_wait_s / dt),
             "mfu": (self.flops / dt) / (peak * world) if peak else None,
+            **self.pruning_record(),
         }
+
+    def pruning_record(self) -> dict[str, float]:
+        """prune_alpha, kept_fraction and kept_fraction/layer<i> (TensorBoard scalars)."""
+        if self.prune_alpha is None:
+            return {}
+        out = {"prune_alpha": self.prune_alpha, "kept_fraction": self.kept_all or 0.0}
+        for layer, fraction in (self.kept or {}).items():
+            out[f"kept_fraction/layer{layer}"] = fraction
+        return out
 
 
 def format_step(record: dict[str, Any], end: int) -> str:
     """The console line of a metrics record."""
     extra = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
     mfu = f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
+    if "kept_fraction" in record:
+        extra += f" kept {record['kept_fraction']:.1%} (alpha {record['prune_alpha']:.2f})"
     return (
         f"[train] step {record['step']}/{end} loss {record['loss']:.4f}{extra} "
         f"lr {record['lr']:.2e} gnorm {record['grad_norm'] or 0:.3f} "

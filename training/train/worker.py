@@ -41,6 +41,7 @@ from training.model.flops import train_step_flops
 from training.train.checkpoint import DS_TAG, DataCursor, TrainState
 from training.train.config import TrainConfig
 from training.train.context import WorkerContext
+from training.train.finetune import load_init_weights
 from training.train.integrity import no_code_execution, require_intact, write_checksums
 from training.train.metrics import MetricsWriter, StepMetrics, format_step, peak_flops
 from training.train.optimizer import build_optimizer
@@ -195,6 +196,8 @@ class TrainWorker:
         skip_deepspeed_shm_build()  # deepspeed.initialize starts DeepSpeed's comm backend
         torch.manual_seed(self.cfg.run.seed)
         model = build_model(self.ctx.model_config)
+        if self.cfg.model.init_from:  # a resume then loads the checkpoint over these weights
+            load_init_weights(model, self.cfg.model.init_from, self.cfg.storage)
         self.num_parameters = model.num_parameters()
         optimizer, self._scheduler = build_optimizer(model, self.cfg.optim)
         self._engine, _, _, _ = deepspeed.initialize(
@@ -330,7 +333,14 @@ class TrainWorker:
             self.device,
         )
         lr = float(self._scheduler.get_last_lr()[0])
+        pruning = self.cfg.pruning
+        alpha = None
+        if mc.prune:
+            alpha = pruning.alpha_at(self.global_step, self.cfg.optim.total_steps)
+            engine.module.set_prune_alpha(alpha)
         nll_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        kept: dict[int, float] = {}
+        pairs: dict[int, float] = {}
         for b in collated:
             b = b.to(self.device)
             logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
@@ -342,10 +352,26 @@ class TrainWorker:
             )
             # DeepSpeed divides by grad_accum and averages over ranks: this makes the gradient
             # that of the summed NLL over the global batch divided by its target count.
-            engine.backward(nll * (world * accum) / global_targets)
+            loss = nll * (world * accum) / global_targets
+            record = engine.module.last_pruning
+            if record is not None:
+                # ... and this one lambda x the kept fraction, averaged over micro-batches.
+                if pruning.sparsity:
+                    loss = loss + pruning.sparsity * record.kept_fraction()
+                layer_kept, layer_pairs = record.totals()
+                for layer in layer_kept:
+                    kept[layer] = kept.get(layer, 0.0) + layer_kept[layer]
+                    pairs[layer] = pairs.get(layer, 0.0) + layer_pairs[layer]
+            engine.backward(loss)
             engine.step()
             nll_sum += nll.detach().double()
-        (global_nll,) = _all_sum([float(nll_sum)], self.device)
+        layers = sorted(kept)
+        summed = _all_sum(
+            [float(nll_sum), *(kept[i] for i in layers), *(pairs[i] for i in layers)], self.device
+        )
+        global_nll, n = summed[0], len(layers)
+        kept_global = dict(zip(layers, summed[1 : 1 + n], strict=True))
+        pairs_global = dict(zip(layers, summed[1 + n :], strict=True))
         tokens = int(global_tokens)
         self.tokens_seen += tokens
         self.global_step += 1
@@ -362,6 +388,9 @@ class TrainWorker:
             flops=flops,
             collate_s=t1 - t0,
             compute_s=time.perf_counter() - t1,
+            prune_alpha=alpha,
+            kept={i: kept_global[i] / pairs_global[i] for i in layers if pairs_global[i]},
+            kept_all=sum(kept_global.values()) / max(1.0, sum(pairs_global.values())),
         )
 
     def validate(self, val_rows: Sequence[dict[str, Any]]) -> float:
