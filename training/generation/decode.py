@@ -60,6 +60,8 @@ class GenerationResult:
     """Cache held per sequence at the end: "live" (used slots) and "allocated"."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time: "prefill" (until the first new tokens reach the host) and "decode" (the rest)."""
+    pruning: PruningStats | None = None
+    """What the evicting caches did (``kv`` mode of a pruning model)."""
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -70,6 +72,24 @@ class GenerationResult:
         """Natural sentence ends over all sentence ends (nan if none ended)."""
         natural, forced = sum(self.natural_ends), sum(self.forced_ends)
         return natural / (natural + forced) if natural + forced else float("nan")
+
+
+@dataclass
+class PruningStats:
+    """Cache entries of a pruning model's ``kv`` generation, per pruned layer."""
+
+    kept: dict[int, float]
+    """Live entries per row at the end (mean over rows)."""
+    evicted_per_layer: dict[int, int]
+    """Entries evicted, all rows, from the prompt and during generation."""
+    keys_written: int
+    """The most keys one row ever had: tokens (GPT) or sentence ends (GPTHF body)."""
+    capacity: dict[int, int]
+    """Slots allocated per row at the end (freed slots are reused)."""
+
+    @property
+    def evicted_total(self) -> int:
+        return sum(self.evicted_per_layer.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,14 +416,15 @@ class _EvictingMixin(_Decoder):
         key order; last_query: (B,) position of each row's last prompt token; self_key: (B,)
         the key index that token is itself (-1: none); n_keys: (B,) keys of each row."""
         assert self.pruning is not None
-        self.evictions: list[dict[int, Tensor]] = []
+        self.evicted: dict[int, Tensor] = {}
         self.evicting = {}
         for layer, (k, v) in layer_kv.items():
             keep = self.pruning.keep[layer][self.rows, last_query]  # (B, N)
             j = torch.arange(keep.shape[1], device=self.device)[None, :]
             keep = torch.where(j == self_key[:, None], 0.0, keep)
             live = (j < n_keys[:, None]) & (keep > NEG_INF)
-            cap = max(2 * keep.shape[1], keep.shape[1] + 16)
+            self.evicted[layer] = (j < n_keys[:, None]).sum() - live.sum()
+            cap = keep.shape[1] + 8  # grows (doubling) only when a row has no free slot
             self.evicting[layer] = EvictingCache.from_prefill(
                 k, v, self.pruning.k_int[layer], keep, live, cap
             )
@@ -417,9 +438,18 @@ class _EvictingMixin(_Decoder):
         live = sum(float(c.live.sum()) * c.slot_bytes() for c in self.evicting.values()) / self.B
         return live, [t for c in self.evicting.values() for t in c.tensors()]
 
-    def kept_entries(self) -> dict[int, list[int]]:
-        """Live cache entries per pruned layer and row, now."""
-        return {layer: c.live.sum(dim=1).tolist() for layer, c in self.evicting.items()}
+    def _record_evictions(self, attention: EvictingKVAttention, active: np.ndarray) -> None:
+        rows = _dev(active, self.device)[:, None]
+        for layer, dropped in attention.evicted.items():  # rows that stopped do not count
+            self.evicted[layer] = self.evicted[layer] + (dropped & rows).sum()
+
+    def pruning_stats(self, keys_written: int) -> PruningStats:
+        return PruningStats(
+            kept={layer: float(c.live.float().sum(dim=1).mean()) for layer, c in self.evicting.items()},
+            evicted_per_layer={layer: int(n) for layer, n in self.evicted.items()},
+            keys_written=keys_written,
+            capacity={layer: c.capacity for layer, c in self.evicting.items()},
+        )
 
 
 class _GPTPrunedKV(_EvictingMixin):
@@ -442,7 +472,7 @@ class _GPTPrunedKV(_EvictingMixin):
         x = self.model.run_layers(
             self.model.embed(tokens[:, None]), attention, range(self.config.n_layers)
         )
-        self.evictions.append(attention.evicted)
+        self._record_evictions(attention, active)
         return self.model.head(x[:, 0])
 
     def cache_bytes(self) -> dict[str, float]:
@@ -474,7 +504,7 @@ class _GPTHFPrunedKV(_EvictingMixin, _GPTHFKV):
         x = self.model.embed(tokens[:, None])  # (B, 1, C)
         x = self.model.run_layers(x, enc, range(c.n_encoder_layers))
         x = self.model.run_layers(x, body, range(c.n_encoder_layers, c.n_layers))
-        self.evictions.append(body.evicted)
+        self._record_evictions(body, active)
         return self.model.head(x[:, 0])
 
     def cache_bytes(self) -> dict[str, float]:
@@ -633,5 +663,10 @@ def generate(
         forced_ends=forced.tolist(),
         logits=torch.stack(recorded, dim=1) if return_logits else None,
         cache_bytes=decoder.cache_bytes(),
+        pruning=decoder.pruning_stats(
+            int((state.length if c.arch == "gpt" else state.n_done).max())
+        )
+        if isinstance(decoder, _EvictingMixin)
+        else None,
         seconds={"prefill": t_first - t_start, "decode": t_end - t_first},
     )

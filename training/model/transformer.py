@@ -186,8 +186,10 @@ class Block(nn.Module):
         h = self.attn_norm(x)
         qkv = self.qkv(h).view(B, T, 3, self.n_heads, self.head_dim)
         q, k = attention.rotate(qkv[:, :, :2]).unbind(dim=2)  # (B, T, H, hd) each
-        gate = self.pruner(h) if self.pruner is not None else None
-        y = attention(self.layer, q, k, qkv[:, :, 2], gate)  # (B, T, H, hd)
+        if self.pruner is None:
+            y = attention(self.layer, q, k, qkv[:, :, 2])  # (B, T, H, hd)
+        else:
+            y = attention(self.layer, q, k, qkv[:, :, 2], self.pruner(h))
         x = x + self.proj(y.reshape(B, T, C))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, ffn) each
         return x + self.down(F.silu(gate) * up)

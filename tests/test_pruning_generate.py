@@ -1,0 +1,89 @@
+"""Generation with a pruning model: ``kv`` evicts what each layer dropped (GPT tokens, GPTHF
+sentence ends), reuses the freed slots, and every step's logits equal the full forward's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests._model_helpers import generation_model, one_torch_thread
+from tests.test_generate import PROMPTS, teacher_forced_logits
+from training.generation.decode import generate
+from training.model import Transformer, build_model
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+
+
+def pruning_model(arch: str, bias: float = 0.05, std: float = 0.15) -> Transformer:
+    """``generation_model`` with gates that drop part of the context at alpha = 8."""
+    base = generation_model(arch)
+    torch.manual_seed(5)
+    model = build_model(dataclasses.replace(base.config, prune=True, prune_dim=8)).eval()
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.pruner is not None:
+                block.pruner.gate_bias.fill_(bias)
+                block.pruner.interaction.weight.normal_(0.0, std)
+    return model
+
+
+@pytest.mark.parametrize(
+    "dtype, atol",
+    # fp64: the definition (the residue is the gates' fp32 products). fp32: a gate near its
+    # zero is steep in log space, so fp32 noise upstream moves the logits more than without
+    # pruning: 1e-4 here, against 1e-5 without.
+    [(torch.float64, 1e-5), (torch.float32, 1e-4)],
+)
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=1.0, top_k=20, seed=7)])
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_evicting_kv_matches_the_full_forward_at_every_step(
+    arch: str, sampling: dict, dtype: torch.dtype, atol: float
+) -> None:
+    model = pruning_model(arch).to(dtype)
+    results = {
+        mode: generate(model, PROMPTS, max_new_tokens=24, mode=mode, return_logits=True, **sampling)
+        for mode in ("full", "kv")
+    }
+    r = results["kv"]
+    assert r.tokens == results["full"].tokens
+    for b, ref in enumerate(teacher_forced_logits(model, r)):
+        n = len(r.tokens[b])
+        assert r.logits is not None
+        torch.testing.assert_close(r.logits[b, :n].to(dtype), ref, atol=atol, rtol=0.0)
+    # It pruned: every layer evicted something, and the cache holds less than the context.
+    kept = r.pruning
+    assert kept is not None and kept.evicted_total > 0
+    assert all(n > 0 for n in kept.evicted_per_layer.values())
+    unpruned = generate(generation_model(arch), PROMPTS, max_new_tokens=24, mode="kv", **sampling)
+    assert r.cache_bytes["live"] < unpruned.cache_bytes["live"]
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_freed_slots_are_reused(arch: str) -> None:
+    """A long generation whose layers drop most keys: the caches stay far smaller than the
+    number of keys ever written, because new keys go into freed slots."""
+    model = pruning_model(arch, bias=-0.05, std=0.15)
+    r = generate(model, PROMPTS, max_new_tokens=120, mode="kv", stop_at_eod=False)
+    assert r.pruning is not None
+    written = r.pruning.keys_written
+    for layer, capacity in r.pruning.capacity.items():
+        assert capacity < written, (layer, capacity, written)
+
+
+def test_open_gates_evict_nothing_and_equal_the_unpruned_model() -> None:
+    for arch in ("gpthf", "gpt"):
+        model = pruning_model(arch, bias=30.0, std=0.02)
+        r = generate(model, PROMPTS, max_new_tokens=16, mode="kv", return_logits=True)
+        plain = generate(generation_model(arch), PROMPTS, max_new_tokens=16, mode="kv", return_logits=True)
+        assert r.tokens == plain.tokens
+        assert r.pruning is not None and r.pruning.evicted_total == 0
+        assert r.logits is not None and plain.logits is not None
+        torch.testing.assert_close(r.logits, plain.logits, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_sentence_cache_mode_refuses_a_pruning_model() -> None:
+    with pytest.raises(ValueError, match="use mode 'kv'"):
+        generate(pruning_model("gpthf"), PROMPTS, max_new_tokens=2, mode="sentence-cache")

@@ -1,0 +1,212 @@
+"""Dynamic Context Pruning in the model: the alpha-sigmoid, exactness with the gates open, a
+dense reference of the pruned forward (hypothesis, ragged batches of several documents), and
+the keep mask's properties: monotone, documents apart, padding never counted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from tests._model_helpers import PAD, VOCAB, one_torch_thread, row_from_documents, tiny_model
+from training.data.collate import collate_blocks
+from training.model import Transformer, build_model
+from training.model.attention import Attention
+from training.model.pruning import Gate, alpha_sigmoid, log_alpha_sigmoid
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+
+documents = st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4), min_size=1, max_size=3)
+batches = st.lists(documents, min_size=1, max_size=3)  # rows of several documents, ragged
+
+
+def batch(rows: list[list[list[int]]], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for docs in rows:
+        n = sum(map(sum, docs))
+        blocks.append(row_from_documents(docs, torch.randint(3, VOCAB, (n,), generator=g).tolist()))
+    b = collate_blocks(blocks, pad_id=PAD)
+    return b.input_ids, b.sentence_ids, b.document_ids
+
+
+def pruned_copy(model: Transformer, *, bias: float, std: float = 0.0, seed: int = 0) -> Transformer:
+    """``model`` with gates: its weights, interaction projections drawn with ``std``."""
+    torch.manual_seed(seed)
+    out = build_model(dataclasses.replace(model.config, prune=True, prune_dim=8)).eval()
+    out.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in out.blocks:
+            if block.pruner is not None:
+                block.pruner.gate_bias.fill_(bias)
+                block.pruner.interaction.weight.normal_(0.0, std)
+    return out
+
+
+# -- the gate ---------------------------------------------------------------------------------
+
+
+def test_alpha_sigmoid_is_the_sigmoid_at_one_and_sparse_above() -> None:
+    x = torch.linspace(-3, 3, 601, dtype=torch.float64)
+    torch.testing.assert_close(alpha_sigmoid(x, 1.0), torch.sigmoid(x))
+    # alpha = 2 is sparsemax of [x, 0]: clip((x + 1) / 2, 0, 1)
+    torch.testing.assert_close(alpha_sigmoid(x, 2.0), ((x + 1) / 2).clamp(0, 1), atol=1e-8, rtol=0)
+    for alpha in (1.5, 4.0, 8.0):
+        p = alpha_sigmoid(x, alpha)
+        edge = 1 / (alpha - 1)
+        assert (p[x <= -edge] == 0).all() and (p[x >= edge] == 1).all()
+        assert ((p[x.abs() < edge * 0.99] > 0) & (p[x.abs() < edge * 0.99] < 1)).all()
+        assert (p.diff() >= 0).all()
+        torch.testing.assert_close(p + alpha_sigmoid(-x, alpha), torch.ones_like(p))  # symmetry
+        inside = x[(x.abs() < edge * 0.95)][::7].clone().requires_grad_()
+        # bisection resolves p to 2**-30: finite differences need a step well above that
+        assert torch.autograd.gradcheck(
+            lambda t, a=alpha: alpha_sigmoid(t, a), (inside,), eps=1e-4, atol=1e-4
+        )
+    # Near alpha = 1 the gate tends to the sigmoid.
+    torch.testing.assert_close(alpha_sigmoid(x, 1.0001), torch.sigmoid(x), atol=1e-4, rtol=0)
+
+
+def test_log_gate_is_minus_inf_at_zero_with_finite_gradients() -> None:
+    x = torch.tensor([-5.0, -0.1, 0.0, 5.0], requires_grad=True)
+    log_p = log_alpha_sigmoid(x, 8.0)
+    assert log_p[0] == -math.inf and log_p[3] == 0.0
+    (torch.where(torch.isfinite(log_p), log_p, 0.0).sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad[0] == 0
+
+
+# -- exactness --------------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=batches, seed=st.integers(0, 1000), arch=st.sampled_from(["gpthf", "gpt"]))
+def test_gates_saturated_open_give_the_unpruned_logits(rows, seed, arch) -> None:
+    model = tiny_model(arch, seed=1)
+    ids, sid, doc = batch(rows, seed)
+    open_gates = pruned_copy(model, bias=30.0, std=0.02)
+    with torch.no_grad():
+        plain = model(ids, sid, doc)
+        for alpha in (1.0, 8.0):  # sigma(30) == 1.0 in fp32; alpha = 8: an exact 1
+            open_gates.set_prune_alpha(alpha)
+            torch.testing.assert_close(open_gates(ids, sid, doc), plain, atol=1e-5, rtol=0)
+            record = open_gates.last_pruning
+            assert record is not None and all(f == 1.0 for f in record.per_layer().values())
+
+
+class DenseReference(Attention):
+    """The pruned attention written from the definition with dense (T, T) masks and loops:
+    query k sees key j iff the architecture allows it (GPT: j <= k in its document; GPTHF body:
+    j == k, or j ends a sentence of k's document before k's sentence), and a key other than
+    its own query gets sum over the queries n of its document with j < n <= k of log gate[n, j]."""
+
+    def __init__(self, pattern: Attention, allowed: Tensor, gated: Tensor) -> None:
+        super().__init__(pattern.cos, pattern.sin)
+        self.allowed, self.gated = allowed, gated  # (B, T, T) each
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None):
+        assert gate is not None
+        B, T = q.shape[:2]
+        log_g = gate.log_gates(gate.q_int, gate.k_int)  # (B, T, T): [query n, key j]
+        keep = torch.zeros(B, T, T, dtype=log_g.dtype)
+        for b in range(B):
+            for kq in range(T):
+                for j in range(T):
+                    if self.gated[b, kq, j]:
+                        later = [n for n in range(j + 1, kq + 1) if self.gated[b, n, j]]
+                        keep[b, kq, j] = sum((log_g[b, n, j] for n in later), torch.tensor(0.0))
+        bias = torch.where(self.allowed, keep, -math.inf)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) + bias[:, None]
+        return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+def dense_masks(arch: str, sid: Tensor, doc: Tensor) -> tuple[Tensor, Tensor]:
+    B, T = sid.shape
+    valid = sid >= 0
+    same_doc = (doc[:, :, None] == doc[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    t = torch.arange(T)
+    before = t[None, :, None] > t[None, None, :]  # key j before query k
+    diag = (t[:, None] == t[None, :])[None].expand(B, T, T)
+    if arch == "gpt":
+        gated = same_doc & before
+    else:
+        is_end = valid.clone()
+        is_end[:, :-1] &= (sid[:, 1:] != sid[:, :-1]) | (doc[:, 1:] != doc[:, :-1])
+        earlier_sentence = sid[:, None, :] < sid[:, :, None]
+        gated = same_doc & before & is_end[:, None, :] & earlier_sentence
+    return gated | diag, gated
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=batches, seed=st.integers(0, 1000), arch=st.sampled_from(["gpthf", "gpt"]))
+def test_pruned_forward_equals_a_dense_reference(rows, seed, arch) -> None:
+    # fp64: the reference sums in another order; the comparison is of definitions, not rounding.
+    model = pruned_copy(tiny_model(arch, seed=1), bias=0.2, std=0.3, seed=seed).double()
+    model.set_prune_alpha(4.0)  # some gates exactly 0, some exactly 1, some between
+    ids, sid, doc = batch(rows, seed)
+    allowed, gated = dense_masks(arch, sid, doc)
+    with torch.no_grad():
+        got = model(ids, sid, doc)
+        x = model.embed(ids)
+        for pattern, layers in model.stages(sid, doc):
+            if model.config.prunes(layers[0]):
+                pattern = DenseReference(pattern, allowed, gated)
+            x = model.run_layers(x, pattern, layers)
+        want = model.head(x)
+    valid = sid >= 0
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-6, rtol=0)  # gates are fp32
+    # Every gated pair is counted once per pruned layer, padding and other documents never.
+    record = model.last_pruning
+    assert record is not None
+    for layer in model.config.pruned_layers:
+        assert int(record.pairs[layer]) == int(gated.sum())
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=batches, seed=st.integers(0, 1000), arch=st.sampled_from(["gpthf", "gpt"]))
+def test_keep_mask_is_monotone_and_stays_dropped(rows, seed, arch) -> None:
+    """Along the queries of a document, a key's keep never grows, and once 0 stays 0."""
+    model = pruned_copy(tiny_model(arch, seed=1), bias=0.0, std=0.3, seed=seed)
+    ids, sid, doc = batch(rows, seed)
+    from training.model.pruning import PruningRecord
+
+    with torch.no_grad():
+        x = model.embed(ids)
+        record = PruningRecord(capture=True)
+        for pattern, layers in model.stages(sid, doc):
+            pattern.pruning = record
+            x = model.run_layers(x, pattern, layers)
+    for log_keep in record.keep.values():  # (groups, queries, keys) of each layer's last group
+        assert (log_keep <= 0).all()
+        step = log_keep[:, 1:] - log_keep[:, :-1]
+        finite = torch.isfinite(log_keep[:, :-1])
+        assert (step[finite] <= 1e-6).all()
+        dropped = log_keep[:, :-1] == -math.inf
+        assert (log_keep[:, 1:][dropped] == -math.inf).all()
+
+
+def test_sparsity_gradient_lowers_the_gate_bias() -> None:
+    """The sparsity loss (kept fraction) pushes every gate bias down: pruning more lowers it."""
+    model = pruned_copy(tiny_model("gpt", seed=1), bias=0.5, std=0.1).train()
+    model.set_prune_alpha(2.0)  # gates inside (0, 1): at an exact 0 or 1 the gradient is 0
+    ids, sid, doc = batch([[[3, 4], [2]], [[5]]], 0)
+    model(ids, sid, doc)
+    assert model.last_pruning is not None
+    model.last_pruning.kept_fraction().backward()
+    for block in model.blocks:
+        assert block.pruner is not None and block.pruner.gate_bias.grad is not None
+        assert block.pruner.gate_bias.grad.item() > 0  # gradient descent then lowers beta
+
+
+def test_a_model_without_pruning_is_todays_model() -> None:
+    model = tiny_model("gpthf", seed=1)
+    assert model.last_pruning is None
+    assert not any(".pruner." in k for k in model.state_dict())
+    assert model.config.pruned_layers == []
+    on = dataclasses.replace(model.config, prune=True)
+    assert on.pruned_layers == [2, 3]  # the body only
+    assert dataclasses.replace(tiny_model("gpt").config, prune=True).pruned_layers == [0, 1, 2, 3]
