@@ -163,10 +163,10 @@ def test_bad_pruning_options_are_refused_before_any_work(
 ) -> None:
     with pytest.raises(TrainConfigError, match="pass --prune"):
         config(data_dir, tmp_path, **{"pruning.sparsity": 0.1})
-    with pytest.raises(TrainConfigError, match="not through model.overrides"):
+    with pytest.raises(TrainConfigError, match=r"not through model\.overrides"):
         setup_run(config(data_dir, tmp_path, **{"model.overrides": {**TINY, "prune": True}}))
     wider = {**TINY, "d_model": 128}
-    with pytest.raises(TrainConfigError, match="another model.*d_model"):
+    with pytest.raises(TrainConfigError, match=r"another model.*d_model"):
         setup_run(pruned(data_dir, tmp_path, export, **{"model.overrides": wider}))
     with pytest.raises(TrainConfigError, match="no export there"):
         setup_run(pruned(data_dir, tmp_path, tmp_path / "nowhere"))
