@@ -77,7 +77,9 @@ def test_open_gates_evict_nothing_and_equal_the_unpruned_model() -> None:
     for arch in ("gpthf", "gpt"):
         model = pruning_model(arch, bias=30.0, std=0.02)
         r = generate(model, PROMPTS, max_new_tokens=16, mode="kv", return_logits=True)
-        plain = generate(generation_model(arch), PROMPTS, max_new_tokens=16, mode="kv", return_logits=True)
+        plain = generate(
+            generation_model(arch), PROMPTS, max_new_tokens=16, mode="kv", return_logits=True
+        )
         assert r.tokens == plain.tokens
         assert r.pruning is not None and r.pruning.evicted_total == 0
         assert r.logits is not None and plain.logits is not None

@@ -24,7 +24,7 @@ from pipeline.storage import filesystem_for, join
 from training.data.shards import read_shards
 from training.eval.config import EvalConfig
 from training.eval.report import CheckpointScore, EvalReport, ShardScore
-from training.eval.scoring import SUM_FIELDS, Sums, block_counts, score_blocks
+from training.eval.scoring import FLOAT_FIELDS, SUM_FIELDS, Sums, block_counts, score_blocks
 from training.export import Exported, ExportError, load_export
 
 
@@ -50,6 +50,7 @@ class _Scorer:
         token_budget: int,
         threads: int,
         actors: int,
+        pruning: bool = False,
     ) -> None:
         import torch
 
@@ -59,7 +60,10 @@ class _Scorer:
         self.threads = threads or max(1, len(os.sched_getaffinity(0)) // actors)
         torch.set_num_threads(self.threads)
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-        self.model = load_export(checkpoint, storage, device=self.device).model
+        model = load_export(checkpoint, storage, device=self.device).model
+        # Without --pruning a pruning export scores as its model without the gates.
+        self.model = model if pruning else model.without_pruning()
+        self.model.prune_per_query = pruning  # kept and cached entries per block
         self.kw = dict(pad_id=pad_id, eos_id=eos_id, batching=batching, token_budget=token_budget)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
@@ -111,6 +115,11 @@ def _check_inputs(cfg: EvalConfig) -> tuple[Manifest, list[ShardRef], list[Expor
                 f"tokenizer ({uri.rstrip('/')}/tokenizer.json)"
             )
         mc = exp.model_config
+        if cfg.pruning and not mc.prune:
+            raise EvalError(
+                f"--pruning: {uri} has no pruning gates (its model was trained without "
+                "--prune); score it without --pruning, or fine-tune it with --prune first"
+            )
         ids = {"end_of_sentence": mc.eos_id, "pad": mc.pad_id, "end_of_document": mc.eod_id}
         wrong = {k: (v, special.get(k)) for k, v in ids.items() if special.get(k) != v}
         if wrong:
@@ -147,6 +156,7 @@ def _evaluate_one(
             token_budget=cfg.token_budget,
             threads=cfg.threads,
             actors=cfg.actors,
+            pruning=cfg.pruning,
         ),
         batch_size=cfg.batch_rows,
         batch_format="pyarrow",
@@ -172,11 +182,11 @@ def _evaluate_one(
         cols = {
             k: group[k].to_numpy() for k in (*SUM_FIELDS, "tokens", "sentences", "bytes", "words")
         }
-        per_shard[match[0]] = per_shard[match[0]] + Sums(
-            rows=len(group),
-            nll=float(np.sum(cols["nll"], dtype=np.float64)),
-            **{k: int(cols[k].sum()) for k in cols if k != "nll"},
-        )
+        sums: dict[str, Any] = {
+            k: float(np.sum(v, dtype=np.float64)) if k in FLOAT_FIELDS else int(v.sum())
+            for k, v in cols.items()
+        }
+        per_shard[match[0]] = per_shard[match[0]] + Sums(rows=len(group), **sums)
     if unknown:
         raise EvalError(f"rows from files not in the manifest: {unknown}")
     bad = [
@@ -204,6 +214,7 @@ def _evaluate_one(
         shards=tuple(ShardScore(p, s) for p, s in per_shard.items()),
         total=total,
         wall_s=wall,
+        cache_entry_bytes=2 * exp.model_config.d_model * 4 if cfg.pruning else 0,
     )
 
 

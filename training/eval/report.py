@@ -45,16 +45,30 @@ class CheckpointScore:
     total: Sums
     wall_s: float
     """Wall time of the scoring pipeline (read, score, collect) for this checkpoint."""
+    cache_entry_bytes: int = 0
+    """Bytes of one cache entry of one pruned layer (fp32 K and V); 0 unless scored with
+    --pruning."""
 
     @property
     def tokens_per_s(self) -> float | None:
         return self.total.tokens / self.wall_s if self.wall_s > 0 else None
+
+    def cache_bytes(self, pruned: bool = True) -> float | None:
+        """Mean over token positions of the bytes the pruned layers' caches hold when that
+        token is the query: with eviction (``pruned``) or without. None unless --pruning."""
+        t = self.total
+        if not (self.cache_entry_bytes and t.tokens):
+            return None
+        entries = (t.prune_live if pruned else t.prune_pairs) + t.prune_queries
+        return entries / t.tokens * self.cache_entry_bytes
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["shards"] = [s.to_dict() for s in self.shards]
         out["total"] = self.total.to_dict()
         out["tokens_per_s"] = self.tokens_per_s
+        out["cache_bytes"] = self.cache_bytes(True)
+        out["cache_bytes_unpruned"] = self.cache_bytes(False)
         return out
 
 
@@ -133,16 +147,33 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def format_table(report: EvalReport) -> str:
-    """The comparison table (markdown): one line per checkpoint, micro-averaged totals."""
+    """The comparison table (markdown): one line per checkpoint, micro-averaged totals; with
+    pruning scored, the kept fraction and the pruned layers' cache beside the perplexity."""
+    pruning = any(c.cache_entry_bytes for c in report.checkpoints)
     head = (
         "| checkpoint | arch | step | tokens | token ppl | bits/byte | word ppl | EOS-S acc "
-        "| tokens/s |\n|---|---|---|---|---|---|---|---|---|\n"
+        + ("| kept | cache kept | cache bytes/position (unpruned) " if pruning else "")
+        + "| tokens/s |\n|---|---|---|---|---|---|---|---|"
+        + ("---|---|---|" if pruning else "")
+        + "---|\n"
     )
+
+    def prune_cells(c: CheckpointScore) -> str:
+        if not pruning:
+            return ""
+        if not c.cache_entry_bytes:
+            return "| - | - | - "
+        return (
+            f"| {_fmt(c.total.kept_fraction)} | {_fmt(c.total.cache_fraction)} "
+            f"| {_fmt(c.cache_bytes(True), 0)} ({_fmt(c.cache_bytes(False), 0)}) "
+        )
+
     lines = [
         f"| {c.checkpoint} | {c.arch} | {c.step} | {c.total.tokens} "
         f"| {_fmt(c.total.token_perplexity, 3)} | {_fmt(c.total.bits_per_byte)} "
         f"| {_fmt(c.total.word_perplexity, 3)} | {_fmt(c.total.eos_accuracy)} "
-        f"| {_fmt(c.tokens_per_s, 0)} |"
+        + prune_cells(c)
+        + f"| {_fmt(c.tokens_per_s, 0)} |"
         for c in report.checkpoints
     ]
     return head + "\n".join(lines) + "\n"

@@ -31,8 +31,18 @@ from torch import Tensor, nn
 from training.data.collate import IGNORE_INDEX, _flatten, collate_blocks
 
 BATCHINGS = ("prepack", "pad")
-SUM_FIELDS = ("nll", "targets", "eos_targets", "eos_correct")
+SUM_FIELDS = (
+    "nll",
+    "targets",
+    "eos_targets",
+    "eos_correct",
+    "prune_kept",
+    "prune_live",
+    "prune_pairs",
+    "prune_queries",
+)
 """What ``score_blocks`` returns per block; the counts (tokens, bytes, ...) come from columns."""
+FLOAT_FIELDS = ("nll", "prune_kept")
 
 
 @dataclass
@@ -53,6 +63,15 @@ class Sums:
     """Targets whose label is the end-of-sentence id."""
     eos_correct: int = 0
     """... of which the argmax of the logits was that id."""
+    prune_kept: float = 0.0
+    """Pruning models scored with their gates, over all pruned layers: keep summed over the
+    gated (query, key) pairs ..."""
+    prune_live: int = 0
+    """... the pairs still live (keep > 0: what an evicting cache holds) ..."""
+    prune_pairs: int = 0
+    """... all gated pairs (what a cache holds without pruning) ..."""
+    prune_queries: int = 0
+    """... and query positions (each query's own key, always kept)."""
 
     def __add__(self, other: Sums) -> Sums:
         return Sums(
@@ -75,6 +94,18 @@ class Sums:
     def eos_accuracy(self) -> float:
         return self.eos_correct / self.eos_targets if self.eos_targets else math.nan
 
+    @property
+    def kept_fraction(self) -> float:
+        """Soft: the keep the gates gave, over the interactions they gate (nan: no pruning)."""
+        return self.prune_kept / self.prune_pairs if self.prune_pairs else math.nan
+
+    @property
+    def cache_fraction(self) -> float:
+        """Cache entries an evicting cache holds over those it holds without pruning, summed
+        over the query positions of the pruned layers (own keys included; nan: no pruning)."""
+        full = self.prune_pairs + self.prune_queries
+        return (self.prune_live + self.prune_queries) / full if self.prune_queries else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
@@ -82,6 +113,8 @@ class Sums:
             "bits_per_byte": self.bits_per_byte,
             "word_perplexity": self.word_perplexity,
             "eos_accuracy": self.eos_accuracy,
+            "kept_fraction": self.kept_fraction,
+            "cache_fraction": self.cache_fraction,
         }
 
 
@@ -174,6 +207,7 @@ def _score_layout(
 ) -> dict[str, np.ndarray]:
     batch = batch.to(device)
     logits = model(batch.input_ids, batch.sentence_ids, batch.document_ids).float()  # (B, T, V)
+    pruning = getattr(model, "last_pruning", None)
     labels = batch.labels  # (B, T)
     valid = labels != IGNORE_INDEX
     safe = labels.clamp(min=0)
@@ -188,12 +222,30 @@ def _score_layout(
         out.index_add_(0, own, (x * valid).reshape(-1).to(dtype))
         return out.cpu().numpy()
 
-    return {
+    out = {
         "nll": per_block(nll.double(), torch.float64),
         "targets": per_block(valid, torch.int64),
         "eos_targets": per_block(is_eos, torch.int64),
         "eos_correct": per_block(correct, torch.int64),
     }
+    zeros = np.zeros(n_blocks)
+    out.update(prune_kept=zeros, prune_live=zeros, prune_pairs=zeros, prune_queries=zeros)
+    if pruning is not None and pruning.query_sums:
+        real = batch.sentence_ids >= 0  # every real token is a query of each pruned layer
+        per_query = torch.stack(list(pruning.query_sums.values())).sum(0)  # (B, T, 3)
+        queries = real.double() * len(pruning.query_sums)
+        for name, x in (
+            ("prune_kept", per_query[..., 0].double()),
+            ("prune_live", per_query[..., 1].double()),
+            ("prune_pairs", per_query[..., 2].double()),
+            ("prune_queries", queries),
+        ):
+            total = torch.zeros(n_blocks, dtype=torch.float64, device=device)
+            total.index_add_(0, own, (x * real).reshape(-1))
+            out[name] = total.cpu().numpy()
+    for name in ("prune_live", "prune_pairs", "prune_queries"):
+        out[name] = np.rint(out[name]).astype(np.int64)
+    return out
 
 
 def score_blocks(
@@ -249,14 +301,13 @@ def _column(rows: Any, name: str, n: int) -> np.ndarray:
 def sums_of(per_block: dict[str, np.ndarray]) -> Sums:
     """Totals of per-block arrays (``score_blocks`` + ``block_counts``)."""
     n = len(next(iter(per_block.values())))
-    return Sums(
-        rows=n,
-        nll=float(np.sum(per_block["nll"], dtype=np.float64)),
-        **{
-            k: int(np.sum(per_block[k]))
-            for k in ("tokens", "targets", "sentences", "bytes", "words", *SUM_FIELDS[1:])
-        },
-    )
+    totals: dict[str, Any] = {
+        k: float(np.sum(per_block[k], dtype=np.float64)) for k in FLOAT_FIELDS
+    }
+    for k in ("tokens", "sentences", "bytes", "words", *SUM_FIELDS):
+        if k not in FLOAT_FIELDS:
+            totals[k] = int(np.sum(per_block[k]))
+    return Sums(rows=n, **totals)
 
 
 def evaluate_rows(

@@ -419,7 +419,8 @@ class _EvictingMixin(_Decoder):
         self.evicted: dict[int, Tensor] = {}
         self.evicting = {}
         for layer, (k, v) in layer_kv.items():
-            keep = self.pruning.keep[layer][self.rows, last_query]  # (B, N)
+            (keep,) = self.pruning.keep[layer]  # one group: each prompt row is one run
+            keep = keep[self.rows, last_query]  # (B, N)
             j = torch.arange(keep.shape[1], device=self.device)[None, :]
             keep = torch.where(j == self_key[:, None], 0.0, keep)
             live = (j < n_keys[:, None]) & (keep > NEG_INF)
@@ -445,7 +446,9 @@ class _EvictingMixin(_Decoder):
 
     def pruning_stats(self, keys_written: int) -> PruningStats:
         return PruningStats(
-            kept={layer: float(c.live.float().sum(dim=1).mean()) for layer, c in self.evicting.items()},
+            kept={
+                layer: float(c.live.float().sum(dim=1).mean()) for layer, c in self.evicting.items()
+            },
             evicted_per_layer={layer: int(n) for layer, n in self.evicted.items()},
             keys_written=keys_written,
             capacity={layer: c.capacity for layer, c in self.evicting.items()},

@@ -156,15 +156,39 @@ class Attention:
     ) -> Tensor:
         raise NotImplementedError
 
-    def _record(self, layer: int, log_keep: Tensor, gated: Tensor, k_int: Tensor) -> None:
-        """Add a pruned layer's keep to ``pruning``; when capturing, also its (B, T, keys) log
-        keep and (B, keys, r) interaction keys (rows must then be single runs)."""
-        if self.pruning is None:
+    def _record(
+        self,
+        layer: int,
+        log_keeps: list[Tensor],
+        gateds: list[Tensor],
+        routing: RunRouting,
+        k_int: Tensor,
+    ) -> None:
+        """Add a pruned layer's keep (per routing group: (n, L, keys) log keep and gated pairs)
+        to ``pruning``; per query position too when it asks, and when capturing, the log keeps
+        and the (B, keys, r) interaction keys at the ends of the row (for the caches of
+        generation, whose rows are single runs: one group of (B, T, keys))."""
+        record = self.pruning
+        if record is None:
             raise ValueError("a pruned layer ran without a PruningRecord (attention.pruning)")
-        self.pruning.add(layer, log_keep, gated)
-        if self.pruning.capture:
-            self.pruning.keep[layer] = log_keep
-            self.pruning.k_int[layer] = k_int
+        for log_keep, gated in zip(log_keeps, gateds, strict=True):
+            record.add(layer, log_keep, gated)
+        if record.per_query:
+            sums = [
+                torch.stack(
+                    [
+                        torch.where(g, lk.exp(), 0.0).sum(-1),
+                        (g & (lk > NEG_INF)).sum(-1).float(),
+                        g.sum(-1).float(),
+                    ],
+                    dim=-1,
+                )
+                for lk, g in zip(log_keeps, gateds, strict=True)
+            ]  # (n, L, 3) per group
+            record.query_sums[layer] = routing.scatter(sums)  # (B, T, 3)
+        if record.capture:
+            record.keep[layer] = log_keeps
+            record.k_int[layer] = k_int
 
 
 def no_gate(pattern: Attention, gate: Gate | None) -> None:
@@ -295,7 +319,7 @@ class RunRouting:
     ) -> Tensor:
         """``causal`` with the keep mask of a pruned layer added to the logits (per run: a
         (L, L) gate matrix, as large as the run's attention scores)."""
-        outs = []
+        outs, keeps, gateds = [], [], []
         for qg, kg, vg, qi, ki, real in zip(
             self.gather(q),
             self.gather(k),
@@ -310,11 +334,13 @@ class RunRouting:
             earlier = t[None, :] < t[:, None]  # (L, L) key before query
             gated = earlier[None] & real[:, :, None]  # (n, L, L)
             log_keep = running_keep(gate.log_gates(qi, ki), gated)  # (n, L, L)
-            record._record(layer, log_keep, gated, gate.k_int)
+            keeps.append(log_keep)
+            gateds.append(gated)
             bias = torch.where(
                 earlier, log_keep, torch.where(t[None, :] == t[:, None], 0.0, NEG_INF)
             )
             outs.append(sdpa(qg, kg, vg, mask=bias[:, None].to(qg.dtype)))
+        record._record(layer, keeps, gateds, self, gate.k_int)
         return self.scatter(outs)
 
 
@@ -471,7 +497,7 @@ class SentenceEndAttention(Attention):
         else:
             q_ints = list(lay.documents.gather(gate.q_int))
             flat_ki = gate.k_int.reshape(-1, gate.k_int.shape[-1])
-        outs = []
+        outs, keeps, gateds = [], [], []
         for qg, kg, vg, ends, allowed, qi in zip(
             lay.documents.gather(q),
             lay.documents.gather(k),
@@ -486,8 +512,8 @@ class SentenceEndAttention(Attention):
                 assert qi is not None
                 gated = allowed[:, 0]  # (n, L, N_g): end j of an earlier sentence
                 log_keep = running_keep(gate.log_gates(qi, flat_ki[ends]), gated)
-                at_ends = lay.end_pos[:, :, None].expand(-1, -1, gate.k_int.shape[-1])
-                self._record(layer, log_keep, gated, gate.k_int.gather(1, at_ends))
+                keeps.append(log_keep)
+                gateds.append(gated)
                 keep = log_keep[:, None]  # (n, 1, L, N_g)
             out = attend_ends_and_self(
                 qg.transpose(1, 2),
@@ -499,6 +525,9 @@ class SentenceEndAttention(Attention):
                 keep,
             )  # (n, H, L, hd)
             outs.append(out.transpose(1, 2))
+        if gate is not None:
+            at_ends = lay.end_pos[:, :, None].expand(-1, -1, gate.k_int.shape[-1])
+            self._record(layer, keeps, gateds, lay.documents, gate.k_int.gather(1, at_ends))
         return lay.documents.scatter(outs)  # (B, T, H, hd)
 
 

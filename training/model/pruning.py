@@ -138,11 +138,17 @@ class PruningRecord:
     kept: dict[int, Tensor] = field(default_factory=dict)
     pairs: dict[int, Tensor] = field(default_factory=dict)
     capture: bool = False
-    keep: dict[int, Tensor] = field(default_factory=dict)
-    """Per layer, when ``capture``: (B, T, keys) log keep of each query (GPT: keys are the
-    row's tokens; GPTHF body: the row's sentence ends in order). Rows must be single runs."""
+    keep: dict[int, list[Tensor]] = field(default_factory=dict)
+    """Per layer, when ``capture``: per routing group (n, L, keys) log keep of each query (GPT:
+    keys are the run's tokens; GPTHF body: its sentence ends in order). Rows that are single
+    runs from position 0 (generation) form one group of (B, T, keys)."""
     k_int: dict[int, Tensor] = field(default_factory=dict)
     """Per layer, when ``capture``: (B, keys, r) interaction keys of those keys."""
+    per_query: bool = False
+    query_sums: dict[int, Tensor] = field(default_factory=dict)
+    """Per layer, when ``per_query``: (B, T, 3) for each query position: keep summed over its
+    gated keys, how many of them are still live (keep > 0: what a cache holds), and how many
+    gated keys it has (0 on padding)."""
 
     def add(self, layer: int, log_keep: Tensor, gated: Tensor) -> None:
         kept = torch.where(gated, log_keep.exp(), 0.0).sum()

@@ -212,6 +212,8 @@ class Transformer(nn.Module):
         self.lm_head.weight = self.embed.weight  # tied
         self.last_pruning: PruningRecord | None = None
         """What the last forward's pruned layers kept (None for a model without pruning)."""
+        self.prune_per_query = False
+        """Record kept and live keys per query position too (evaluation's per-block sums)."""
         self.reset_parameters()
         self.set_prune_alpha(config.prune_alpha)
 
@@ -235,6 +237,16 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Pruner):
                 module.alpha = float(alpha)
+
+    def without_pruning(self) -> Transformer:
+        """The same model without its gates (itself when it has none): what it computes with
+        every gate open."""
+        if not self.config.prune:
+            return self
+        plain = Transformer(dataclasses.replace(self.config, prune=False))
+        weights = {k: v for k, v in self.state_dict().items() if ".pruner." not in k}
+        plain.load_state_dict(weights)
+        return plain.to(self.embed.weight.device).train(self.training)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied matrix counts once
@@ -275,7 +287,7 @@ class Transformer(nn.Module):
         """Last block's output (B, T, C), before the final norm. A pruning model leaves what its
         gates kept in ``last_pruning``."""
         x = self.embed(input_ids)  # (B, T, C)
-        record = PruningRecord() if self.config.prune else None
+        record = PruningRecord(per_query=self.prune_per_query) if self.config.prune else None
         for attention, layers in self.stages(sentence_ids, document_ids):
             attention.pruning = record
             x = self.run_layers(x, attention, layers)
