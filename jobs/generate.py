@@ -6,8 +6,10 @@ Every flag but ``--json`` is a field of ``training.generation.config.GenerateCon
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import sys
+from pathlib import Path
 
 from pipeline import settings
 from training.generation.config import GenerateConfig
@@ -33,12 +35,23 @@ def main(args: argparse.Namespace) -> int:
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         seed=cfg.seed,
+        show_pruning=cfg.show_pruning or bool(cfg.pruning_html),
     )
+    if out.pruning and cfg.pruning_html:
+        page = "".join(
+            f"<h2>Prompt {i + 1}: {html.escape(p)}</h2>" + r.to_html()
+            for i, (p, r) in enumerate(zip(cfg.prompts, out.pruning, strict=True))
+        )
+        Path(cfg.pruning_html).write_text(page)
     if args.json:
         print(json.dumps(out.to_dict(), indent=1))
         return 0
-    for prompt, text in zip(cfg.prompts, out.texts, strict=True):
+    for i, (prompt, text) in enumerate(zip(cfg.prompts, out.texts, strict=True)):
         print(f"> {prompt}\n{text}\n")
+        if out.pruning:
+            print(out.pruning[i].to_text())
+    if cfg.pruning_html:
+        print(f"[generate] pruning report: {cfg.pruning_html}")
     rate = out.natural_end_rate
     print(
         f"[generate] {out.arch} {out.mode}: {out.new_tokens} tokens in {out.seconds:.2f}s "

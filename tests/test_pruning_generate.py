@@ -4,13 +4,17 @@ sentence ends), reuses the freed slots, and every step's logits equal the full f
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
-from tests._model_helpers import generation_model, one_torch_thread
-from tests.test_generate import PROMPTS, teacher_forced_logits
+from tests._model_helpers import EOD, EOS, PAD, generation_model, one_torch_thread
+from tests.test_generate import PROMPTS, teacher_forced_logits, tokenizer  # noqa: F401
+from training.export import ExportConfig, write_export
 from training.generation.decode import generate
+from training.generation.pruning_report import pruning_report
 from training.model import Transformer, build_model
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
@@ -89,3 +93,79 @@ def test_open_gates_evict_nothing_and_equal_the_unpruned_model() -> None:
 def test_sentence_cache_mode_refuses_a_pruning_model() -> None:
     with pytest.raises(ValueError, match="use mode 'kv'"):
         generate(pruning_model("gpthf"), PROMPTS, max_new_tokens=2, mode="sentence-cache")
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_the_report_says_what_the_cache_evicted(arch: str, tokenizer: Tokenizer) -> None:  # noqa: F811
+    """The report's "kept to the end" is what the evicting cache still holds: computed from
+    the full forward over the sequence up to the last token generation fed."""
+    model = pruning_model(arch)
+    r = generate(model, [PROMPTS[4]], max_new_tokens=30, mode="kv", stop_at_eod=False)
+    assert r.pruning is not None
+    fed = r.sequences[0][:-1]  # the last sampled token is never fed to the model
+    report = pruning_report(model, fed, len(PROMPTS[4]), tokenizer)
+    assert report.layers == model.config.pruned_layers
+    for layer in report.layers:
+        assert report.kept(layer) == r.pruning.kept[layer], layer
+    units = fed.count(EOS) if arch == "gpthf" else len(fed)
+    assert len(report.units) == units
+    dropped = [u.dropped_at[layer] for u in report.units for layer in report.layers]
+    assert any(d is not None for d in dropped)
+    for u in report.units:  # a key is dropped by a later query, never by an earlier one
+        assert all(d is None or d > u.ends_at for d in u.dropped_at.values())
+    text = report.to_text()
+    assert text.count("\n") == len(report.units) + 3 and "kept at the end" in text
+    page = report.to_html()
+    assert page.count('class="dropped') + page.count('class="kept') == units * len(report.layers)
+
+
+def test_gpthf_generate_show_pruning_from_an_export(
+    tokenizer: Tokenizer,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from jobs.cli import main
+
+    base = pruning_model("gpthf")
+    config = dataclasses.replace(base.config, vocab_size=tokenizer.get_vocab_size())
+    torch.manual_seed(3)
+    model = build_model(config)
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.pruner is not None:
+                block.pruner.gate_bias.fill_(0.05)
+                block.pruner.interaction.weight.normal_(0.0, 0.15)
+    ids = {"end_of_sentence": EOS, "pad": PAD, "end_of_document": EOD}
+    write_export(
+        str(tmp_path / "export"),
+        model.state_dict(),
+        ExportConfig(model=config, step=0, tokens_seen=0, tokenizer_sha256="t", special_ids=ids),
+        tokenizer.to_str(),
+    )
+    page = tmp_path / "pruning.html"
+    prompt = "The cat sat on the mat. A dog ran in the park! Is it raining today? The cat"
+    argv = ["generate", "--checkpoint", str(tmp_path / "export"), "--prompt", prompt]
+    assert (
+        main([*argv, "--show-pruning", "--pruning-html", str(page), "--max-new-tokens", "20"]) == 0
+    )
+    out = capsys.readouterr().out
+    # M = 6 tokens: the tiny tokenizer's long sentences come in pieces, as in preprocessing.
+    assert "[pruning] gpthf" in out and "'The cat sat on the'" in out
+    assert "kept at the end: layer 2" in out
+    assert "<table>" in page.read_text() and ">The cat sat on the</span>" in page.read_text()
+    # A model without gates: refused with the way out.
+    plain = tmp_path / "plain"
+    write_export(
+        str(plain),
+        model.without_pruning().state_dict(),
+        ExportConfig(
+            model=dataclasses.replace(config, prune=False),
+            step=0,
+            tokens_seen=0,
+            tokenizer_sha256="t",
+            special_ids=ids,
+        ),
+        tokenizer.to_str(),
+    )
+    assert main(["generate", "--checkpoint", str(plain), "--prompt", prompt, "--show-pruning"]) == 2
+    assert "no pruning gates" in capsys.readouterr().err

@@ -38,5 +38,9 @@ class GenerateConfig:
     """Seed of the sampling generator."""
     gpu: bool = False
     """Generate on the GPU (cuda)."""
+    show_pruning: bool = field(default=False, metadata=cli("--show-pruning"))
+    """Print, for each prompt and its continuation, which sentences (GPTHF) or tokens (GPT) each pruned layer dropped and when (a model fine-tuned with --prune)."""
+    pruning_html: str = field(default="", metadata=cli("--pruning-html"))
+    """With --show-pruning: also write the same as an HTML page to this local path."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint/credentials (default: the AWS_* variables)."""

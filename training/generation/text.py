@@ -17,6 +17,7 @@ import torch
 
 from pipeline.errors import UserError
 from training.generation.decode import MODES, GenerationResult, generate
+from training.generation.pruning_report import PruningReport, pruning_report
 from training.model import Transformer
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
@@ -98,9 +99,15 @@ class GeneratedText:
     """Share of the generated sentences the model ended itself (NaN: none ended)."""
     stopped_at_eod: list[bool]
     """Per prompt: generation ended at end-of-document (not at max_new_tokens)."""
+    pruning: list[PruningReport] | None = None
+    """Per prompt, what each pruned layer dropped (``show_pruning``)."""
+    cache_bytes: dict[str, float] | None = None
+    """Cache held per sequence at the end ("live", "allocated"); kv and sentence-cache modes."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["pruning"] = [r.to_dict() for r in self.pruning] if self.pruning else None
+        return out
 
 
 def generate_from_export(
@@ -111,10 +118,12 @@ def generate_from_export(
     mode: str = "kv",
     device: str = "cpu",
     storage: Any = None,
+    show_pruning: bool = False,
     **sampling: Any,
 ) -> GeneratedText:
     """Load an export (``training.export.load_export``: a bad one is an ``ExportError``) and
-    continue each prompt; ``sampling`` goes to ``decode.generate`` (temperature, top_k, ...)."""
+    continue each prompt; ``sampling`` goes to ``decode.generate`` (temperature, top_k, ...).
+    ``show_pruning``: also report what each pruned layer dropped (a model with gates only)."""
     from tokenizers import Tokenizer
 
     from training.export import load_export
@@ -125,6 +134,16 @@ def generate_from_export(
         raise GenerationError(
             f"mode {mode!r} is not available for {arch}; choose from {MODES[arch]}"
         )
+    if show_pruning and not exported.model_config.prune:
+        raise GenerationError(
+            f"--show-pruning: {uri} has no pruning gates (trained without --prune); fine-tune "
+            "it with `gpthf train --prune --init-from ...` first"
+        )
+    if exported.model_config.prune and mode == "sentence-cache":
+        raise GenerationError(
+            "mode 'sentence-cache' does not support a pruning model; use kv (it evicts the "
+            "sentences the gates dropped) or full"
+        )
     tok = Tokenizer.from_str(exported.tokenizer_json)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -133,6 +152,12 @@ def generate_from_export(
         )
     dt = time.perf_counter() - t0
     new_tokens = sum(len(t) for t in result.tokens)
+    reports = None
+    if show_pruning:
+        reports = [
+            pruning_report(exported.model, seq, len(prompt), tok)
+            for seq, prompt in zip(result.sequences, result.prompts, strict=True)
+        ]
     return GeneratedText(
         arch=arch,
         mode=mode,
@@ -142,4 +167,6 @@ def generate_from_export(
         tokens_per_s=new_tokens / dt if dt else None,
         natural_end_rate=result.natural_end_rate,
         stopped_at_eod=[bool(x) for x in result.stopped_at_eod],
+        pruning=reports,
+        cache_bytes=result.cache_bytes if mode != "full" else None,
     )
