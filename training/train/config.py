@@ -109,14 +109,20 @@ class PruningSection:
     """lambda: the loss adds lambda x (fraction of kept interactions); larger prunes more."""
     alpha_final: float = field(default=8.0, metadata=cli("--prune-alpha"))
     """alpha at the end of the anneal (and at inference): the gates reach exact 0 and 1 beyond |x| = 1/(alpha - 1)."""
+    alpha_delay_steps: int = 0
+    """Steps at alpha = 1 before the anneal starts: the sigmoid gates have a gradient everywhere, so the sparsity loss can move them from fully open (their init) into the range where the annealed gate decides; an alpha > 1 gate that is exactly 1 has none."""
     alpha_steps: int | None = None
-    """Steps of the cosine anneal of alpha from 1 to alpha_final; none: optim.total_steps."""
+    """Steps of the cosine anneal of alpha from 1 to alpha_final after the delay; none: the rest of optim.total_steps."""
+    lr_scale: float = 10.0
+    """The pruning parameters (interaction projections, gate biases) learn at lr x this: new parameters in a fine-tune of a trained model, which must travel far in few steps."""
 
     def __post_init__(self) -> None:
         if self.sparsity < 0 or self.alpha_final < 1:
             raise TrainConfigError("pruning: need sparsity (lambda) >= 0 and alpha_final >= 1")
         if self.alpha_steps is not None and self.alpha_steps < 1:
             raise TrainConfigError("pruning.alpha_steps must be >= 1")
+        if self.alpha_delay_steps < 0 or self.lr_scale <= 0:
+            raise TrainConfigError("pruning: need alpha_delay_steps >= 0 and lr_scale > 0")
         if not self.enabled and self.sparsity:
             raise TrainConfigError(
                 f"pruning.sparsity (--prune-lambda) is {self.sparsity:g} but pruning is off: pass "
@@ -124,9 +130,10 @@ class PruningSection:
             )
 
     def alpha_at(self, step: int, total_steps: int) -> float:
-        """alpha for the 0-based ``step``: cosine from 1 to alpha_final over alpha_steps."""
-        span = self.alpha_steps or total_steps
-        progress = min(1.0, step / max(1, span))
+        """alpha for the 0-based ``step``: 1 during the delay, then a cosine from 1 to
+        alpha_final over alpha_steps."""
+        span = self.alpha_steps or total_steps - self.alpha_delay_steps
+        progress = min(1.0, max(0, step - self.alpha_delay_steps) / max(1, span))
         return 1.0 + (self.alpha_final - 1.0) * 0.5 * (1.0 - math.cos(math.pi * progress))
 
 

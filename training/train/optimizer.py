@@ -10,18 +10,29 @@ from torch import nn
 from training.train.config import OptimSection
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
-    """Matrices (dim >= 2: projections, the tied embedding) decay; norm weights do not."""
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, pruning_lr_scale: float = 1.0
+) -> list[dict[str, object]]:
+    """Matrices (dim >= 2: projections, the tied embedding) decay; norm weights do not. The
+    pruning parameters (``.pruner.``), when there are any, form their own group at lr x
+    ``pruning_lr_scale`` and without decay (decay would pull the gates towards pruning)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
+    pruning: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        if ".pruner." in name:
+            pruning.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups: list[dict[str, object]] = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
     ]
+    if pruning:  # models without gates keep exactly the groups they had
+        groups.append({"params": pruning, "weight_decay": 0.0, "lr": lr * pruning_lr_scale})
+    return groups
 
 
 def lr_factor(step: int, cfg: OptimSection) -> float:
@@ -34,11 +45,15 @@ def lr_factor(step: int, cfg: OptimSection) -> float:
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimSection
+    model: nn.Module, cfg: OptimSection, pruning_lr_scale: float = 1.0
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     # A client torch optimizer: no DeepSpeed op compilation (STACK.md), same maths everywhere.
     opt = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=False
+        param_groups(model, cfg.weight_decay, cfg.lr, pruning_lr_scale),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=1e-8,
+        foreach=False,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched

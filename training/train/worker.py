@@ -199,7 +199,9 @@ class TrainWorker:
         if self.cfg.model.init_from:  # a resume then loads the checkpoint over these weights
             load_init_weights(model, self.cfg.model.init_from, self.cfg.storage)
         self.num_parameters = model.num_parameters()
-        optimizer, self._scheduler = build_optimizer(model, self.cfg.optim)
+        optimizer, self._scheduler = build_optimizer(
+            model, self.cfg.optim, self.cfg.pruning.lr_scale
+        )
         self._engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -332,7 +334,7 @@ class TrainWorker:
             ],
             self.device,
         )
-        lr = float(self._scheduler.get_last_lr()[0])
+        lr = float(self._scheduler.get_last_lr()[0])  # the model's group (pruning: x lr_scale)
         pruning = self.cfg.pruning
         alpha = None
         if mc.prune:
