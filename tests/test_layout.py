@@ -323,8 +323,10 @@ def test_pipeline_never_imports_training() -> None:
 
 HF_EXTRA = {"transformers", "lm_eval", "datasets"}
 MODELING_SOURCES = (
+    "training.model.pruning",
     "training.model.attention",
     "training.model.transformer",
+    "training.generation.eviction",
     "training.generation.decode",
     "training.hf.hf_model",
 )

@@ -39,7 +39,14 @@ from training.model import ModelConfig
 HF_FORMAT = "gpthf-hf/1"
 MODELING = "modeling_gpthf.py"
 PREFIX = "model."
-_SOURCES = ("model/attention.py", "model/transformer.py", "generation/decode.py", "hf/hf_model.py")
+_SOURCES = (
+    "model/pruning.py",
+    "model/attention.py",
+    "model/transformer.py",
+    "generation/eviction.py",
+    "generation/decode.py",
+    "hf/hf_model.py",
+)
 
 
 class HFFormatError(ExportError):
