@@ -1,13 +1,14 @@
 """Dynamic Context Pruning: how much context a GPTHF and its GPT baseline can drop, and what it
 costs, at several sparsity weights lambda, against the same models fine-tuned without pruning.
 
-    python benchmarks/pruning.py [--work runs/pruning] [--lambdas 1,4,16] [--steps 120]
-                                 [--base-steps 150] [--gpu] [--out benchmarks/results/pruning.json]
+    python benchmarks/pruning.py [--base runs/demo] [--work runs/pruning] [--steps 100]
+        [--lambdas 0.0001,0.001,0.01,0.1] [--base-steps 150] [--gpu] [--out benchmarks/results/pruning.json]
 
 One invocation, through the real pipeline (in-process Ray, Ray Train + DeepSpeed, Ray Data):
 
 1. the sample corpus is preprocessed (the demo's tokenizer and split);
-2. a base GPTHF-tiny and GPT-tiny are trained (``--base-steps``; reused when already there);
+2. a base GPTHF-tiny and GPT-tiny are trained (``--base-steps``; reused when already there),
+   or ``--base`` names a `gpthf demo` folder whose data and two trained models are used;
 3. each base is fine-tuned ``--steps`` steps with ``--init-from`` the base export: once without
    pruning (the reference: same data, same steps) and once per lambda with ``--prune``;
 4. every fine-tune is evaluated on the held-out split (``gpthf eval``, ``--pruning`` for the
@@ -197,12 +198,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--work", default="runs/pruning", help="data and runs (re-runs reuse them)")
-    ap.add_argument("--lambdas", default="1,4,16")
+    ap.add_argument("--base", default=None, help="a `gpthf demo` workdir: its data and models")
+    ap.add_argument("--lambdas", default="0.0001,0.001,0.01,0.1")
     ap.add_argument("--base-steps", type=int, default=150)
-    ap.add_argument("--steps", type=int, default=120, help="fine-tuning steps per variant")
+    ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps per variant")
     ap.add_argument("--delay", type=int, default=None, help="alpha = 1 steps (default steps/4)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--lr-scale", type=float, default=10.0, help="pruning parameters' lr x")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="pruning parameters' lr x")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=160)
     ap.add_argument("--new-tokens", type=int, default=96)
@@ -222,12 +224,15 @@ def main() -> None:
     init_ray_for_training()
     t_start = time.perf_counter()
     try:
-        data = prepare_data(work)
+        data = Path(args.base).absolute() / "data" if args.base else prepare_data(work)
         prompts = heldout_prompts(data, args.prompts, args.prompt_tokens)
         results: dict[str, list[dict[str, Any]]] = {}
         for arch, preset in ARCHS.items():
-            base = work / f"base-{preset}"
-            train(data, base, preset, args.base_steps, args)
+            if args.base:
+                base = Path(args.base).absolute() / f"train-{preset}"
+            else:
+                base = work / f"base-{preset}"
+                train(data, base, preset, args.base_steps, args)
             variants: dict[str, tuple[float | None, Path]] = {}
             ref = work / f"ft-{preset}-unpruned-{args.steps}"
             seconds = {"unpruned": train(

@@ -113,8 +113,8 @@ class PruningSection:
     """Steps at alpha = 1 before the anneal starts: the sigmoid gates have a gradient everywhere, so the sparsity loss can move them from fully open (their init) into the range where the annealed gate decides; an alpha > 1 gate that is exactly 1 has none."""
     alpha_steps: int | None = None
     """Steps of the cosine anneal of alpha from 1 to alpha_final after the delay; none: the rest of optim.total_steps."""
-    lr_scale: float = 10.0
-    """The pruning parameters (interaction projections, gate biases) learn at lr x this: new parameters in a fine-tune of a trained model, which must travel far in few steps."""
+    lr_scale: float = 1.0
+    """The pruning parameters (interaction projections, gate biases) learn at lr x this (Adam: a larger scale moves the gates in fewer steps, and the interaction projections' products grow fast)."""
 
     def __post_init__(self) -> None:
         if self.sparsity < 0 or self.alpha_final < 1:
