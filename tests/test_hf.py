@@ -7,6 +7,7 @@ every gpthf package is made unimportable, so the folder proves it is self-contai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -28,6 +29,9 @@ TINY = dict(d_model=64, n_heads=4, n_layers=4, ffn_dim=128)
 
 
 def _export(tokenizer_path: Path, out: Path, arch: str, seed: int) -> str:
+    """An export of a random model; arch "gpthf+prune" / "gpt+prune": with pruning gates that
+    drop part of the context (the HF folder must carry them and the evicting caches)."""
+    arch, _, prune = arch.partition("+")
     tok = load_tokenizer(str(tokenizer_path))
     ids = tok.special_ids
     mc = ModelConfig.preset(
@@ -41,10 +45,16 @@ def _export(tokenizer_path: Path, out: Path, arch: str, seed: int) -> str:
     )
     if arch == "gpt":
         mc = mc.baseline()
+    if prune:
+        mc = dataclasses.replace(mc, prune=True, prune_dim=16)
     torch.manual_seed(seed)
     model = build_model(mc)
     with torch.no_grad():  # a random init is too flat to tell tokens apart: sharpen it
         model.embed.weight.mul_(8.0)
+        for block in model.blocks:
+            if block.pruner is not None:
+                block.pruner.gate_bias.fill_(0.1)
+                block.pruner.interaction.weight.normal_(0.0, 0.1)
     cfg = ExportConfig(
         model=mc,
         step=7,
@@ -59,11 +69,11 @@ def _export(tokenizer_path: Path, out: Path, arch: str, seed: int) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module", params=["gpthf", "gpt"])
+@pytest.fixture(scope="module", params=["gpthf", "gpt", "gpthf+prune", "gpt+prune"])
 def folders(
     request: pytest.FixtureRequest, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp(f"hf-{request.param}")
+    root = tmp_path_factory.mktemp(f"hf-{request.param.replace('+', '-')}")
     src = _export(tokenizer_path, root / "export", request.param, seed=3)
     _cli("export-hf", src, str(root / "hf"))
     return src, str(root / "hf")

@@ -47,22 +47,26 @@ def test_evicting_kv_matches_the_full_forward_at_every_step(
     arch: str, sampling: dict, dtype: torch.dtype, atol: float
 ) -> None:
     model = pruning_model(arch).to(dtype)
+    modes = ("full", "kv", "sentence-cache") if arch == "gpthf" else ("full", "kv")
     results = {
         mode: generate(model, PROMPTS, max_new_tokens=24, mode=mode, return_logits=True, **sampling)
-        for mode in ("full", "kv")
+        for mode in modes
     }
-    r = results["kv"]
-    assert r.tokens == results["full"].tokens
-    for b, ref in enumerate(teacher_forced_logits(model, r)):
-        n = len(r.tokens[b])
-        assert r.logits is not None
-        torch.testing.assert_close(r.logits[b, :n].to(dtype), ref, atol=atol, rtol=0.0)
-    # It pruned: every layer evicted something, and the cache holds less than the context.
-    kept = r.pruning
-    assert kept is not None and kept.evicted_total > 0
-    assert all(n > 0 for n in kept.evicted_per_layer.values())
-    unpruned = generate(generation_model(arch), PROMPTS, max_new_tokens=24, mode="kv", **sampling)
-    assert r.cache_bytes["live"] < unpruned.cache_bytes["live"]
+    for mode in modes[1:]:
+        r = results[mode]
+        assert r.tokens == results["full"].tokens
+        for b, ref in enumerate(teacher_forced_logits(model, r)):
+            n = len(r.tokens[b])
+            assert r.logits is not None
+            torch.testing.assert_close(r.logits[b, :n].to(dtype), ref, atol=atol, rtol=0.0)
+        # It pruned: every layer evicted something, and the cache holds less than the context.
+        kept = r.pruning
+        assert kept is not None and kept.evicted_total > 0, mode
+        assert all(n > 0 for n in kept.evicted_per_layer.values())
+        unpruned = generate(
+            generation_model(arch), PROMPTS, max_new_tokens=24, mode=mode, **sampling
+        )
+        assert r.cache_bytes["live"] < unpruned.cache_bytes["live"], mode
 
 
 @pytest.mark.parametrize("arch", ["gpthf", "gpt"])
@@ -77,22 +81,19 @@ def test_freed_slots_are_reused(arch: str) -> None:
         assert capacity < written, (layer, capacity, written)
 
 
-def test_open_gates_evict_nothing_and_equal_the_unpruned_model() -> None:
-    for arch in ("gpthf", "gpt"):
-        model = pruning_model(arch, bias=30.0, std=0.02)
-        r = generate(model, PROMPTS, max_new_tokens=16, mode="kv", return_logits=True)
-        plain = generate(
-            generation_model(arch), PROMPTS, max_new_tokens=16, mode="kv", return_logits=True
-        )
-        assert r.tokens == plain.tokens
-        assert r.pruning is not None and r.pruning.evicted_total == 0
-        assert r.logits is not None and plain.logits is not None
-        torch.testing.assert_close(r.logits, plain.logits, atol=1e-5, rtol=0, equal_nan=True)
-
-
-def test_sentence_cache_mode_refuses_a_pruning_model() -> None:
-    with pytest.raises(ValueError, match="use mode 'kv'"):
-        generate(pruning_model("gpthf"), PROMPTS, max_new_tokens=2, mode="sentence-cache")
+@pytest.mark.parametrize(
+    "arch, mode", [("gpthf", "kv"), ("gpthf", "sentence-cache"), ("gpt", "kv")]
+)
+def test_open_gates_evict_nothing_and_equal_the_unpruned_model(arch: str, mode: str) -> None:
+    model = pruning_model(arch, bias=30.0, std=0.02)
+    r = generate(model, PROMPTS, max_new_tokens=16, mode=mode, return_logits=True)
+    plain = generate(
+        generation_model(arch), PROMPTS, max_new_tokens=16, mode=mode, return_logits=True
+    )
+    assert r.tokens == plain.tokens
+    assert r.pruning is not None and r.pruning.evicted_total == 0
+    assert r.logits is not None and plain.logits is not None
+    torch.testing.assert_close(r.logits, plain.logits, atol=1e-5, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("arch", ["gpthf", "gpt"])

@@ -210,3 +210,22 @@ def test_a_model_without_pruning_is_todays_model() -> None:
     on = dataclasses.replace(model.config, prune=True)
     assert on.pruned_layers == [2, 3]  # the body only
     assert dataclasses.replace(tiny_model("gpt").config, prune=True).pruned_layers == [0, 1, 2, 3]
+
+
+def test_activation_checkpointing_gives_the_same_pruning_gradients() -> None:
+    """The sparsity term reads tensors made inside checkpointed blocks: recomputation in the
+    backward must give them the same gradients as keeping them."""
+    ids, sid, doc = batch([[[3, 4], [2, 5]], [[5, 1]]], 0)
+    grads = []
+    for on in (False, True):
+        base = tiny_model("gpthf", seed=1, activation_checkpointing=on)
+        model = pruned_copy(base, bias=0.5, std=0.2).train()
+        model.set_prune_alpha(2.0)
+        logits = model(ids, sid, doc)
+        assert model.last_pruning is not None
+        loss = logits.logsumexp(-1)[sid >= 0].mean() + 0.5 * model.last_pruning.kept_fraction()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".pruner." in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

@@ -11,7 +11,9 @@ Modes (``MODES``):
   through all layers.
 
 Every mode computes the same function as ``Transformer.forward`` (tests check each step's
-logits against it). Prompts are ragged; rows are right-padded and each carries its own
+logits against it). A pruning model (``ModelConfig.prune``) evicts what its gates dropped:
+``kv`` through ``training.generation.eviction``, ``sentence-cache`` by dropping sentence
+embeddings no remaining query can see (``_GPTHFPrunedSentenceCache``). Prompts are ragged; rows are right-padded and each carries its own
 state. A sentence that reaches ``max_sentence_tokens`` (EOS-S included, as in the data
 pipeline) gets EOS-S forced; ``GenerationResult`` counts natural and forced sentence ends.
 Generation of a row stops after ``max_new_tokens`` or when it produces end-of-document.
@@ -39,7 +41,7 @@ from training.model.attention import (
     KVCacheAttention,
     rope_tables,
 )
-from training.model.pruning import NEG_INF, PruningRecord
+from training.model.pruning import NEG_INF, Gate, PruningRecord
 
 MODES = {"gpthf": ("full", "sentence-cache", "kv"), "gpt": ("full", "kv")}
 
@@ -346,8 +348,13 @@ class _GPTHFSentenceCache(_Decoder):
     """The paper's fast path: cached sentence embeddings, encoder re-run over the sentence."""
 
     def prefill(self) -> Tensor:
-        c, s = self.config, self.state
         xs, _ = self._prefill_stages(capture=False)
+        return self._fill_caches(xs)
+
+    def _fill_caches(self, xs: list[Tensor]) -> Tensor:
+        """Sentence embeddings and current-sentence tokens from the prompt's forward ``xs``;
+        returns the last prompt token's logits."""
+        c, s = self.config, self.state
         enc_out = xs[1]  # (B, P, C): encoder output = sentence embeddings at the ends
         # Sentence embeddings of the finished sentences, in order.
         self.emb_cap = 2 * int(s.n_done.max()) + 16
@@ -368,12 +375,10 @@ class _GPTHFSentenceCache(_Decoder):
         self.sentence = self.ids.gather(1, idx)  # (B, sent_cap)
         return self._last_logits(xs[-1])
 
-    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
-        c, s = self.config, self.state
-        m = self.model
-        if int(s.n_done.max()) + 1 > self.emb_cap:
-            grow = self.emb.new_zeros(self.B, self.emb_cap, c.d_model)
-            self.emb, self.emb_cap = torch.cat([self.emb, grow], dim=1), 2 * self.emb_cap
+    def _encode_fed(self, tokens: Tensor) -> Tensor:
+        """The encoder over each row's current sentence with the fed token appended; returns
+        the fed token's encoder state (B, C)."""
+        c, s, m = self.config, self.state, self.model
         open_len = _dev(s.open_len, self.device)
         self.sentence[self.rows, open_len] = tokens
         S = int(s.open_len.max()) + 1
@@ -384,7 +389,15 @@ class _GPTHFSentenceCache(_Decoder):
             CausalAttention(*self._rope(pos)),
             range(c.n_encoder_layers),
         )
-        h = x[self.rows, open_len]  # (B, C): encoder state of the fed token
+        return x[self.rows, open_len]
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        c, s = self.config, self.state
+        m = self.model
+        if int(s.n_done.max()) + 1 > self.emb_cap:
+            grow = self.emb.new_zeros(self.B, self.emb_cap, c.d_model)
+            self.emb, self.emb_cap = torch.cat([self.emb, grow], dim=1), 2 * self.emb_cap
+        h = self._encode_fed(tokens)  # (B, C)
         # Body over [finished sentence embeddings..., fed token], positions = slot index.
         n_done = _dev(s.n_done, self.device)
         N = int(s.n_done.max()) + 1
@@ -529,8 +542,170 @@ _DECODERS: dict[tuple[str, str], type[_Decoder]] = {
 }
 
 
+class _PrunedSentenceBody(Attention):
+    """The body of a pruning GPTHF in ``sentence-cache`` mode, over each row's kept sentence
+    embeddings (slots 0..n_live-1, in sentence order) plus the fed token (slot n_live).
+
+    A kept end's own output depends on what it saw when it was written, so each layer keeps
+    ``hist``: row j is the log keep end j's query had over the earlier ends (fixed once j is
+    finished), and ``cur``: the running log keep of the current query. The fed token's gates
+    are added to ``cur`` first (``new_cur``), as in the full forward.
+    """
+
+    def __init__(self, cos: Tensor, sin: Tensor, owner: _GPTHFPrunedSentenceCache, N: int) -> None:
+        super().__init__(cos, sin)
+        self.owner, self.N = owner, N
+        self.new_cur: dict[int, Tensor] = {}
+
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
+        assert gate is not None, "every body layer of a pruning GPTHF has a gate"
+        o, N = self.owner, self.N
+        rows, n_live = o.rows, o.n_live
+        slot = torch.arange(N, device=q.device)
+        is_end = slot[None, :] < n_live[:, None]  # (B, N)
+        q_fed = gate.q_int[rows, n_live][:, None]  # (B, 1, r)
+        log_gates = gate.log_gates(q_fed, gate.k_int)[:, 0]  # (B, N)
+        new_cur = torch.where(is_end, o.cur[layer][:, :N] + log_gates, 0.0)
+        self.new_cur[layer] = new_cur
+        keep = o.hist[layer][:, :N, :N].clone()  # (B, N, N): [query slot, key slot]
+        keep[rows, n_live] = new_cur
+        earlier = slot[None, :] < slot[:, None]  # key before query
+        allowed = earlier[None] & is_end[:, None, :]
+        bias = torch.where(allowed, keep, NEG_INF)
+        bias = torch.where((slot[None, :] == slot[:, None])[None], 0.0, bias)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=bias[:, None].to(q.dtype),
+        )
+        return out.transpose(1, 2)
+
+
+class _GPTHFPrunedSentenceCache(_GPTHFSentenceCache):
+    """``sentence-cache`` for a pruning GPTHF: the body re-runs over the kept sentence
+    embeddings only. An embedding is evicted once no remaining query of any body layer can
+    see it: dropped for the current query and for every kept end written after it (their
+    outputs are recomputed each step with the keep they had)."""
+
+    def prefill(self) -> Tensor:
+        c, s = self.config, self.state
+        xs, _ = self._prefill_stages(capture=True)  # the keep masks of the prompt too
+        logits = self._fill_caches(xs)
+        assert self.pruning is not None
+        n = int(s.n_done.max())
+        self.cap = 2 * n + 16
+        self.n_live = _dev(s.n_done.copy(), self.device)
+        self.pos = torch.arange(self.cap, device=self.device).expand(self.B, -1).clone()
+        t = torch.arange(self.prompt_width, device=self.device)
+        eos = (self.ids == c.eos_id) & (t[None, :] < self.lengths[:, None])
+        end_pos = torch.zeros(self.B, max(n, 1), dtype=torch.long, device=self.device)
+        rank = eos.long().cumsum(dim=1) - 1
+        end_pos.scatter_(
+            1, torch.where(eos, rank, max(n, 1) - 1).clamp(max=max(n, 1) - 1), t.expand(self.B, -1)
+        )
+        end_pos = torch.where(
+            torch.arange(max(n, 1), device=self.device)[None, :] < self.n_live[:, None], end_pos, 0
+        )  # fmt: skip
+        self.hist: dict[int, Tensor] = {}
+        self.cur: dict[int, Tensor] = {}
+        for layer in c.pruned_layers:
+            (keep,) = self.pruning.keep[layer]  # (B, T, N): one group, one run per row
+            keep = keep[:, :, :n]
+            hist = keep.new_zeros(self.B, self.cap, self.cap)
+            hist[:, :n, :n] = keep.gather(1, end_pos[:, :n, None].expand(-1, -1, n))
+            cur = keep.new_zeros(self.B, self.cap)
+            cur[:, :n] = keep[self.rows, self.lengths - 1]
+            self.hist[layer], self.cur[layer] = hist, cur
+        self.evicted_total = 0
+        self._evict()
+        return logits
+
+    def _grow(self) -> None:
+        if int(self.n_live.max()) + 1 <= self.cap:
+            return
+        pad = self.cap
+        self.cap *= 2
+        self.emb = F.pad(self.emb, (0, 0, 0, self.cap - self.emb.shape[1]))
+        self.pos = F.pad(self.pos, (0, pad))
+        for layer in self.hist:
+            self.hist[layer] = F.pad(self.hist[layer], (0, pad, 0, pad))
+            self.cur[layer] = F.pad(self.cur[layer], (0, pad))
+
+    def step(self, tokens: Tensor, active: np.ndarray) -> Tensor:
+        c, s, m = self.config, self.state, self.model
+        self._grow()
+        if self.emb.shape[1] < self.cap:
+            self.emb = F.pad(self.emb, (0, 0, 0, self.cap - self.emb.shape[1]))
+        h = self._encode_fed(tokens)
+        n_live = self.n_live
+        N = int(n_live.max()) + 1
+        self.emb[self.rows, n_live] = h
+        self.pos[self.rows, n_live] = _dev(s.n_done, self.device)  # sentence index in the document
+        body = _PrunedSentenceBody(*self._rope(self.pos[:, :N]), self, N)
+        y = m.run_layers(self.emb[:, :N], body, range(c.n_encoder_layers, c.n_layers))
+        logits = m.head(y[self.rows, n_live])
+        # The fed token's gates count for every later query; an EOS-S becomes a kept end.
+        ends = _dev(active, self.device) & (tokens == c.eos_id)
+        for layer, new_cur in body.new_cur.items():
+            cur = self.cur[layer]
+            cur[:, :N] = new_cur
+            hist = self.hist[layer]
+            hist[self.rows, n_live, :N] = torch.where(
+                ends[:, None], new_cur, hist[self.rows, n_live, :N]
+            )
+            cur[self.rows, n_live] = 0.0
+        self.n_live = n_live + ends.long()
+        self._evict()
+        return logits
+
+    def _evict(self) -> None:
+        """Compact each row's slots, dropping embeddings no remaining query can see."""
+        cap = self.cap
+        slot = torch.arange(cap, device=self.device)
+        live = slot[None, :] < self.n_live[:, None]  # (B, cap)
+        dead = live.clone()
+        for layer in self.hist:
+            gone_now = self.cur[layer] == NEG_INF  # (B, cap) for the next query
+            later_end = live[:, :, None] & (slot[None, :, None] > slot[None, None, :])  # (B, j, i)
+            seen_later = (later_end & (self.hist[layer] > NEG_INF)).any(dim=1)  # (B, i)
+            dead &= gone_now & ~seen_later
+        if not bool(dead.any()):
+            return
+        self.evicted_total += int(dead.sum())
+        order = torch.argsort(dead.long() * cap + slot[None, :] + (~live).long() * 2 * cap, dim=1)
+        gather2 = order[:, :, None]
+        self.emb = self.emb.gather(1, gather2.expand(-1, -1, self.emb.shape[2]))
+        self.pos = self.pos.gather(1, order)
+        for layer in self.hist:
+            hist = self.hist[layer].gather(1, gather2.expand(-1, -1, cap))
+            self.hist[layer] = hist.gather(2, order[:, None, :].expand(-1, cap, -1))
+            self.cur[layer] = self.cur[layer].gather(1, order)
+        self.n_live = self.n_live - dead.sum(dim=1)
+
+    def pruning_stats(self, keys_written: int) -> PruningStats:
+        kept = float(self.n_live.float().mean())
+        return PruningStats(
+            kept={layer: kept for layer in self.hist},
+            evicted_per_layer={layer: self.evicted_total for layer in self.hist},
+            keys_written=keys_written,
+            capacity={layer: self.cap for layer in self.hist},
+        )
+
+    def cache_bytes(self) -> dict[str, float]:
+        c = self.config
+        n = float(self.n_live.float().mean())
+        live = n * c.d_model * self.dtype.itemsize + len(self.hist) * (n * n + n) * 4
+        live += float(self.state.open_len.mean()) * 8
+        tensors = [self.emb, self.sentence, self.pos, *self.hist.values(), *self.cur.values()]
+        return {"live": live, "allocated": self._bytes(*tensors)}
+
+
 _PRUNED_DECODERS: dict[tuple[str, str], type[_Decoder]] = {
     ("gpthf", "kv"): _GPTHFPrunedKV,
+    ("gpthf", "sentence-cache"): _GPTHFPrunedSentenceCache,
     ("gpt", "kv"): _GPTPrunedKV,
 }
 
@@ -612,12 +787,6 @@ def generate(
     banned = torch.tensor(sorted({c.pad_id, *map(int, suppress_tokens)}), device=device)
     B = len(rows)
     state = _State.from_prompts(rows, c.eos_id)
-    if c.prune and mode == "sentence-cache":
-        raise ValueError(
-            "mode 'sentence-cache' does not support a pruning model (its body re-runs over "
-            "sentence embeddings whose keep masks it does not track); use mode 'kv', which "
-            "evicts pruned sentences, or 'full'"
-        )
     decoder_cls = _PRUNED_DECODERS.get((c.arch, mode)) if c.prune else None
     decoder = (decoder_cls or _DECODERS[(c.arch, mode)])(model, rows, state, max_new_tokens, M)
     active = np.ones(B, dtype=bool)
@@ -669,7 +838,7 @@ def generate(
         pruning=decoder.pruning_stats(
             int((state.length if c.arch == "gpt" else state.n_done).max())
         )
-        if isinstance(decoder, _EvictingMixin)
+        if isinstance(decoder, _EvictingMixin | _GPTHFPrunedSentenceCache)
         else None,
         seconds={"prefill": t_first - t_start, "decode": t_end - t_first},
     )

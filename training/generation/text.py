@@ -139,11 +139,6 @@ def generate_from_export(
             f"--show-pruning: {uri} has no pruning gates (trained without --prune); fine-tune "
             "it with `gpthf train --prune --init-from ...` first"
         )
-    if exported.model_config.prune and mode == "sentence-cache":
-        raise GenerationError(
-            "mode 'sentence-cache' does not support a pruning model; use kv (it evicts the "
-            "sentences the gates dropped) or full"
-        )
     tok = Tokenizer.from_str(exported.tokenizer_json)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -367,9 +367,14 @@ class TrainWorker:
             engine.backward(loss)
             engine.step()
             nll_sum += nll.detach().double()
-        layers = sorted(kept)
+        layers = mc.pruned_layers  # the same list on every rank: one collective
         summed = _all_sum(
-            [float(nll_sum), *(kept[i] for i in layers), *(pairs[i] for i in layers)], self.device
+            [
+                float(nll_sum),
+                *(kept.get(i, 0.0) for i in layers),
+                *(pairs.get(i, 0.0) for i in layers),
+            ],
+            self.device,
         )
         global_nll, n = summed[0], len(layers)
         kept_global = dict(zip(layers, summed[1 : 1 + n], strict=True))
