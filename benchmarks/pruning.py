@@ -33,7 +33,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ARCHS = {"gpthf": "gpthf-tiny", "gpt": "gpt-tiny"}
 VOCAB = 4096  # the demo's
 HELDOUT = 0.05
 
@@ -199,6 +198,7 @@ def main() -> None:
     )
     ap.add_argument("--work", default="runs/pruning", help="data and runs (re-runs reuse them)")
     ap.add_argument("--base", default=None, help="a `gpthf demo` workdir: its data and models")
+    ap.add_argument("--pair", default="gpthf-tiny,gpt-tiny", help="a GPTHF preset and its GPT")
     ap.add_argument("--lambdas", default="0.0001,0.001,0.01,0.1")
     ap.add_argument("--base-steps", type=int, default=150)
     ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps per variant")
@@ -227,7 +227,10 @@ def main() -> None:
         data = Path(args.base).absolute() / "data" if args.base else prepare_data(work)
         prompts = heldout_prompts(data, args.prompts, args.prompt_tokens)
         results: dict[str, list[dict[str, Any]]] = {}
-        for arch, preset in ARCHS.items():
+        from training.model import ModelConfig
+
+        for preset in args.pair.split(","):
+            arch = ModelConfig.PRESETS[preset]["arch"]
             if args.base:
                 base = Path(args.base).absolute() / f"train-{preset}"
             else:
