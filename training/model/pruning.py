@@ -40,14 +40,16 @@ class _AlphaSigmoid(torch.autograd.Function):
     dimension; this two-point case is one scalar equation per pair.)
     """
 
-    ITERATIONS = 30  # interval 2**-30: below fp32 resolution of p
+    ITERATIONS = {torch.float64: 50, torch.float32: 24}  # down to the dtype's resolution of p
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float) -> Tensor:
+        # In x's dtype: training gates are (queries x keys) per layer, and fp32 halves the
+        # cost of the loop (the log gates call it in fp32; gradcheck in fp64).
         e = alpha - 1.0
-        a = (x.double() * e).clamp(-1.0, 1.0)
+        a = (x * e).clamp(-1.0, 1.0)
         lo, hi = torch.zeros_like(a), torch.ones_like(a)
-        for _ in range(_AlphaSigmoid.ITERATIONS):
+        for _ in range(_AlphaSigmoid.ITERATIONS.get(x.dtype, 50)):
             mid = (lo + hi) * 0.5
             above = mid.pow(e) - (1 - mid).pow(e) > a
             hi = torch.where(above, mid, hi)
@@ -56,7 +58,7 @@ class _AlphaSigmoid(torch.autograd.Function):
         p = torch.where(a >= 1.0, 1.0, torch.where(a <= -1.0, 0.0, p))
         ctx.e = e
         ctx.save_for_backward(p)
-        return p.to(x.dtype)
+        return p
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -117,7 +119,7 @@ class Gate:
         on it to far below fp32's rounding of a differently ordered sum."""
         x = q_int.double() @ k_int.double().transpose(-1, -2)
         x = x / math.sqrt(q_int.shape[-1]) + self.bias.double()
-        return log_alpha_sigmoid(x, self.alpha).float()
+        return log_alpha_sigmoid(x.float(), self.alpha)
 
 
 def running_keep(log_gates: Tensor, gated: Tensor) -> Tensor:
