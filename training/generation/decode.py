@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training.generation.eviction import EvictingCache, EvictingKVAttention, ensure_free_slot
-from training.model import Transformer
+from training.model import ModelConfig, Transformer
 from training.model.attention import (
     KV,
     Attention,
@@ -710,6 +710,13 @@ _PRUNED_DECODERS: dict[tuple[str, str], type[_Decoder]] = {
 }
 
 
+def decoder_class(config: ModelConfig, mode: str) -> type[_Decoder]:
+    """The decoder of ``mode`` for a model config (a pruning model's evicts what it drops)."""
+    if config.prune:
+        return _PRUNED_DECODERS.get((config.arch, mode), _DECODERS[(config.arch, mode)])
+    return _DECODERS[(config.arch, mode)]
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling and the loop
 
@@ -787,8 +794,7 @@ def generate(
     banned = torch.tensor(sorted({c.pad_id, *map(int, suppress_tokens)}), device=device)
     B = len(rows)
     state = _State.from_prompts(rows, c.eos_id)
-    decoder_cls = _PRUNED_DECODERS.get((c.arch, mode)) if c.prune else None
-    decoder = (decoder_cls or _DECODERS[(c.arch, mode)])(model, rows, state, max_new_tokens, M)
+    decoder = decoder_class(c, mode)(model, rows, state, max_new_tokens, M)
     active = np.ones(B, dtype=bool)
     new: list[list[int]] = [[] for _ in range(B)]
     natural, forced = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)

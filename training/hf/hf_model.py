@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from training.generation.decode import _DECODERS, MODES, _Decoder, _State, sentence_ids_for
+from training.generation.decode import MODES, _Decoder, _State, decoder_class, sentence_ids_for
 from training.model.transformer import ModelConfig, Transformer
 
 
@@ -205,7 +205,7 @@ class GPTHFDecodingCache:
         self.eos_id = c.eos_id
         self.state = _State.from_prompts(prompts, c.eos_id)
         # max_new=0: the caches grow as generation goes (transformers does not say how far).
-        self.decoder: _Decoder = _DECODERS[(c.arch, mode)](
+        self.decoder: _Decoder = decoder_class(c, mode)(
             model, prompts, self.state, 0, c.max_sentence_tokens
         )
         self.seen = 0

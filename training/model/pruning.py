@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,8 @@ class _AlphaSigmoid(torch.autograd.Function):
     dimension; this two-point case is one scalar equation per pair.)
     """
 
-    ITERATIONS = {torch.float64: 50, torch.float32: 24}  # down to the dtype's resolution of p
+    ITERATIONS: ClassVar[dict[torch.dtype, int]] = {torch.float64: 50, torch.float32: 24}
+    """Bisection steps: down to the dtype's resolution of p."""
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float) -> Tensor:
