@@ -45,7 +45,7 @@ class EvalConfig:
     """Prepack: tokens per packed row."""
     batch_rows: int = field(default=64, metadata=cli("--batch-rows"))
     """Blocks per actor call (one forward)."""
-    pruning: bool = field(default=False, metadata=cli("--pruning"))
+    pruning: bool = False
     """Score pruning exports with their gates on, and report the kept fraction and cache size beside the perplexity (refused for an export without gates); off: a pruning export scores as its model without the gates."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint/credentials (default: the AWS_* variables)."""
