@@ -4,6 +4,7 @@ fraction per layer, resumes exactly; bad pruning options are refused before any 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,21 @@ def test_bad_pruning_options_are_refused_before_any_work(
     (broken / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ExportError, match="do not fit"):
         load_export(str(broken))
+    # ... or gates of another width than its config says.
+    gated = tmp_path / "gated"
+    gated.mkdir()
+    setup = setup_run(pruned(data_dir, tmp_path / "g", export))
+    write_export(
+        str(gated),
+        build_model(setup.model_config).state_dict(),
+        ExportConfig(
+            model=dataclasses.replace(setup.model_config, prune_dim=8),
+            step=0,
+            tokens_seen=0,
+            tokenizer_sha256=setup.manifest.tokenizer.sha256,
+            special_ids=setup.manifest.special_ids,
+        ),
+        (data_dir / "tokenizer.json").read_text(),
+    )
+    with pytest.raises(ExportError, match="do not fit.*pruner"):
+        load_export(str(gated))

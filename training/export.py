@@ -156,7 +156,13 @@ def model_from_weights(
     """The model of ``config`` with ``weights`` (the tied head may be absent); weights that do
     not fit the config are an ``ExportError`` naming ``where``."""
     model = build_model(config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a weight of another shape (e.g. another prune_dim)
+        raise ExportError(
+            f"{where}: weights do not fit the model config ({str(exc).splitlines()[-1].strip()}); "
+            "the files are damaged or the config belongs to another model"
+        ) from exc
     missing = [k for k in missing if k != TIED]
     if missing or unexpected:
         raise ExportError(
