@@ -199,5 +199,5 @@ def test_bad_pruning_options_are_refused_before_any_work(
         ),
         (data_dir / "tokenizer.json").read_text(),
     )
-    with pytest.raises(ExportError, match="do not fit.*pruner"):
+    with pytest.raises(ExportError, match=r"do not fit.*pruner"):
         load_export(str(gated))
