@@ -91,6 +91,21 @@ def tokenizer_path(tmp_path_factory: pytest.TempPathFactory, corpus_text: list[s
     return out
 
 
+@pytest.fixture(scope="module")
+def process_group() -> Iterator[None]:
+    """A gloo process group of one rank (this process) for the tests of one module; torn
+    down through DeepSpeed so that the next module's engine does not meet a stale group."""
+    import torch.distributed as dist
+
+    from training.train.worker import destroy_distributed, init_distributed
+
+    created = not dist.is_initialized()
+    assert init_distributed(gpu=False) == (0, 1)
+    yield
+    if created:
+        destroy_distributed()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from tests.s3_server import seaweedfs

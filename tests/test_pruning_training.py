@@ -20,7 +20,7 @@ from training.model import build_model
 from training.train.config import TrainConfig, TrainConfigError, load_train_config
 from training.train.driver import setup_run, worker_context
 from training.train.local import arrow_stream
-from training.train.worker import TrainWorker, init_distributed
+from training.train.worker import TrainWorker
 
 pytestmark = [pytest.mark.usefixtures(one_torch_thread.__name__), pytest.mark.timeout(600)]
 TINY = {"d_model": 64, "n_heads": 2, "ffn_dim": 128, "n_layers": 3, "n_encoder_layers": 2}
@@ -43,17 +43,6 @@ def data_dir(
 ) -> Path:
     root = tmp_path_factory.mktemp("prune-data")
     return preprocessed(root, tokenizer_path, files=2, docs=30, seed=3, heldout=0.1)
-
-
-@pytest.fixture(scope="module")
-def process_group() -> Iterator[None]:
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    init_distributed(gpu=False)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def config(data: Path, out: Path, **kw: Any) -> TrainConfig:

@@ -34,7 +34,7 @@ from training.train.driver import (
     worker_context,
 )
 from training.train.local import arrow_stream
-from training.train.worker import TrainWorker, init_distributed
+from training.train.worker import TrainWorker
 
 pytestmark = [
     pytest.mark.usefixtures(one_torch_thread.__name__),
@@ -86,17 +86,6 @@ def ray_records(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     records = {r["step"]: r for r in read_metrics(str(out)) if "loss" in r}
     assert sorted(records) == list(range(1, STEPS + 1))
     return records
-
-
-@pytest.fixture(scope="module")
-def process_group() -> Iterator[None]:
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    assert init_distributed(gpu=False) == (0, 1)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def make_worker(cfg: TrainConfig) -> TrainWorker:
@@ -292,3 +281,32 @@ def test_default_cpu_share_leaves_one_cpu_for_the_data_tasks() -> None:
         assert cpus - workers * share >= 1.0
     assert default_cpus_per_worker(40, 2, gpu=False) == 0.0  # refused: they do not fit
     assert default_cpus_per_worker(8, 2, gpu=True) == 1.0
+
+
+ENGINE_TWICE = """
+import deepspeed, torch
+from training.train.worker import destroy_distributed, init_distributed
+
+ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+      "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
+for attempt in range(2):
+    assert init_distributed(gpu=False) == (0, 1)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)  # a client optimizer: no op build
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    engine.backward(engine(torch.ones(1, 2)).sum())
+    engine.step()
+    destroy_distributed()
+print("ok")
+"""
+
+
+def test_a_second_process_group_in_one_process_builds_an_engine() -> None:
+    # run_local twice in one process (a notebook, a test session): DeepSpeed caches a clone of
+    # the world group; torn down with torch's destroy_process_group alone, the second engine
+    # fails with "Group ... is not registered".
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_TWICE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

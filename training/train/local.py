@@ -48,7 +48,7 @@ from training.train.driver import (
     write_run_config,
 )
 from training.train.metrics import MetricsWriter
-from training.train.worker import TrainWorker, init_distributed, run_steps
+from training.train.worker import TrainWorker, destroy_distributed, init_distributed, run_steps
 
 
 def arrow_stream(uris: list[str], storage: Any = None) -> Iterator[pa.RecordBatch]:
@@ -116,7 +116,7 @@ def run_local(cfg: TrainConfig) -> TrainResult:
         return _run(cfg, rank)
     finally:
         if created:
-            dist.destroy_process_group()
+            destroy_distributed()
 
 
 def _run(cfg: TrainConfig, rank: int) -> TrainResult:

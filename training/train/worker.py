@@ -115,6 +115,17 @@ def init_distributed(gpu: bool = False) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def destroy_distributed() -> None:
+    """Destroy the process group that :func:`init_distributed` created.
+
+    Through DeepSpeed's own ``destroy_process_group``: DeepSpeed caches a clone of the world
+    group, and a stale clone makes the next engine in this process fail ("Group ... is not
+    registered") once a fresh group exists; DeepSpeed's teardown releases it."""
+    import deepspeed.comm
+
+    deepspeed.comm.destroy_process_group()
+
+
 def _documents(rows: pa.Table) -> list[list[int]]:
     """Sentence lengths of each (row-local) document: what the FLOPs model needs."""
     docs = []
