@@ -64,12 +64,38 @@ def test_alpha_sigmoid_is_the_sigmoid_at_one_and_sparse_above() -> None:
         assert (p.diff() >= 0).all()
         torch.testing.assert_close(p + alpha_sigmoid(-x, alpha), torch.ones_like(p))  # symmetry
         inside = x[(x.abs() < edge * 0.95)][::7].clone().requires_grad_()
-        # bisection resolves p to 2**-30: finite differences need a step well above that
+        # finite differences in fp64 around a solver converged to ~1e-15
         assert torch.autograd.gradcheck(
             lambda t, a=alpha: alpha_sigmoid(t, a), (inside,), eps=1e-4, atol=1e-4
         )
     # Near alpha = 1 the gate tends to the sigmoid.
     torch.testing.assert_close(alpha_sigmoid(x, 1.0001), torch.sigmoid(x), atol=1e-4, rtol=0)
+
+
+def bisected_alpha_sigmoid(x: Tensor, alpha: float, steps: int = 60) -> Tensor:
+    """The gate from its definition: bisection on p**e - (1 - p)**e = e * x over [0, 1]."""
+    e = alpha - 1.0
+    a = (x.double() * e).clamp(-1.0, 1.0)
+    lo, hi = torch.zeros_like(a), torch.ones_like(a)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        above = mid.pow(e) - (1 - mid).pow(e) > a
+        lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_the_gate_solver_converges_for_every_alpha(dtype: torch.dtype, atol: float) -> None:
+    """The fixed number of Newton steps reaches the root across annealing's whole range,
+    from alpha just above 1 (nearly the sigmoid, where fp32 cancels) to far past the default 8.
+    """
+    x = torch.linspace(-1.5, 1.5, 20001, dtype=torch.float64)
+    alphas = [1.0001, 1.003, 1.04, 1.2, 1.5, 1.62, 1.7, 1.75, 1.9, 2.0, 2.5, 3.0, 5.0, 8.0]
+    for alpha in [*alphas, 12.0, 33.0, 64.0, 200.0]:
+        got = alpha_sigmoid(x.to(dtype), alpha).double()
+        want = bisected_alpha_sigmoid(x, alpha)
+        err = (got - want).abs().max().item()
+        assert err <= atol, f"alpha={alpha}: max error {err:.2e}"
 
 
 def test_log_gate_is_minus_inf_at_zero_with_finite_gradients() -> None:

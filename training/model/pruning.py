@@ -35,29 +35,53 @@ class _AlphaSigmoid(torch.autograd.Function):
     """First coordinate p of alpha-entmax([x, 0]) for alpha > 1.
 
     With e = alpha - 1, p solves p**e - (1 - p)**e = e * x (clamped: p = 1 for e * x >= 1,
-    p = 0 for e * x <= -1). The left side is increasing in p, so bisection converges; the
-    gradient is the implicit one, dp/dx = 1 / (p**(e-1) + (1-p)**(e-1)) inside (0, 1), 0 at the
-    clamps. (The ``entmax`` package solves the general n-way problem by bisection over a whole
-    dimension; this two-point case is one scalar equation per pair.)
+    p = 0 for e * x <= -1). The left side is odd about p = 1/2 and increasing, so we solve for
+    s = |e * x| on [1/2, 1] and mirror. Safeguarded Newton: each step keeps a bracket [lo, hi]
+    of the root and falls back to bisection when the Newton point leaves it. It starts at
+    max(s**(1/e), (1 + s) / 2), close to the root both for large e (where (1-p)**e vanishes)
+    and for e near 1 (where the equation is linear), and converges within ITERATIONS for
+    every alpha we tested, 1.0001 to 200 (tests/test_pruning.py holds it to a 50-step
+    bisection). It replaced a 24-step bisection: 2 ``pow`` per step instead of 2 x 24, about
+    3x faster gates in training and in generation (the gates were half of a pruned GPT's
+    decoding step on CPU). The gradient is the implicit one, dp/dx = 1 / (p**(e-1) +
+    (1-p)**(e-1)) inside (0, 1), 0 at the clamps. (The ``entmax`` package solves the general
+    n-way problem by bisection over a whole dimension; this two-point case is one scalar
+    equation per pair.)
+
+    Every element is solved on its own with a fixed number of steps, so a (queries x keys)
+    training forward and a cache's one query at a time give bit-identical gates.
     """
 
-    ITERATIONS: ClassVar[dict[torch.dtype, int]] = {torch.float64: 50, torch.float32: 24}
-    """Bisection steps: down to the dtype's resolution of p."""
+    ITERATIONS: ClassVar[dict[torch.dtype, int]] = {torch.float64: 10, torch.float32: 6}
+    """Newton steps: past the dtype's resolution of p in the sweep the tests run."""
+
+    FP64_BELOW_E = 0.05
+    """For alpha - 1 below this, both sides of the equation are within e of each other near 1
+    and fp32 cancels: the first steps of annealing solve in fp64."""
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float) -> Tensor:
         # In x's dtype: training gates are (queries x keys) per layer, and fp32 halves the
-        # cost of the loop (the log gates call it in fp32; gradcheck in fp64).
+        # cost (the log gates call it in fp32; gradcheck in fp64).
         e = alpha - 1.0
-        a = (x * e).clamp(-1.0, 1.0)
-        lo, hi = torch.zeros_like(a), torch.ones_like(a)
-        for _ in range(_AlphaSigmoid.ITERATIONS.get(x.dtype, 50)):
-            mid = (lo + hi) * 0.5
-            above = mid.pow(e) - (1 - mid).pow(e) > a
-            hi = torch.where(above, mid, hi)
-            lo = torch.where(above, lo, mid)
-        p = (lo + hi) * 0.5
-        p = torch.where(a >= 1.0, 1.0, torch.where(a <= -1.0, 0.0, p))
+        work = x.double() if e < _AlphaSigmoid.FP64_BELOW_E else x
+        a = (work * e).clamp(-1.0, 1.0)
+        s = a.abs()
+        lo = s.pow(1.0 / e).clamp_min(0.5)  # f(s**(1/e)) = -(1 - p)**e <= 0: below the root
+        hi = torch.ones_like(s)
+        p = torch.maximum(lo, 0.5 + 0.5 * s)
+        for _ in range(_AlphaSigmoid.ITERATIONS.get(work.dtype, 10)):
+            q = 1 - p
+            p_e1, q_e1 = p.pow(e - 1), q.pow(e - 1)
+            # q ** e as q * q ** (e - 1): one pow fewer; at q = 0 (e < 1: 0 * inf) it is 0.
+            f = p * p_e1 - torch.where(q > 0, q * q_e1, 0.0) - s
+            above = f > 0
+            hi = torch.where(above, p, hi)
+            lo = torch.where(above, lo, p)
+            step = p - f / (e * (p_e1 + q_e1))
+            p = torch.where((step >= lo) & (step <= hi), step, (lo + hi) * 0.5)
+        p = torch.where(a >= 0, p, 1 - p)
+        p = torch.where(a >= 1.0, 1.0, torch.where(a <= -1.0, 0.0, p)).to(x.dtype)
         ctx.e = e
         ctx.save_for_backward(p)
         return p
