@@ -165,8 +165,21 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         xs = [r["cache_fraction"] for r in rows]
         ys = [r["heldout_token_ppl"] for r in rows]
         ax.plot(xs, ys, "o-", label=arch)
+        # Variants that prune nothing sit on the unpruned point: one label for them.
+        labelled: set[tuple[float, float]] = set()
         for r in rows:
-            ax.annotate(r["variant"], (r["cache_fraction"], r["heldout_token_ppl"]), fontsize=7)
+            at = (round(r["cache_fraction"], 3), round(r["heldout_token_ppl"], 1))
+            if at in labelled:
+                continue
+            labelled.add(at)
+            ax.annotate(
+                r["variant"],
+                (r["cache_fraction"], r["heldout_token_ppl"]),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=7,
+            )
+    ax.set_xlim(0, 1.2)
     ax.set_xlabel("cache kept (fraction of the unpruned cache entries)")
     ax.set_ylabel("held-out token perplexity")
     ax.set_title("Dynamic Context Pruning: perplexity against context kept")
