@@ -285,6 +285,15 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[Any,
     return fs, path
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative local path made absolute, for URIs that other processes open: Ray Train
+    workers run in their own directory, where a relative path names nothing. Other URIs (and
+    ``file://`` ones, absolute by definition) are returned unchanged."""
+    if not uri or split_protocol(uri)[0] is not None:
+        return uri
+    return os.path.abspath(uri)
+
+
 def full_uri(fs: Any, path: str) -> str:
     """Inverse of :func:`filesystem_for`: a URI other processes can open."""
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

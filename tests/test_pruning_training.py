@@ -129,6 +129,20 @@ def test_finetune_starts_from_the_export_with_gates_open_and_resumes_exactly(
         )
 
 
+def test_a_relative_init_from_is_resolved_before_the_workers_start(
+    data_dir: Path, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train workers run in their own directory: ``--init-from runs/x/export`` as a user
+    types it must reach them as the path the user meant (it failed there, not at set-up)."""
+    monkeypatch.chdir(export.parent)
+    setup = setup_run(pruned(data_dir, tmp_path / "run", Path(export.name)))
+    assert setup.cfg.model.init_from == str(export)
+    monkeypatch.chdir(tmp_path)  # where a worker would be: the path still names the export
+    from training.train.finetune import load_init_weights
+
+    assert load_init_weights(build_model(setup.model_config), setup.cfg.model.init_from, None)
+
+
 def test_init_from_loads_every_weight_and_leaves_the_gates_at_their_init(
     data_dir: Path, export: Path, tmp_path: Path
 ) -> None:

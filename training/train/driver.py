@@ -6,6 +6,7 @@ The steps before and after the workers (``setup_run``, ``find_resume``, ``worker
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from pipeline.blocks import SCORING_COLUMNS
 from pipeline.manifest import Manifest
-from pipeline.storage import filesystem_for, write_bytes_atomic
+from pipeline.storage import absolute_uri, filesystem_for, write_bytes_atomic
 from training.data.order import (
     EpochPlan,
     Shard,
@@ -180,6 +181,9 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
     manifest = Manifest.require(data_uri, cfg.storage)
     mc = model_config_for(cfg, manifest)
     if cfg.model.init_from:
+        # Resolved here: the workers load it from Ray Train's working directory.
+        init_from = absolute_uri(cfg.model.init_from)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_from))
         check_init_from(cfg.model.init_from, mc, manifest.tokenizer.sha256, cfg.storage)
     train_shards = [Shard(s.path, s.rows) for s in manifest.shards("train")]
     world = cfg.run.workers
@@ -300,6 +304,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from training.train.worker import train_loop_per_worker
 
     setup = setup_run(cfg)
+    cfg = setup.cfg  # with the paths the workers need resolved
     init_ray_for_training()
     cpus = check_resources(cfg)
     start_step, resume_from = find_resume(setup, run_dir(setup, "ray"))

@@ -122,6 +122,7 @@ def run_local(cfg: TrainConfig) -> TrainResult:
 def _run(cfg: TrainConfig, rank: int) -> TrainResult:
     t0 = time.perf_counter()
     setup = setup_run(cfg)
+    cfg = setup.cfg  # with the paths the workers need resolved
     checkpoints = run_dir(setup, "local")
     start_step, resume_from = find_resume(setup, checkpoints, verbose=rank == 0)
     if rank == 0:
