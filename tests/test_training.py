@@ -109,6 +109,21 @@ def test_resume_20_plus_10_equals_30_uninterrupted(
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=0), f"step {s}: {got[s]} != {want[s]}"
 
 
+def test_finetune_from_a_relative_init_from_on_ray_train(
+    full_run: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--init-from runs/x/export`` as a user types it. Ray Train workers run in their own
+    directory, where that path named nothing: the run failed in the worker."""
+    monkeypatch.chdir(full_run.parent)
+    out = tmp_path / "finetune"
+    overrides = {"model.init_from": f"{full_run.name}/export", "optim.total_steps": 2}
+    overrides.update({"optim.warmup_steps": 1, "run.checkpoint_every": 2, "run.eval_every": 2})
+    run_training(config(data_dir, out, **overrides))
+    # Step 1 is scored before any update, on the same first batch as the base run's step 1
+    # (same data order, same workers): the trained weights, not a random init.
+    assert losses(out)[1] < losses(full_run)[1] - 0.5, (losses(out)[1], losses(full_run)[1])
+
+
 def test_refusals_before_any_work(full_run: Path, data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainConfigError, match="does not match the data's tokenizer"):
         run_training(

@@ -40,11 +40,10 @@ class _AlphaSigmoid(torch.autograd.Function):
     of the root and falls back to bisection when the Newton point leaves it. It starts at
     max(s**(1/e), (1 + s) / 2), close to the root both for large e (where (1-p)**e vanishes)
     and for e near 1 (where the equation is linear), and converges within ITERATIONS for
-    every alpha we tested, 1.0001 to 200 (tests/test_pruning.py holds it to a 50-step
-    bisection). It replaced a 24-step bisection: 2 ``pow`` per step instead of 2 x 24, about
-    3x faster gates in training and in generation (the gates were half of a pruned GPT's
-    decoding step on CPU). The gradient is the implicit one, dp/dx = 1 / (p**(e-1) +
-    (1-p)**(e-1)) inside (0, 1), 0 at the clamps. (The ``entmax`` package solves the general
+    alpha from 1.0001 to 200 (tests/test_pruning_model.py holds it to a 60-step bisection).
+    It replaced a 24-step bisection: 2 ``pow`` per step instead of 2 x 24 (what that did to
+    generation speed: benchmarks/README.md, pruning). The gradient is the implicit one,
+    dp/dx = 1 / (p**(e-1) + (1-p)**(e-1)) inside (0, 1), 0 at the clamps. (The ``entmax`` package solves the general
     n-way problem by bisection over a whole dimension; this two-point case is one scalar
     equation per pair.)
 
