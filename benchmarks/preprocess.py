@@ -456,25 +456,17 @@ def measure(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, An
 
 
 def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
-    import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.config import InputConfig, PackingConfig
     from pipeline.counters import Counters
-    from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
+    from pipeline.packing import BlockPacker, tokenize_batch
     from pipeline.readers import read_documents
     from pipeline.text import normalise, split_sentences
     from pipeline.tokenizer import load_tokenizer
-
-    try:
-        from pipeline.unit import DOC_BATCH, heldout_hash
-    except ImportError:  # moved: the same constants
-        DOC_BATCH = 256
-
-        def heldout_hash(doc_id: str, seed: int) -> float:
-            h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-            return int.from_bytes(h, "big") / 2**64
+    from pipeline.unit import DOC_BATCH, heldout_hash
 
     path, tok_path, out_path = args
     packing = PackingConfig()
@@ -498,9 +490,8 @@ def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
     pairs = [(d.doc_id, s) for d, s in zip(docs, sentences, strict=True) if s]
 
     def tokenize() -> list[Any]:
-        out = []
-        for i in range(0, len(pairs), DOC_BATCH):
-            out += tokenize_documents(
+        return [
+            tokenize_batch(
                 pairs[i : i + DOC_BATCH],
                 tok,
                 eos_id=ids["end_of_sentence"],
@@ -508,31 +499,33 @@ def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
                 max_sentence_tokens=packing.max_sentence_tokens,
                 counters=counters,
             )
-        return out
+            for i in range(0, len(pairs), DOC_BATCH)
+        ]
 
     tokenized = timed("tokenize", tokenize)
 
     def bookkeeping() -> None:
-        for doc in tokenized:
-            heldout_hash(doc.doc_id, packing.seed)
-            counters.add("documents_train")
-            counters.add_document_sentences(len(doc.pieces))
-            counters.add_sentence_lengths(np.fromiter((len(p) for p in doc.pieces), np.int64))
+        for batch in tokenized:
+            for doc_id in batch.doc_ids:
+                heldout_hash(doc_id, packing.seed)
+            counters.add("documents_train", len(batch.doc_ids))
+            for n in batch.doc_pieces.tolist():
+                counters.add_document_sentences(n)
 
     timed("held-out hash + counters", bookkeeping)
 
-    def pack() -> list[dict[str, Any]]:
+    def pack() -> list[Any]:
         packer = BlockPacker(packing.sentences_per_block)
-        rows = []
-        for doc in tokenized:
-            rows += packer.add(doc)
-        return rows + packer.flush()
+        blocks = [packer.add(batch) for batch in tokenized] + [packer.flush()]
+        for b in blocks:
+            counters.add_sentence_lengths(b.sentence_lengths)
+        return blocks
 
-    rows = timed("pack", pack)
+    blocks = timed("pack", pack)
     timed(
         "Parquet write (zstd)",
         lambda: pq.write_table(
-            rows_to_table(rows),
+            pa.concat_tables([b.table() for b in blocks]),
             out_path,
             compression="zstd",
             row_group_size=packing.row_group_blocks,

@@ -3,47 +3,81 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from pipeline.blocks import BLOCK_SCHEMA, LIST_COLUMNS
+from pipeline.blocks import BLOCK_SCHEMA
 from pipeline.counters import Counters
 
 
 @dataclass
-class TokenizedDocument:
-    doc_id: str
-    pieces: list[list[int]]
-    """Token ids of each sentence piece, each ending with EOS-S."""
-    piece_bytes: list[int]
-    piece_words: list[int]
+class TokenizedBatch:
+    """A batch of documents, tokenized, as flat arrays: every sentence piece ends with EOS-S, and
+    each document's last piece with EOD, EOS-S.
+
+    Columnar, not a Python list per sentence: the per-token path then touches each token once
+    in Python (when ``tokenizers`` hands its ids over) and every later step is array arithmetic.
+    """
+
+    doc_ids: list[str]
+    tokens: np.ndarray
+    """int32, every piece's tokens back to back."""
+    piece_lengths: np.ndarray
+    """int64, tokens per piece (EOS-S included)."""
+    piece_bytes: np.ndarray
+    """int64, UTF-8 bytes of the text each piece covers (a split sentence's shared by tokens)."""
+    piece_words: np.ndarray
+    """int64, words each piece covers (shared as the bytes are)."""
+    doc_pieces: np.ndarray
+    """int64, pieces per document."""
+
+    def select(self, keep: np.ndarray) -> TokenizedBatch:
+        """The documents where ``keep`` (bool per document) holds, in order."""
+        if keep.all():
+            return self
+        piece_keep = np.repeat(keep, self.doc_pieces)
+        return TokenizedBatch(
+            doc_ids=[d for d, k in zip(self.doc_ids, keep.tolist(), strict=True) if k],
+            tokens=self.tokens[np.repeat(piece_keep, self.piece_lengths)],
+            piece_lengths=self.piece_lengths[piece_keep],
+            piece_bytes=self.piece_bytes[piece_keep],
+            piece_words=self.piece_words[piece_keep],
+            doc_pieces=self.doc_pieces[keep],
+        )
 
 
-def _spread(total: int, weights: list[int]) -> list[int]:
-    """Integer shares of ``total`` proportional to ``weights`` that sum exactly to ``total``."""
-    out, cum, prev, whole = [], 0, 0, sum(weights)
-    for w in weights:
-        cum += w
-        bound = cum * total // whole
-        out.append(bound - prev)
-        prev = bound
-    return out
+def _spread(totals: np.ndarray, weights: np.ndarray, group_starts: np.ndarray) -> np.ndarray:
+    """Integer shares of each group's total proportional to its members' weights, summing
+    exactly to the total (floor of the cumulative share; a group of zero weight is one member,
+    which gets it all). Groups are consecutive runs of members starting at ``group_starts``."""
+    sizes = np.diff(np.append(group_starts, len(weights)))
+    cum = np.cumsum(weights)
+    cum -= np.repeat(cum[group_starts] - weights[group_starts], sizes)
+    whole = np.repeat(cum[np.append(group_starts[1:], len(weights)) - 1], sizes)
+    total = np.repeat(totals, sizes)
+    bound = np.where(whole > 0, cum * total // np.maximum(whole, 1), total)
+    prev = np.empty_like(bound)
+    prev[0:1] = 0
+    prev[1:] = bound[:-1]
+    prev[group_starts] = 0
+    return bound - prev
 
 
 def sentence_pieces(ids: list[int], max_sentence_tokens: int) -> list[list[int]]:
     """A sentence's token ids cut into pieces that, each with its EOS-S, hold at most M tokens.
 
-    The one rule shared by the data pipeline and generation's prompt encoding.
+    The one rule shared by the data pipeline and generation's prompt encoding (the pipeline
+    applies it to whole batches at once: ``tokenize_batch``; a test holds the two equal).
     """
     budget = max_sentence_tokens - 1
     return [ids[j : j + budget] for j in range(0, len(ids), budget)] or [[]]
 
 
-def tokenize_documents(
+def tokenize_batch(
     docs: list[tuple[str, list[str]]],
     tokenizer: Tokenizer,
     *,
@@ -51,99 +85,237 @@ def tokenize_documents(
     eod_id: int,
     max_sentence_tokens: int,
     counters: Counters,
-) -> list[TokenizedDocument]:
+) -> TokenizedBatch:
     """Tokenize each sentence alone; end every piece with EOS-S and each document with EOD, EOS-S.
 
-    A sentence longer than M tokens (EOS-S included) is split into pieces of at most M tokens,
-    never truncated. Plain lists, not arrays: sentences are ~20 tokens, where numpy's per-call
-    overhead costs more than the work.
+    ``docs`` holds (id, sentences) with sentences as :func:`pipeline.text.split_sentences`
+    returns them: at least one per document, non-empty, no whitespace at either end, words
+    separated by exactly one space (tests/test_stages.py holds that property), so a sentence's
+    words are its spaces plus one, counted without splitting it. A sentence longer than M tokens
+    (EOS-S included) is cut by :func:`sentence_pieces`' rule, never truncated; its bytes and
+    words are shared among its pieces by their tokens.
     """
     flat = [s for _, sentences in docs for s in sentences]
+    n = len(flat)
     # encode_batch_fast: the same ids without the character offsets, which nothing here uses
     # (benchmarks/preprocess.py times the floor with both calls).
     encodings = tokenizer.encode_batch_fast(flat, add_special_tokens=False) if flat else []
-    out: list[TokenizedDocument] = []
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=n)
+    ids = np.fromiter(
+        itertools.chain.from_iterable(e.ids for e in encodings),
+        dtype=np.int32,
+        count=int(lengths.sum()),
+    )
+    del encodings
+    doc_sentences = np.fromiter((len(s) for _, s in docs), dtype=np.int64, count=len(docs))
+    last = np.cumsum(doc_sentences) - 1
+    # EOD closes each document's last sentence (before the pieces are cut: it counts in M).
+    ids = np.insert(ids, np.cumsum(lengths)[last], eod_id)
+    lengths[last] += 1
     budget = max_sentence_tokens - 1
-    i = 0
-    for doc_id, sentences in docs:
-        doc = TokenizedDocument(doc_id, [], [], [])
-        last = len(sentences) - 1
-        for k, sentence in enumerate(sentences):
-            ids = encodings[i].ids
-            i += 1
-            if k == last:
-                ids.append(eod_id)
-            n_bytes, n_words = len(sentence.encode("utf-8")), len(sentence.split())
-            if len(ids) <= budget:
-                ids.append(eos_id)
-                doc.pieces.append(ids)
-                doc.piece_bytes.append(n_bytes)
-                doc.piece_words.append(n_words)
-                continue
-            chunks = sentence_pieces(ids, max_sentence_tokens)
-            counters.add("sentences_split", 1)
-            counters.add("sentence_pieces_added", len(chunks) - 1)
-            weights = [len(c) for c in chunks]
-            for c in chunks:
-                c.append(eos_id)
-            doc.pieces.extend(chunks)
-            doc.piece_bytes.extend(_spread(n_bytes, weights))
-            doc.piece_words.extend(_spread(n_words, weights))
-        out.append(doc)
-    return out
+    n_pieces = np.maximum(1, -(-lengths // budget))
+    # str.isascii() is O(1) (a flag of the string object); encoding is not.
+    sentence_bytes = np.fromiter(
+        (len(s) if s.isascii() else len(s.encode("utf-8")) for s in flat), dtype=np.int64, count=n
+    )
+    sentence_words = np.fromiter((s.count(" ") for s in flat), dtype=np.int64, count=n) + 1
+    if int(n_pieces.sum()) == n:  # no sentence longer than M: one piece each
+        content, piece_bytes, piece_words = lengths, sentence_bytes, sentence_words
+        doc_pieces = doc_sentences
+    else:
+        split = n_pieces > 1
+        counters.add("sentences_split", int(split.sum()))
+        counters.add("sentence_pieces_added", int((n_pieces[split] - 1).sum()))
+        first = np.cumsum(n_pieces) - n_pieces
+        rank = np.arange(int(n_pieces.sum())) - np.repeat(first, n_pieces)
+        content = np.minimum(budget, np.repeat(lengths, n_pieces) - rank * budget)
+        piece_bytes = _spread(sentence_bytes, content, first)
+        piece_words = _spread(sentence_words, content, first)
+        doc_pieces = np.add.reduceat(n_pieces, np.cumsum(doc_sentences) - doc_sentences)
+    return TokenizedBatch(
+        doc_ids=[doc_id for doc_id, _ in docs],
+        tokens=np.insert(ids, np.cumsum(content), eos_id),
+        piece_lengths=content + 1,
+        piece_bytes=piece_bytes,
+        piece_words=piece_words,
+        doc_pieces=doc_pieces,
+    )
+
+
+@dataclass
+class Blocks:
+    """Packed blocks, columnar: the block schema's list columns as flat values plus offsets."""
+
+    input_ids: np.ndarray
+    token_offsets: np.ndarray
+    sentence_lengths: np.ndarray
+    document_index: np.ndarray
+    sentence_offsets: np.ndarray
+    """Offsets of both per-sentence columns."""
+    num_bytes: np.ndarray
+    num_words: np.ndarray
+    document_ids: list[str]
+    document_offsets: np.ndarray
+    first_sentence_offset: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.num_bytes)
+
+    def table(self) -> pa.Table:
+        def lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+            return pa.ListArray.from_arrays(
+                _numpy_array(offsets, pa.int32()), _numpy_array(values, pa.int32())
+            )
+
+        names = pa.ListArray.from_arrays(
+            _numpy_array(self.document_offsets, pa.int32()), _string_array(self.document_ids)
+        )
+        columns = {
+            "input_ids": lists(self.token_offsets, self.input_ids),
+            "sentence_lengths": lists(self.sentence_offsets, self.sentence_lengths),
+            "document_index": lists(self.sentence_offsets, self.document_index),
+            "num_bytes": _numpy_array(self.num_bytes, pa.int64()),
+            "num_words": _numpy_array(self.num_words, pa.int64()),
+            "document_ids": names,
+            "first_sentence_offset": _numpy_array(self.first_sentence_offset, pa.int32()),
+        }
+        return pa.Table.from_arrays([columns[f.name] for f in BLOCK_SCHEMA], schema=BLOCK_SCHEMA)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per block (the shard row as Python and NumPy values)."""
+        t, s, d = self.token_offsets, self.sentence_offsets, self.document_offsets
+        return [
+            {
+                "input_ids": self.input_ids[t[b] : t[b + 1]],
+                "sentence_lengths": self.sentence_lengths[s[b] : s[b + 1]],
+                "document_index": self.document_index[s[b] : s[b + 1]],
+                "num_bytes": int(self.num_bytes[b]),
+                "num_words": int(self.num_words[b]),
+                "document_ids": self.document_ids[d[b] : d[b + 1]],
+                "first_sentence_offset": int(self.first_sentence_offset[b]),
+            }
+            for b in range(len(self))
+        ]
+
+
+@dataclass
+class _Run:
+    """Sentence pieces in packing order, each with its document's packer-wide number and its
+    index within that document."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    bytes: np.ndarray
+    words: np.ndarray
+    doc: np.ndarray
+    offset: np.ndarray
+
+    @classmethod
+    def empty(cls) -> _Run:
+        i64 = np.zeros(0, dtype=np.int64)
+        return cls(np.zeros(0, dtype=np.int32), i64, i64, i64, i64, i64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def cut(self, n: int) -> tuple[_Run, _Run]:
+        """The first ``n`` pieces and the rest."""
+        t = int(self.lengths[:n].sum())
+        head = _Run(
+            self.tokens[:t],
+            self.lengths[:n],
+            self.bytes[:n],
+            self.words[:n],
+            self.doc[:n],
+            self.offset[:n],
+        )
+        tail = _Run(
+            self.tokens[t:],
+            self.lengths[n:],
+            self.bytes[n:],
+            self.words[n:],
+            self.doc[n:],
+            self.offset[n:],
+        )
+        return head, tail
 
 
 @dataclass
 class BlockPacker:
-    """Packs documents back to back into blocks of exactly S sentences (streaming fold)."""
+    """Packs documents back to back into blocks of exactly S sentences (a streaming fold)."""
 
     sentences_per_block: int
-    _pieces: list[list[int]] = field(default_factory=list)
-    _doc_index: list[int] = field(default_factory=list)
-    _doc_ids: list[str] = field(default_factory=list)
-    _bytes: int = 0
-    _words: int = 0
-    _first_offset: int = 0
+    _run: _Run = field(default_factory=_Run.empty)
+    _names: dict[int, str] = field(default_factory=dict)
+    _next_doc: int = 0
 
-    def add(self, doc: TokenizedDocument) -> list[dict[str, Any]]:
-        blocks = []
-        offset = 0
-        n = len(doc.pieces)
-        while offset < n:
-            if not self._pieces:
-                self._first_offset = offset
-            take = min(n - offset, self.sentences_per_block - len(self._pieces))
-            local = len(self._doc_ids)
-            self._doc_ids.append(doc.doc_id)
-            self._pieces.extend(doc.pieces[offset : offset + take])
-            self._doc_index.extend([local] * take)
-            self._bytes += sum(doc.piece_bytes[offset : offset + take])
-            self._words += sum(doc.piece_words[offset : offset + take])
-            offset += take
-            if len(self._pieces) == self.sentences_per_block:
-                blocks.append(self._emit())
-        return blocks
+    def add(self, batch: TokenizedBatch) -> Blocks:
+        """Add a batch's documents; return the blocks they complete."""
+        n_docs = len(batch.doc_ids)
+        serials = np.arange(self._next_doc, self._next_doc + n_docs, dtype=np.int64)
+        self._names.update(zip(serials.tolist(), batch.doc_ids, strict=True))
+        self._next_doc += n_docs
+        firsts = np.cumsum(batch.doc_pieces) - batch.doc_pieces
+        new = _Run(
+            tokens=batch.tokens,
+            lengths=batch.piece_lengths,
+            bytes=batch.piece_bytes,
+            words=batch.piece_words,
+            doc=np.repeat(serials, batch.doc_pieces),
+            offset=np.arange(len(batch.piece_lengths)) - np.repeat(firsts, batch.doc_pieces),
+        )
+        run = self._run
+        if len(run):
+            run = _Run(
+                *(
+                    np.concatenate([getattr(run, f.name), getattr(new, f.name)])
+                    for f in fields(_Run)
+                )
+            )
+        else:
+            run = new
+        full = len(run) // self.sentences_per_block * self.sentences_per_block
+        head, self._run = run.cut(full)
+        return self._blocks(head)
 
-    def flush(self) -> list[dict[str, Any]]:
-        return [self._emit()] if self._pieces else []
+    def flush(self) -> Blocks:
+        """The last, partial block (none if the documents filled their blocks exactly)."""
+        run, self._run = self._run, _Run.empty()
+        return self._blocks(run)
 
-    def _emit(self) -> dict[str, Any]:
-        row = {
-            "input_ids": np.fromiter(
-                itertools.chain.from_iterable(self._pieces),
-                dtype=np.int32,
-                count=sum(len(p) for p in self._pieces),
-            ),
-            "sentence_lengths": np.array([len(p) for p in self._pieces], dtype=np.int32),
-            "document_index": np.array(self._doc_index, dtype=np.int32),
-            "num_bytes": self._bytes,
-            "num_words": self._words,
-            "document_ids": self._doc_ids,
-            "first_sentence_offset": self._first_offset,
-        }
-        self._pieces, self._doc_index, self._doc_ids = [], [], []
-        self._bytes = self._words = 0
-        return row
+    def _blocks(self, run: _Run) -> Blocks:
+        n = len(run)
+        starts = np.arange(0, n, self.sentences_per_block)
+        sizes = np.diff(np.append(starts, n))
+        # A block-local document number starts at 0 in every block and grows where the
+        # document changes.
+        new_doc = np.ones(n, dtype=bool)
+        new_doc[1:] = run.doc[1:] != run.doc[:-1]
+        new_doc[starts] = True
+        rank = np.cumsum(new_doc) - 1
+        local = rank - np.repeat(rank[starts], sizes)
+        docs = run.doc[new_doc].tolist()
+        names = [self._names[d] for d in docs]
+        if n:  # forget every document no later piece can belong to
+            keep_from = int(run.doc[-1])
+            self._names = {k: v for k, v in self._names.items() if k >= keep_from}
+        token_offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+        document_offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+        if n:
+            np.cumsum(np.add.reduceat(run.lengths, starts), out=token_offsets[1:])
+            np.cumsum(local[np.append(starts[1:], n) - 1] + 1, out=document_offsets[1:])
+        return Blocks(
+            input_ids=run.tokens,
+            token_offsets=token_offsets,
+            sentence_lengths=run.lengths,
+            document_index=local,
+            sentence_offsets=np.append(starts, n),
+            num_bytes=np.add.reduceat(run.bytes, starts) if n else run.bytes,
+            num_words=np.add.reduceat(run.words, starts) if n else run.words,
+            document_ids=names,
+            document_offsets=document_offsets,
+            first_sentence_offset=run.offset[starts],
+        )
 
 
 # Arrow arrays are built from buffers, never from Python or NumPy objects through pa.array():
@@ -156,39 +328,10 @@ def _numpy_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
 
 
-def _offsets(lengths: list[int]) -> np.ndarray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
-
-
-def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
-    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
-    return pa.ListArray.from_arrays(
-        _numpy_array(_offsets([len(a) for a in arrays]), pa.int32()),
-        _numpy_array(values, pa.int32()),
+def _string_array(strings: list[str]) -> pa.Array:
+    encoded = [x.encode("utf-8") for x in strings]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return pa.Array.from_buffers(
+        pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
     )
-
-
-def _string_list_array(lists: list[list[str]]) -> pa.ListArray:
-    encoded = [s.encode("utf-8") for strings in lists for s in strings]
-    offsets = pa.py_buffer(_offsets([len(b) for b in encoded]))
-    strings = pa.Array.from_buffers(
-        pa.string(), len(encoded), [None, offsets, pa.py_buffer(b"".join(encoded))]
-    )
-    return pa.ListArray.from_arrays(
-        _numpy_array(_offsets([len(x) for x in lists]), pa.int32()), strings
-    )
-
-
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    columns = []
-    for f in BLOCK_SCHEMA:
-        values = [r[f.name] for r in rows]
-        if f.name in LIST_COLUMNS:
-            columns.append(_list_array(values))
-        elif f.type == pa.list_(pa.string()):
-            columns.append(_string_list_array(values))
-        else:
-            columns.append(_numpy_array(np.asarray(values), f.type))
-    return pa.Table.from_arrays(columns, schema=BLOCK_SCHEMA)

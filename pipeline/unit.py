@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
@@ -22,7 +23,7 @@ from pipeline.blocks import BLOCK_SCHEMA
 from pipeline.config import InputConfig, PackingConfig, PreprocessConfig, StorageConfig
 from pipeline.counters import Counters
 from pipeline.manifest import SPLITS
-from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
+from pipeline.packing import BlockPacker, Blocks, tokenize_batch
 from pipeline.pieces import WorkUnit, unit_key
 from pipeline.readers import read_documents
 from pipeline.storage import filesystem_for, join, protocol_of, storage_errors
@@ -76,38 +77,53 @@ def _tokenizer(text: str) -> Tokenizer:
 
 @dataclass
 class _ShardWriter:
+    """One split's shard: blocks as they are packed, in row groups of ``row_group_blocks``."""
+
     split: str
     path: str
     row_group_blocks: int
+    counters: Counters
     writer: pq.ParquetWriter | None = None
-    pending: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_rows: int = 0
     doc_ids: set[str] = field(default_factory=set)
     stats: dict[str, int] = field(
         default_factory=lambda: dict(rows=0, sentences=0, tokens=0, bytes=0, words=0)
     )
 
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        for r in rows:
-            self.stats["rows"] += 1
-            self.stats["sentences"] += len(r["sentence_lengths"])
-            self.stats["tokens"] += len(r["input_ids"])
-            self.stats["bytes"] += r["num_bytes"]
-            self.stats["words"] += r["num_words"]
-            self.doc_ids.update(r["document_ids"])
-        self.pending.extend(rows)
-        if len(self.pending) >= self.row_group_blocks:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
+    def write(self, blocks: Blocks) -> None:
+        if not len(blocks):
             return
+        self.stats["rows"] += len(blocks)
+        self.stats["sentences"] += len(blocks.sentence_lengths)
+        self.stats["tokens"] += len(blocks.input_ids)
+        self.stats["bytes"] += int(blocks.num_bytes.sum())
+        self.stats["words"] += int(blocks.num_words.sum())
+        self.doc_ids.update(blocks.document_ids)
+        self.counters.add_sentence_lengths(blocks.sentence_lengths)
+        self.pending.append(blocks.table())
+        self.pending_rows += len(blocks)
+        if self.pending_rows >= self.row_group_blocks:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write the pending blocks' whole row groups (and, when ``final``, the rest)."""
+        if not self.pending_rows:
+            return
+        table = pa.concat_tables(self.pending)
+        n = (
+            table.num_rows
+            if final
+            else table.num_rows // self.row_group_blocks * self.row_group_blocks
+        )
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, BLOCK_SCHEMA, compression="zstd")
-        self.writer.write_table(rows_to_table(self.pending), row_group_size=self.row_group_blocks)
-        self.pending = []
+        self.writer.write_table(table.slice(0, n), row_group_size=self.row_group_blocks)
+        rest = table.slice(n)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def close(self) -> dict[str, Any] | None:
-        self._flush()
+        self._flush(final=True)
         if self.writer is None:
             return None
         self.writer.close()
@@ -131,7 +147,9 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
     shards: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gpthf-unit-") as tmp:
         writers = {
-            s: _ShardWriter(s, os.path.join(tmp, f"{s}.parquet"), ctx.packing.row_group_blocks)
+            s: _ShardWriter(
+                s, os.path.join(tmp, f"{s}.parquet"), ctx.packing.row_group_blocks, counters
+            )
             for s in SPLITS
         }
         batch: list[tuple[str, list[str]]] = []
@@ -139,7 +157,7 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
 
         def run_batch() -> None:
             nonlocal batch_bytes
-            tokenized = tokenize_documents(
+            tokenized = tokenize_batch(
                 batch,
                 tok,
                 eos_id=ctx.special_ids["end_of_sentence"],
@@ -147,18 +165,20 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
                 max_sentence_tokens=ctx.packing.max_sentence_tokens,
                 counters=counters,
             )
-            for doc in tokenized:
-                split = (
-                    "heldout"
-                    if heldout_hash(doc.doc_id, ctx.packing.seed) < ctx.packing.heldout_fraction
-                    else "train"
-                )
-                counters.add(f"documents_{split}")
-                counters.add_document_sentences(len(doc.pieces))
-                counters.add_sentence_lengths(
-                    np.fromiter((len(p) for p in doc.pieces), dtype=np.int64)
-                )
-                writers[split].write(packers[split].add(doc))
+            heldout = np.array(
+                [
+                    heldout_hash(doc_id, ctx.packing.seed) < ctx.packing.heldout_fraction
+                    for doc_id in tokenized.doc_ids
+                ],
+                dtype=bool,
+            )
+            for n_pieces in tokenized.doc_pieces.tolist():
+                counters.add_document_sentences(n_pieces)
+            for split, keep in (("train", ~heldout), ("heldout", heldout)):
+                n_docs = int(keep.sum())
+                if n_docs:
+                    counters.add(f"documents_{split}", n_docs)
+                    writers[split].write(packers[split].add(tokenized.select(keep)))
             batch.clear()
             batch_bytes = 0
 

@@ -1,4 +1,5 @@
-"""Tokenize + pack stages: property tests that nothing is lost, duplicated or mis-sized."""
+"""Tokenize + pack stages: property tests that nothing is lost, duplicated or mis-sized, and that
+the columnar implementation equals the plain per-sentence definition."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.blocks import BLOCK_SCHEMA
 from pipeline.counters import Counters
-from pipeline.packing import BlockPacker, rows_to_table, tokenize_documents
+from pipeline.packing import BlockPacker, Blocks, TokenizedBatch, sentence_pieces, tokenize_batch
 from pipeline.text import normalise, split_sentences
 from pipeline.tokenizer import SPECIAL_TOKENS, LoadedTokenizer, load_tokenizer
 from tests.conftest import WORDS, make_sentence
@@ -24,25 +28,87 @@ def tok(tokenizer_path: Path) -> LoadedTokenizer:
     return load_tokenizer(str(tokenizer_path))
 
 
-def _pack(
-    tok: LoadedTokenizer, docs: list[tuple[str, str]], S: int, M: int
-) -> tuple[list[dict], dict]:
-    counters = Counters()
-    split = [(doc_id, split_sentences(normalise(text))) for doc_id, text in docs]
-    tokenized = tokenize_documents(
-        split,
+def _tokenize(
+    tok: LoadedTokenizer, docs: list[tuple[str, list[str]]], M: int, counters: Counters
+) -> TokenizedBatch:
+    return tokenize_batch(
+        docs,
         tok.tokenizer,
         eos_id=tok.special_ids["end_of_sentence"],
         eod_id=tok.special_ids["end_of_document"],
         max_sentence_tokens=M,
         counters=counters,
     )
+
+
+def _pack(
+    tok: LoadedTokenizer, docs: list[tuple[str, str]], S: int, M: int, batch: int = 3
+) -> tuple[list[dict], dict]:
+    """Rows of ``docs`` packed in batches of ``batch`` documents (blocks span batches)."""
+    split = [(doc_id, split_sentences(normalise(text))) for doc_id, text in docs]
     packer = BlockPacker(S)
     rows: list[dict] = []
-    for d in tokenized:
-        rows.extend(packer.add(d))
-    rows.extend(packer.flush())
+    for i in range(0, len(split), batch):
+        rows.extend(packer.add(_tokenize(tok, split[i : i + batch], M, Counters())).rows())
+    rows.extend(packer.flush().rows())
     return rows, dict(split)
+
+
+def _reference_rows(
+    tok: LoadedTokenizer, docs: list[tuple[str, list[str]]], S: int, M: int, counters: Counters
+) -> list[dict[str, Any]]:
+    """The plain definition, one sentence and one document at a time: tokenize each sentence
+    alone, EOD before the last EOS-S, cut long sentences by ``sentence_pieces``, share bytes and
+    words among a sentence's pieces by their tokens (floor of the cumulative share), then fill
+    blocks of S pieces back to back."""
+    eos, eod = tok.special_ids["end_of_sentence"], tok.special_ids["end_of_document"]
+    pieces: list[tuple[str, int, list[int], int, int]] = []  # doc, offset, ids, bytes, words
+    for doc_id, sentences in docs:
+        offset = 0
+        for k, sentence in enumerate(sentences):
+            ids = tok.tokenizer.encode(sentence, add_special_tokens=False).ids
+            if k == len(sentences) - 1:
+                ids.append(eod)
+            chunks = sentence_pieces(ids, M)
+            if len(chunks) > 1:
+                counters.add("sentences_split")
+                counters.add("sentence_pieces_added", len(chunks) - 1)
+            n_bytes, n_words = len(sentence.encode("utf-8")), len(sentence.split())
+            cum = prev_b = prev_w = 0
+            whole = sum(len(c) for c in chunks)
+            for c in chunks:
+                cum += len(c)
+                b = cum * n_bytes // whole if whole else n_bytes
+                w = cum * n_words // whole if whole else n_words
+                pieces.append((doc_id, offset, [*c, eos], b - prev_b, w - prev_w))
+                prev_b, prev_w, offset = b, w, offset + 1
+    rows = []
+    for i in range(0, len(pieces), S):
+        block = pieces[i : i + S]
+        names: list[str] = []
+        index = []
+        for j, (doc_id, *_) in enumerate(block):
+            if j == 0 or doc_id != block[j - 1][0]:
+                names.append(doc_id)
+            index.append(len(names) - 1)
+        rows.append(
+            {
+                "input_ids": [t for p in block for t in p[2]],
+                "sentence_lengths": [len(p[2]) for p in block],
+                "document_index": index,
+                "num_bytes": sum(p[3] for p in block),
+                "num_words": sum(p[4] for p in block),
+                "document_ids": names,
+                "first_sentence_offset": block[0][1],
+            }
+        )
+    return rows
+
+
+def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in rows
+    ]
 
 
 sentence = st.builds(
@@ -94,6 +160,48 @@ def test_blocks_preserve_every_sentence_in_order(
         assert "".join(text.split()) == "".join(want.split())
 
 
+long_sentence = st.lists(st.sampled_from(WORDS), min_size=30, max_size=90).map(
+    lambda words: " ".join(words) + "."
+)
+any_text = st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=200
+)
+mixed_document = st.lists(
+    st.one_of(sentence, long_sentence, any_text), min_size=1, max_size=12
+).map(" ".join)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    docs=st.lists(mixed_document, min_size=1, max_size=10),
+    S=st.integers(1, 9),
+    M=st.integers(3, 24),
+    batch=st.integers(1, 4),
+    heldout=st.lists(st.booleans(), min_size=10, max_size=10),
+)
+def test_columnar_packing_equals_the_plain_definition(
+    tok: LoadedTokenizer, docs: list[str], S: int, M: int, batch: int, heldout: list[bool]
+) -> None:
+    # Documents of two splits, tokenized in batches, each split packed by its own packer (as
+    # pipeline.unit does): every row, and the split counters, equal the plain definition.
+    split = [(f"d{i}", split_sentences(normalise(text))) for i, text in enumerate(docs)]
+    split = [(name, sentences) for name, sentences in split if sentences]
+    counters, want_counters = Counters(), Counters()
+    packers = {False: BlockPacker(S), True: BlockPacker(S)}
+    got: dict[bool, list[dict]] = {False: [], True: []}
+    for i in range(0, len(split), batch):
+        tokenized = _tokenize(tok, split[i : i + batch], M, counters)
+        flags = np.array([heldout[int(name[1:])] for name in tokenized.doc_ids], dtype=bool)
+        for h in (False, True):
+            got[h] += packers[h].add(tokenized.select(flags == h)).rows()
+    for h in (False, True):
+        got[h] += packers[h].flush().rows()
+        docs_h = [(name, ss) for name, ss in split if heldout[int(name[1:])] == h]
+        want = _reference_rows(tok, docs_h, S, M, want_counters)
+        assert _plain(got[h]) == want
+    assert counters.counts == want_counters.counts
+
+
 def test_long_sentence_is_split_into_pieces_never_truncated(tok: LoadedTokenizer) -> None:
     rng = random.Random(0)
     long = make_sentence(rng, n_words=120)
@@ -125,58 +233,42 @@ def test_document_continuing_into_next_block_is_marked(tok: LoadedTokenizer) -> 
     assert [list(r["document_index"]) for r in rows] == [[0, 0, 0], [0, 0, 1]]
     assert [r["document_ids"] for r in rows] == [["a"], ["a", "b"]]
     assert [r["first_sentence_offset"] for r in rows] == [0, 3]
-    table = rows_to_table(rows)
-    assert table.num_rows == 2 and table.schema.field("input_ids").type.value_type.bit_width == 32
 
 
-def _rows(rng: random.Random, n: int) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        lengths = [rng.randint(1, 5) for _ in range(rng.randint(0, 4))]
-        rows.append(
-            {
-                "input_ids": np.array([rng.randrange(9000) for _ in range(sum(lengths))], np.int32),
-                "sentence_lengths": np.array(lengths, np.int32),
-                "document_index": np.array(sorted(rng.randrange(3) for _ in lengths), np.int32),
-                "num_bytes": rng.randrange(2**40),
-                "num_words": rng.randrange(1000),
-                "document_ids": [
-                    rng.choice(["a", "dé#1", "s3://b/k.jsonl#7", ""]) for _ in lengths
-                ],
-                "first_sentence_offset": rng.randrange(50),
-            }
-        )
-    return rows
+def _random_blocks(rng: random.Random, n_docs: int, S: int) -> Blocks:
+    """Blocks packed from a batch of random token arrays (no tokenizer): any shape, any ids."""
+    doc_pieces = np.array([rng.randint(1, 6) for _ in range(n_docs)], dtype=np.int64)
+    lengths = np.array([rng.randint(1, 5) for _ in range(int(doc_pieces.sum()))], dtype=np.int64)
+    batch = TokenizedBatch(
+        doc_ids=[rng.choice(["a", "dé#1", "s3://b/k.jsonl#7", ""]) for _ in range(n_docs)],
+        tokens=np.array([rng.randrange(9000) for _ in range(int(lengths.sum()))], np.int32),
+        piece_lengths=lengths,
+        piece_bytes=np.array([rng.randrange(2**40) for _ in lengths], dtype=np.int64),
+        piece_words=np.array([rng.randrange(1000) for _ in lengths], dtype=np.int64),
+        doc_pieces=doc_pieces,
+    )
+    packer = BlockPacker(S)
+    full, last = packer.add(batch), packer.flush()
+    return full if rng.random() < 0.5 or not len(last) else last
 
 
-def test_rows_to_table_is_the_plain_arrow_conversion() -> None:
-    # rows_to_table builds Arrow arrays from buffers (no pandas import); it must equal the
-    # plain conversion of the same rows, empty lists and non-ASCII ids included.
-    import pyarrow as pa
-
-    from pipeline.blocks import BLOCK_SCHEMA
-
+def test_blocks_table_is_the_plain_arrow_conversion() -> None:
+    # Blocks.table() builds Arrow arrays from buffers (no pandas import); it must equal the
+    # plain conversion of the same rows, non-ASCII and empty document ids included.
     rng = random.Random(5)
-    for n in (0, 1, 7):
-        rows = _rows(rng, n)
-        plain = pa.Table.from_pylist(
-            [
-                {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
-                for r in rows
-            ],
-            schema=BLOCK_SCHEMA,
-        )
-        assert rows_to_table(rows).equals(plain)
+    for n_docs, S in ((0, 3), (1, 1), (7, 4), (20, 5)):
+        blocks = _random_blocks(rng, n_docs, S)
+        plain = pa.Table.from_pylist(_plain(blocks.rows()), schema=BLOCK_SCHEMA)
+        assert blocks.table().equals(plain)
 
 
 def test_writing_a_shard_never_imports_pandas() -> None:
     # pandas costs 0.4 s to import in every worker process that writes shards.
     code = (
         "import sys, random, tempfile, pyarrow.parquet as pq\n"
-        "from tests.test_packing import _rows\n"
-        "from pipeline.packing import rows_to_table\n"
+        "from tests.test_packing import _random_blocks\n"
         "with tempfile.TemporaryDirectory() as d:\n"
-        "    pq.write_table(rows_to_table(_rows(random.Random(1), 4)), d + '/x.parquet')\n"
+        "    pq.write_table(_random_blocks(random.Random(1), 6, 3).table(), d + '/x.parquet')\n"
         "assert 'pandas' not in sys.modules, 'pandas was imported'\n"
     )
     root = Path(__file__).resolve().parent.parent

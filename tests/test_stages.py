@@ -85,6 +85,22 @@ def test_normalise_equals_its_plain_definition(text: str) -> None:
     assert normalise(text) == _normalise_reference(text)
 
 
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.lists(st.sampled_from([*_TRICKY, ". ", "! ", "? ", "Mr. ", "\u3002"]), max_size=60).map(
+            "".join
+        ),
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=300),
+    )
+)
+def test_sentences_are_single_spaced_words(text: str) -> None:
+    # pipeline.packing counts a sentence's words as its spaces plus one, without splitting it:
+    # every sentence is non-empty, has no whitespace at either end, and words one space apart.
+    for s in split_sentences(normalise(text)):
+        assert s and s == s.strip() and s.split(" ") == s.split(), repr(s)
+
+
 def test_split_sentences_never_glues_a_heading_to_the_next_paragraph() -> None:
     sentences = split_sentences(normalise("ACT I\n\nEnter the king. He speaks slowly! Why?"))
     assert sentences == ["ACT I", "Enter the king.", "He speaks slowly!", "Why?"]

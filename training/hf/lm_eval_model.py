@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from tokenizers import Tokenizer
 
 from pipeline.counters import Counters
-from pipeline.packing import BlockPacker, tokenize_documents
+from pipeline.packing import BlockPacker, tokenize_batch
 from pipeline.text import normalise, split_sentences
 from training.eval.scoring import Sums, evaluate_rows
 from training.export import load_export, resolve_export
@@ -104,7 +104,7 @@ class GPTHFLM(LM):
         sentences = split_sentences(normalise(text))
         if not sentences:
             return []
-        (doc,) = tokenize_documents(
+        batch = tokenize_batch(
             [("doc", sentences)],
             self.tok,
             eos_id=c.eos_id,
@@ -113,7 +113,7 @@ class GPTHFLM(LM):
             counters=Counters(),
         )
         packer = BlockPacker(self.sentences_per_block)
-        return packer.add(doc) + packer.flush()
+        return packer.add(batch).rows() + packer.flush().rows()
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
         out = []
