@@ -462,6 +462,7 @@ def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
 
     from pipeline.config import InputConfig, PackingConfig
     from pipeline.counters import Counters
+    from pipeline.encoding import SentenceEncoder
     from pipeline.packing import BlockPacker, tokenize_batch
     from pipeline.readers import read_documents
     from pipeline.text import normalise, split_sentences
@@ -471,7 +472,10 @@ def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
     path, tok_path, out_path = args
     packing = PackingConfig()
     loaded = load_tokenizer(tok_path)
-    tok, ids = loaded.tokenizer, loaded.special_ids
+    ids = loaded.special_ids
+    encoder = SentenceEncoder(
+        loaded.tokenizer, eos_id=ids["end_of_sentence"], eod_id=ids["end_of_document"]
+    )
     counters = Counters()
     times: dict[str, float] = {}
 
@@ -493,9 +497,7 @@ def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
         return [
             tokenize_batch(
                 pairs[i : i + DOC_BATCH],
-                tok,
-                eos_id=ids["end_of_sentence"],
-                eod_id=ids["end_of_document"],
+                encoder,
                 max_sentence_tokens=packing.max_sentence_tokens,
                 counters=counters,
             )

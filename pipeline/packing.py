@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tokenizers import Tokenizer
 
 from pipeline.blocks import BLOCK_SCHEMA
 from pipeline.counters import Counters
+from pipeline.encoding import SentenceEncoder
 
 
 @dataclass
@@ -79,10 +78,8 @@ def sentence_pieces(ids: list[int], max_sentence_tokens: int) -> list[list[int]]
 
 def tokenize_batch(
     docs: list[tuple[str, list[str]]],
-    tokenizer: Tokenizer,
+    encoder: SentenceEncoder,
     *,
-    eos_id: int,
-    eod_id: int,
     max_sentence_tokens: int,
     counters: Counters,
 ) -> TokenizedBatch:
@@ -97,21 +94,9 @@ def tokenize_batch(
     """
     flat = [s for _, sentences in docs for s in sentences]
     n = len(flat)
-    # encode_batch_fast: the same ids without the character offsets, which nothing here uses
-    # (benchmarks/preprocess.py times the floor with both calls).
-    encodings = tokenizer.encode_batch_fast(flat, add_special_tokens=False) if flat else []
-    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=n)
-    ids = np.fromiter(
-        itertools.chain.from_iterable(e.ids for e in encodings),
-        dtype=np.int32,
-        count=int(lengths.sum()),
-    )
-    del encodings
-    doc_sentences = np.fromiter((len(s) for _, s in docs), dtype=np.int64, count=len(docs))
-    last = np.cumsum(doc_sentences) - 1
-    # EOD closes each document's last sentence (before the pieces are cut: it counts in M).
-    ids = np.insert(ids, np.cumsum(lengths)[last], eod_id)
-    lengths[last] += 1
+    stream = encoder.encode([sentences for _, sentences in docs], counters)
+    ends = np.flatnonzero(stream == encoder.eos_id)  # one EOS-S per sentence (the encoder's word)
+    lengths = np.diff(ends, prepend=-1) - 1  # tokens before each EOS-S (EOD included)
     budget = max_sentence_tokens - 1
     n_pieces = np.maximum(1, -(-lengths // budget))
     # str.isascii() is O(1) (a flag of the string object); encoding is not.
@@ -119,9 +104,10 @@ def tokenize_batch(
         (len(s) if s.isascii() else len(s.encode("utf-8")) for s in flat), dtype=np.int64, count=n
     )
     sentence_words = np.fromiter((s.count(" ") for s in flat), dtype=np.int64, count=n) + 1
-    if int(n_pieces.sum()) == n:  # no sentence longer than M: one piece each
-        content, piece_bytes, piece_words = lengths, sentence_bytes, sentence_words
-        doc_pieces = doc_sentences
+    doc_sentences = np.fromiter((len(s) for _, s in docs), dtype=np.int64, count=len(docs))
+    if int(n_pieces.sum()) == n:  # no sentence longer than M: the stream is the pieces
+        tokens, content = stream, lengths
+        piece_bytes, piece_words, doc_pieces = sentence_bytes, sentence_words, doc_sentences
     else:
         split = n_pieces > 1
         counters.add("sentences_split", int(split.sum()))
@@ -129,12 +115,13 @@ def tokenize_batch(
         first = np.cumsum(n_pieces) - n_pieces
         rank = np.arange(int(n_pieces.sum())) - np.repeat(first, n_pieces)
         content = np.minimum(budget, np.repeat(lengths, n_pieces) - rank * budget)
+        tokens = np.insert(np.delete(stream, ends), np.cumsum(content), encoder.eos_id)
         piece_bytes = _spread(sentence_bytes, content, first)
         piece_words = _spread(sentence_words, content, first)
         doc_pieces = np.add.reduceat(n_pieces, np.cumsum(doc_sentences) - doc_sentences)
     return TokenizedBatch(
         doc_ids=[doc_id for doc_id, _ in docs],
-        tokens=np.insert(ids, np.cumsum(content), eos_id),
+        tokens=tokens,
         piece_lengths=content + 1,
         piece_bytes=piece_bytes,
         piece_words=piece_words,

@@ -36,11 +36,23 @@ def normalise(text: str) -> list[str]:
         if line.strip(" \t"):
             para.append(line)
         elif para:
-            # str.split() splits on exactly the characters regex \s matches (Unicode
-            # whitespace): this collapses every run of whitespace to one space.
-            collapsed = " ".join(" ".join(para).split())
-            if collapsed:
-                out.append(collapsed)
+            joined = " ".join(para)
+            if (
+                joined.isascii()  # O(1): a flag of the string
+                and "  " not in joined
+                and "\t" not in joined
+                and joined[0] != " "
+                and joined[-1] != " "
+            ):
+                # Already collapsed: ASCII whitespace other than space and tab is gone (\r and
+                # \n split lines, the rest are controls), so splitting would rebuild it as is.
+                out.append(joined)
+            else:
+                # str.split() splits on exactly the characters regex \s matches (Unicode
+                # whitespace): this collapses every run of whitespace to one space.
+                collapsed = " ".join(joined.split())
+                if collapsed:
+                    out.append(collapsed)
             para = []
     return out
 

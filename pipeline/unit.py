@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from pipeline.blocks import BLOCK_SCHEMA
 from pipeline.config import InputConfig, PackingConfig, PreprocessConfig, StorageConfig
 from pipeline.counters import Counters
+from pipeline.encoding import SentenceEncoder
 from pipeline.manifest import SPLITS
 from pipeline.packing import BlockPacker, Blocks, tokenize_batch
 from pipeline.pieces import WorkUnit, unit_key
@@ -71,8 +72,8 @@ class UnitContext:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(text: str) -> Tokenizer:
-    return Tokenizer.from_str(text)
+def _encoder(tokenizer_json: str, eos_id: int, eod_id: int) -> SentenceEncoder:
+    return SentenceEncoder(Tokenizer.from_str(tokenizer_json), eos_id=eos_id, eod_id=eod_id)
 
 
 @dataclass
@@ -139,7 +140,11 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
     f = u.file
     key = u.key
     counters = Counters(strict=ctx.strict)
-    tok = _tokenizer(ctx.tokenizer_json)
+    encoder = _encoder(
+        ctx.tokenizer_json,
+        ctx.special_ids["end_of_sentence"],
+        ctx.special_ids["end_of_document"],
+    )
     S = ctx.packing.sentences_per_block
     packers = {s: BlockPacker(S) for s in SPLITS}
     in_fs, in_path = filesystem_for(f.uri, ctx.storage)
@@ -159,9 +164,7 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
             nonlocal batch_bytes
             tokenized = tokenize_batch(
                 batch,
-                tok,
-                eos_id=ctx.special_ids["end_of_sentence"],
-                eod_id=ctx.special_ids["end_of_document"],
+                encoder,
                 max_sentence_tokens=ctx.packing.max_sentence_tokens,
                 counters=counters,
             )

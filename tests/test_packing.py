@@ -14,9 +14,11 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
 from pipeline.blocks import BLOCK_SCHEMA
 from pipeline.counters import Counters
+from pipeline.encoding import SentenceEncoder
 from pipeline.packing import BlockPacker, Blocks, TokenizedBatch, sentence_pieces, tokenize_batch
 from pipeline.text import normalise, split_sentences
 from pipeline.tokenizer import SPECIAL_TOKENS, LoadedTokenizer, load_tokenizer
@@ -31,14 +33,20 @@ def tok(tokenizer_path: Path) -> LoadedTokenizer:
 def _tokenize(
     tok: LoadedTokenizer, docs: list[tuple[str, list[str]]], M: int, counters: Counters
 ) -> TokenizedBatch:
-    return tokenize_batch(
-        docs,
-        tok.tokenizer,
-        eos_id=tok.special_ids["end_of_sentence"],
-        eod_id=tok.special_ids["end_of_document"],
-        max_sentence_tokens=M,
-        counters=counters,
-    )
+    return tokenize_batch(docs, _encoder(tok), max_sentence_tokens=M, counters=counters)
+
+
+_ENCODERS: dict[str, SentenceEncoder] = {}
+
+
+def _encoder(tok: LoadedTokenizer) -> SentenceEncoder:
+    if tok.sha256 not in _ENCODERS:
+        _ENCODERS[tok.sha256] = SentenceEncoder(
+            tok.tokenizer,
+            eos_id=tok.special_ids["end_of_sentence"],
+            eod_id=tok.special_ids["end_of_document"],
+        )
+    return _ENCODERS[tok.sha256]
 
 
 def _pack(
@@ -62,11 +70,16 @@ def _reference_rows(
     words among a sentence's pieces by their tokens (floor of the cumulative share), then fill
     blocks of S pieces back to back."""
     eos, eod = tok.special_ids["end_of_sentence"], tok.special_ids["end_of_document"]
+    alone = Tokenizer.from_str(tok.json)
+    alone.encode_special_tokens = True  # text that spells a special token is text
     pieces: list[tuple[str, int, list[int], int, int]] = []  # doc, offset, ids, bytes, words
+    specials = [t.content for t in alone.get_added_tokens_decoder().values() if t.special]
     for doc_id, sentences in docs:
+        if any(t in s for s in sentences for t in specials):
+            counters.add("documents_with_special_token_text")
         offset = 0
         for k, sentence in enumerate(sentences):
-            ids = tok.tokenizer.encode(sentence, add_special_tokens=False).ids
+            ids = alone.encode(sentence, add_special_tokens=False).ids
             if k == len(sentences) - 1:
                 ids.append(eod)
             chunks = sentence_pieces(ids, M)
@@ -166,8 +179,11 @@ long_sentence = st.lists(st.sampled_from(WORDS), min_size=30, max_size=90).map(
 any_text = st.text(
     st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=200
 )
+special_text = st.sampled_from(
+    ["<|endofsentence|>", "Quote <|endofdoc|> here.", "a<|pad|>b", "<|endofsentence"]
+)
 mixed_document = st.lists(
-    st.one_of(sentence, long_sentence, any_text), min_size=1, max_size=12
+    st.one_of(sentence, long_sentence, any_text, special_text), min_size=1, max_size=12
 ).map(" ".join)
 
 

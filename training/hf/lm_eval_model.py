@@ -31,6 +31,7 @@ from lm_eval.api.registry import register_model
 from tokenizers import Tokenizer
 
 from pipeline.counters import Counters
+from pipeline.encoding import SentenceEncoder
 from pipeline.packing import BlockPacker, tokenize_batch
 from pipeline.text import normalise, split_sentences
 from training.eval.scoring import Sums, evaluate_rows
@@ -90,6 +91,8 @@ class GPTHFLM(LM):
         self.model = model.to(device)
         self._device = torch.device(device)
         self.tok = Tokenizer.from_str(tokenizer_json)
+        c = model.config
+        self.encoder = SentenceEncoder(self.tok, eos_id=c.eos_id, eod_id=c.eod_id)
         self.config = model.config
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.sentences_per_block = int(sentences_per_block or S or DEFAULT_SENTENCES_PER_BLOCK)
@@ -106,9 +109,7 @@ class GPTHFLM(LM):
             return []
         batch = tokenize_batch(
             [("doc", sentences)],
-            self.tok,
-            eos_id=c.eos_id,
-            eod_id=c.eod_id,
+            self.encoder,
             max_sentence_tokens=c.max_sentence_tokens,
             counters=Counters(),
         )
