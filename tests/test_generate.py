@@ -211,6 +211,15 @@ def test_encode_prompt_splits_sentences_like_the_pipeline(tokenizer: Tokenizer) 
     assert max(pieces) <= 4 and short[-1] != EOS
 
 
+def test_a_prompt_that_spells_a_special_token_encodes_it_as_text(tokenizer: Tokenizer) -> None:
+    # As the data pipeline does (pipeline.encoding): the model never saw these ids mid-sentence.
+    text = "He wrote <|endofdoc|> and <|endofsentence|> on the mat."
+    ids = encode_prompt(tokenizer, text, eos_id=EOS, max_sentence_tokens=64)
+    assert EOD not in ids and ids.count(EOS) == 1 and ids[-1] == EOS
+    assert tokenizer.decode(ids[:-1], skip_special_tokens=False).strip() == text
+    assert not tokenizer.encode_special_tokens, "the tokenizer is left as it was"
+
+
 def _split_at(ids: list[int], eos: int) -> list[list[int]]:
     out, cur = [], []
     for t in ids:

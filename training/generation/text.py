@@ -51,7 +51,13 @@ def encode_prompt(
     if close_last_sentence is None:
         close_last_sentence = bool(_SENTENCE_END.search(sentences[-1]))
     ids: list[int] = []
-    encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
+    # Text that spells a special token is text, as the data pipeline encodes it.
+    previous = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
+    finally:
+        tokenizer.encode_special_tokens = previous
     for i, enc in enumerate(encodings):
         pieces = sentence_pieces(list(enc.ids), max_sentence_tokens)
         for k, piece in enumerate(pieces):
