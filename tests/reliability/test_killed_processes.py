@@ -140,7 +140,7 @@ def test_killed_preprocessing_worker_is_retried_and_the_output_is_identical(
     )  # fmt: skip
     try:
         worker = _wait_for(
-            "a preprocessing task", lambda: _descendant(proc, "_process_batch"), proc
+            "a preprocessing task", lambda: _descendant(proc, "_GroupProcessor"), proc
         )
         assert isinstance(worker, psutil.Process)
         worker.kill()
