@@ -1,6 +1,6 @@
 """Preprocessing throughput: ``gpthf preprocess`` as a user runs it, against its floor and datatrove.
 
-    .venv/bin/python benchmarks/preprocess.py [--small-mb 30] [--large-mb 60] [--one-file-mb 40]
+    .venv/bin/python benchmarks/preprocess.py [--small-mb 30] [--large-mb 60] [--one-file-mb 66]
         [--repeats 2] [--workers 2] [--skip-datatrove] [--out benchmarks/results/preprocess.json]
     .venv/bin/python benchmarks/preprocess.py --quick      # 6/12 MB, one file of 8 MB, 1 repeat
 
@@ -9,7 +9,10 @@ from the sample corpus (Shakespeare, ``pipeline.sample_corpus``), its plays cut 
 on blank lines and grouped into records of 2-5 KB (web-document sized), ``{"text": ...}`` only.
 Four corpora: "small" (``--small-mb`` over 48 files), "large" (``--large-mb`` over 96 files,
 so both have files of one size), one small file (~0.3 MB) and one large file
-(``--one-file-mb``, plus its first half).
+(``--one-file-mb``, plus its first half). The one file is 66 MB by default: four pieces of at
+most 16 MiB (``input.split_bytes``) and its half two, so that 2 workers share whole rounds of
+pieces in both runs and the marginal rate measures scaling; at 40 MB (three pieces, the last a
+remainder) it measured mostly where the remainder fell.
 
 - **End to end**: the ``gpthf preprocess`` command in a subprocess (Python start-up, Ray start
   and stop, commit and manifest included), a fresh output each time, best of ``--repeats``.
@@ -676,7 +679,7 @@ def main() -> None:
     )
     ap.add_argument("--small-mb", type=float, default=30.0)
     ap.add_argument("--large-mb", type=float, default=60.0)
-    ap.add_argument("--one-file-mb", type=float, default=40.0)
+    ap.add_argument("--one-file-mb", type=float, default=66.0)
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every measurement")
     ap.add_argument("--workers", type=int, default=2, help="workers of the multi-file runs")
     ap.add_argument("--quick", action="store_true", help="6/12 MB, one file 8 MB, 1 repeat")
