@@ -221,8 +221,12 @@ def _one_thread() -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"
 
 
-FLOOR_MODES = {"1p": (1, "sentences"), "2p": (2, "sentences"), "2p-offsets": (2, "offsets")}
-FLOOR_MODES["2p-documents"] = (2, "documents")
+FLOOR_MODES = {
+    "1p": (1, "sentences"),
+    "2p": (2, "sentences"),
+    "2p-offsets": (2, "offsets"),
+    "2p-documents": (2, "documents"),
+}
 
 
 def _floor_worker(args: tuple[list[str], str, str]) -> int:
@@ -232,10 +236,12 @@ def _floor_worker(args: tuple[list[str], str, str]) -> int:
     import blingfire
     from tokenizers import Tokenizer
 
+    from pipeline.tokenizer import SPECIAL_TOKENS
+
     files, tok_path, mode = args
     tok = Tokenizer.from_file(tok_path)
     encode = tok.encode_batch if mode == "offsets" else tok.encode_batch_fast
-    eos = "<|endofsentence|>"
+    eos = SPECIAL_TOKENS["end_of_sentence"]
     n = 0
     for f in files:
         with open(f, encoding="utf-8") as fh:

@@ -10,7 +10,7 @@ byte-level BPE gpthf trains and for every pre-tokenizer that treats each piece a
 does not (Metaspace with ``prepend_scheme="first"`` marks only the start of the whole input) is
 caught by a probe when the encoder is built, and then sentences are encoded one by one. The
 stream is checked either way: one EOS-S per sentence, or the batch is encoded again sentence by
-sentence (tests/test_packing.py holds both ways equal).
+sentence (tests/test_encoding.py holds every way equal to a call per sentence).
 
 Text that spells a special token (a page quoting ``<|endofsentence|>``) is text: it is encoded
 as the characters it is, never as the special token, which would break the sentence structure.
@@ -50,40 +50,38 @@ class SentenceEncoder:
             for t in tokenizer.get_added_tokens_decoder().values()
             if t.special and t.content != eos
         ]
-        self._specials = [*self._others, eos]
-        joined = self._encode_joined(_PROBE, Counters())
+        texts = [self._eos.join(sentences) for sentences in _PROBE]
+        joined = self._encode_joined(_PROBE, texts, [False] * len(_PROBE))
         self.joins_exactly = joined is not None and np.array_equal(
             joined, self._encode_alone(_PROBE)
         )
 
     def encode(self, docs: list[list[str]], counters: Counters) -> np.ndarray:
         """The token stream (int32) of ``docs``, each a list of non-empty sentences."""
+        texts = [self._eos.join(sentences) for sentences in docs]
+        spelled = [
+            text.count(self._eos) != len(sentences) - 1 or any(t in text for t in self._others)
+            for text, sentences in zip(texts, docs, strict=True)
+        ]
+        if any(spelled):
+            counters.add("documents_with_special_token_text", sum(spelled))
         if self.joins_exactly:
-            stream = self._encode_joined(docs, counters)
+            stream = self._encode_joined(docs, texts, spelled)
             if stream is not None:
                 return stream
-            # Added tokens that match otherwise than the probe showed: the sentences one by
-            # one, as defined (the documents that spell special tokens are counted already).
-            return self._encode_alone(docs)
-        n = sum(1 for sentences in docs if any(t in s for s in sentences for t in self._specials))
-        if n:
-            counters.add("documents_with_special_token_text", n)
+        # Added tokens that match otherwise than the probe showed: sentence by sentence.
         return self._encode_alone(docs)
 
-    def _encode_joined(self, docs: list[list[str]], counters: Counters) -> np.ndarray | None:
-        """The stream, or None where the tokenizer did not emit one EOS-S per sentence."""
-        texts = []
-        plain: dict[int, np.ndarray] = {}
-        for i, sentences in enumerate(docs):
-            text = self._eos.join(sentences)
-            # The separators are the only EOS-S text a document may hold.
-            if text.count(self._eos) != len(sentences) - 1 or any(t in text for t in self._others):
-                plain[i] = self._encode_alone([sentences])
-                text = ""
-            else:
-                text += self._end
-            texts.append(text)
-        encodings = self._joined.encode_batch_fast(texts, add_special_tokens=False) if texts else []
+    def _encode_joined(
+        self, docs: list[list[str]], texts: list[str], spelled: list[bool]
+    ) -> np.ndarray | None:
+        """The stream of ``docs`` (``texts``: their sentences joined by the EOS-S text), or
+        None where the tokenizer did not emit one EOS-S per sentence. A document that spells
+        a special token (the separators are the only EOS-S text it may hold) is encoded
+        sentence by sentence."""
+        plain = {i: self._encode_alone([docs[i]]) for i, s in enumerate(spelled) if s}
+        calls = ["" if s else text + self._end for text, s in zip(texts, spelled, strict=True)]
+        encodings = self._joined.encode_batch_fast(calls, add_special_tokens=False) if calls else []
         n = sum(map(len, encodings)) + sum(map(len, plain.values()))
         parts = (
             (plain.get(i, e.ids) for i, e in enumerate(encodings))
@@ -91,8 +89,6 @@ class SentenceEncoder:
             else (e.ids for e in encodings)
         )
         stream = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=n)
-        if plain:
-            counters.add("documents_with_special_token_text", len(plain))
         if int(np.count_nonzero(stream == self.eos_id)) != sum(map(len, docs)):
             return None  # say, an EOS-S token with single_word=True
         return stream

@@ -60,9 +60,8 @@ def _spread(totals: np.ndarray, weights: np.ndarray, group_starts: np.ndarray) -
     total = np.repeat(totals, sizes)
     bound = np.where(whole > 0, cum * total // np.maximum(whole, 1), total)
     prev = np.empty_like(bound)
-    prev[0:1] = 0
     prev[1:] = bound[:-1]
-    prev[group_starts] = 0
+    prev[group_starts] = 0  # group_starts[0] is 0: every member gets its prev
     return bound - prev
 
 
@@ -208,22 +207,9 @@ class _Run:
     def cut(self, n: int) -> tuple[_Run, _Run]:
         """The first ``n`` pieces and the rest."""
         t = int(self.lengths[:n].sum())
-        head = _Run(
-            self.tokens[:t],
-            self.lengths[:n],
-            self.bytes[:n],
-            self.words[:n],
-            self.doc[:n],
-            self.offset[:n],
-        )
-        tail = _Run(
-            self.tokens[t:],
-            self.lengths[n:],
-            self.bytes[n:],
-            self.words[n:],
-            self.doc[n:],
-            self.offset[n:],
-        )
+        rest = [getattr(self, f.name) for f in fields(_Run)[1:]]
+        head = _Run(self.tokens[:t], *(a[:n] for a in rest))
+        tail = _Run(self.tokens[t:], *(a[n:] for a in rest))
         return head, tail
 
 
@@ -273,7 +259,8 @@ class BlockPacker:
     def _blocks(self, run: _Run) -> Blocks:
         n = len(run)
         starts = np.arange(0, n, self.sentences_per_block)
-        sizes = np.diff(np.append(starts, n))
+        ends = np.append(starts[1:], n) if n else starts
+        sizes = ends - starts
         # A block-local document number starts at 0 in every block and grows where the
         # document changes.
         new_doc = np.ones(n, dtype=bool)
@@ -281,28 +268,33 @@ class BlockPacker:
         new_doc[starts] = True
         rank = np.cumsum(new_doc) - 1
         local = rank - np.repeat(rank[starts], sizes)
-        docs = run.doc[new_doc].tolist()
-        names = [self._names[d] for d in docs]
+        names = [self._names[d] for d in run.doc[new_doc].tolist()]
         if n:  # forget every document no later piece can belong to
             keep_from = int(run.doc[-1])
             self._names = {k: v for k, v in self._names.items() if k >= keep_from}
-        token_offsets = np.zeros(len(starts) + 1, dtype=np.int64)
-        document_offsets = np.zeros(len(starts) + 1, dtype=np.int64)
-        if n:
-            np.cumsum(np.add.reduceat(run.lengths, starts), out=token_offsets[1:])
-            np.cumsum(local[np.append(starts[1:], n) - 1] + 1, out=document_offsets[1:])
         return Blocks(
             input_ids=run.tokens,
-            token_offsets=token_offsets,
+            token_offsets=_offsets(_sums(run.lengths, starts)),
             sentence_lengths=run.lengths,
             document_index=local,
             sentence_offsets=np.append(starts, n),
-            num_bytes=np.add.reduceat(run.bytes, starts) if n else run.bytes,
-            num_words=np.add.reduceat(run.words, starts) if n else run.words,
+            num_bytes=_sums(run.bytes, starts),
+            num_words=_sums(run.words, starts),
             document_ids=names,
-            document_offsets=document_offsets,
+            document_offsets=_offsets(local[ends - 1] + 1),
             first_sentence_offset=run.offset[starts],
         )
+
+
+def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of ``values`` over the runs that begin at ``starts`` (none: empty)."""
+    return np.add.reduceat(values, starts) if len(starts) else np.zeros(0, dtype=values.dtype)
+
+
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
 
 
 # Arrow arrays are built from buffers, never from Python or NumPy objects through pa.array():
@@ -317,8 +309,9 @@ def _numpy_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
 
 def _string_array(strings: list[str]) -> pa.Array:
     encoded = [x.encode("utf-8") for x in strings]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    offsets = _offsets(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
     return pa.Array.from_buffers(
-        pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+        pa.string(),
+        len(encoded),
+        [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))],
     )

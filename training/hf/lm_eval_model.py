@@ -91,9 +91,10 @@ class GPTHFLM(LM):
         self.model = model.to(device)
         self._device = torch.device(device)
         self.tok = Tokenizer.from_str(tokenizer_json)
-        c = model.config
-        self.encoder = SentenceEncoder(self.tok, eos_id=c.eos_id, eod_id=c.eod_id)
         self.config = model.config
+        self.encoder = SentenceEncoder(
+            self.tok, eos_id=self.config.eos_id, eod_id=self.config.eod_id
+        )
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.sentences_per_block = int(sentences_per_block or S or DEFAULT_SENTENCES_PER_BLOCK)
         self.max_gen_toks = int(max_gen_toks)
