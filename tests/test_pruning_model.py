@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -138,14 +138,18 @@ class DenseReference(Attention):
         assert gate is not None
         B, T = q.shape[:2]
         log_g = gate.log_gates(gate.q_int, gate.k_int)  # (B, T, T): [query n, key j]
-        keep = torch.zeros(B, T, T, dtype=log_g.dtype)
+        # Summed in fp64 and rounded once to the gates' fp32, as torch's CPU cumsum accumulates
+        # (an fp32 running sum here would differ from it by its own rounding, not by definition).
+        keep = torch.zeros(B, T, T, dtype=torch.float64)
         for b in range(B):
             for kq in range(T):
                 for j in range(T):
                     if self.gated[b, kq, j]:
                         later = [n for n in range(j + 1, kq + 1) if self.gated[b, n, j]]
-                        keep[b, kq, j] = sum((log_g[b, n, j] for n in later), torch.tensor(0.0))
-        bias = torch.where(self.allowed, keep, -math.inf)
+                        keep[b, kq, j] = sum(
+                            (log_g[b, n, j].double() for n in later), torch.tensor(0.0).double()
+                        )
+        bias = torch.where(self.allowed, keep.to(log_g.dtype), -math.inf)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) + bias[:, None]
         return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
@@ -169,6 +173,7 @@ def dense_masks(arch: str, sid: Tensor, doc: Tensor) -> tuple[Tensor, Tensor]:
 
 @settings(max_examples=12, deadline=None)
 @given(rows=batches, seed=st.integers(0, 1000), arch=st.sampled_from(["gpthf", "gpt"]))
+@example(rows=[[[2, 4, 1, 2]]], seed=409, arch="gpt")  # an fp32-summed reference missed by 1.3e-6
 def test_pruned_forward_equals_a_dense_reference(rows, seed, arch) -> None:
     # fp64: the reference sums in another order; the comparison is of definitions, not rounding.
     model = pruned_copy(tiny_model(arch, seed=1), bias=0.2, std=0.3, seed=seed).double()
