@@ -164,7 +164,10 @@ def run_outage_scenario(
         fs = _client(server.endpoint, server.key, server.secret)
         rng = random.Random(5)
         for k in range(N_FILES):
-            docs = [make_document(rng) for _ in range(20)]
+            # Enough text per file that the workers are still reading and writing when the
+            # server dies: with each worker's next group already queued, 20 documents a file
+            # were all processed before the kill and the outage hit only the commit.
+            docs = [make_document(rng) for _ in range(120)]
             fs.pipe(
                 f"corpus/raw/part-{k:02d}.jsonl",
                 "".join(json.dumps({"text": t}) + "\n" for t in docs).encode(),
