@@ -216,6 +216,9 @@ def main() -> None:
     p.add_argument("--S", type=int, default=16, help="synthetic sentences per block")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--out", type=Path, help="JSON path (default: benchmarks/results/eval[_quick].json)"
+    )
     p.add_argument("--job", metavar="EXPORT", help="time the Ray evaluation job of this export")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the in-process Ray")
     p.add_argument("--split", default="heldout", help="--job: the split of --data to score")
@@ -289,7 +292,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
 
     out = {
-        "args": vars(args),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": cfg.to_dict(),
         "device": args.device,
         "torch": torch.__version__,
@@ -297,8 +300,10 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "results": results,
     }
-    path = Path(__file__).parent / "results" / f"eval{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(exist_ok=True)
+    path = (
+        args.out or Path(__file__).parent / "results" / f"eval{'_quick' if args.quick else ''}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"\n{preset} ({args.device}), {args.batch_rows} blocks per call, budget {args.budget}\n")
     print(

@@ -11,3 +11,11 @@ MODEL_COLUMNS = LIST_COLUMNS
 SCORING_COLUMNS = (*MODEL_COLUMNS, "num_bytes", "num_words")
 """What training and evaluation read from a shard: the model columns plus the byte and word
 counts that bits-per-byte and word perplexity are normalised by."""
+
+SPECIAL_TOKENS = {
+    "end_of_sentence": "<|endofsentence|>",
+    "pad": "<|pad|>",
+    "end_of_document": "<|endofdoc|>",
+}
+"""Role -> token string. Roles are what the manifest and the model config refer to. Here, not in
+``pipeline.tokenizer``, so that what only writes or reads blocks needs no text pipeline."""

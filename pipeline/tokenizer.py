@@ -8,19 +8,13 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pipeline.columns import SPECIAL_TOKENS
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.counters import Counters
 from pipeline.errors import UserError
 from pipeline.readers import read_documents
 from pipeline.storage import expand_inputs, filesystem_for, read_bytes, storage_errors
 from pipeline.text import normalise, split_sentences
-
-# Role -> token string. Roles are what the manifest and the model config refer to.
-SPECIAL_TOKENS = {
-    "end_of_sentence": "<|endofsentence|>",
-    "pad": "<|pad|>",
-    "end_of_document": "<|endofdoc|>",
-}
 
 
 class TokenizerError(UserError):
