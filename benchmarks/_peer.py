@@ -15,6 +15,7 @@ both do the same work.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -88,9 +89,23 @@ def check_same_function(gpt: Transformer, peer: Any, input_ids: Tensor, atol: fl
     return diff
 
 
+def same_kernels(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """On CUDA, the SDPA backends our model uses (``training.model.attention.attend``: no
+    cuDNN attention, which plans anew for every shape): the peer runs under the same, so that a
+    comparison is of the two models and not of one library's backend choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    from training.model.attention import CUDA_SDPA_BACKENDS
+
+    return sdpa_kernel(CUDA_SDPA_BACKENDS)
+
+
 def peer_loss(peer: Any, input_ids: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of the peer on packed rows, causal over the whole row (see module doc)."""
-    logits = peer(input_ids=input_ids).logits
+    with same_kernels(input_ids.device):
+        logits = peer(input_ids=input_ids).logits
     return torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
     )

@@ -179,15 +179,16 @@ def run_llama(peer: Any, prompts: list[list[int]], new: int, repeats: int) -> di
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        out = peer.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=peer.config.pad_token_id,
-        )
+        with _peer.same_kernels(device):
+            out = peer.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=peer.config.pad_token_id,
+            )
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     made = (out.shape[1] - ids.shape[1]) * ids.shape[0]

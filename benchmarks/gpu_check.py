@@ -14,7 +14,10 @@ its error and the next one still runs; the exit code is 0 only if every stage pa
    ZeRO-2, bf16, for gpt-12 and gpthf-8-4 on synthetic blocks of the block schema
    (``benchmarks/synthetic_shards.py``; 40 sentences ~ 1k tokens a block): tokens/s and MFU
    (median over the steps after the warm-up; MFU against the device's dense bf16 peak,
-   ``training.train.metrics.PEAK_FLOPS``), peak memory, loss finite and falling.
+   ``training.train.metrics.PEAK_FLOPS``), peak memory, loss finite and falling. The GPT's run
+   goes through ``benchmarks/profile_train.py``: two of its steps run under torch.profiler
+   (left out of the throughput figures), which gives their wall time against the time the
+   device spent in kernels, and the top operators: what sets the pace when MFU is low.
 3. ``resume``: gpthf-8-4 with ``--deterministic``, trained N steps straight through, and again
    stopped at N/2 (``--max-steps``) then continued with ``--resume``: the losses after the
    checkpoint must equal the uninterrupted run's (exactly where the kernels are deterministic;
@@ -26,9 +29,6 @@ its error and the next one still runs; the exit code is 0 only if every stage pa
    tokens at batch 1 and 32, GPTHF kv vs GPT kv vs Llama kv, prefill and decode apart, and the
    bf16 exactness of the cached modes.
 6. ``eval``: ``benchmarks/eval.py``: prepacked vs padded scoring, tokens/s and peak memory.
-7. ``profile``: ``benchmarks/profile_train.py`` on a few gpt-12 training steps: each step's
-   wall time against the time the device spent in kernels, and the top operators (a diagnosis
-   for the MFU figure; it passes whenever it runs).
 
 Written to ``--out``: ``gpu_check.json`` (every figure, each stage's status, error and log
 tail), ``gpu_check.md`` (the table), ``gpu_check.log`` (every stage's output) and the
@@ -59,7 +59,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the stages' figures use training.model (no install needed)
-STAGES = ("tests", "train", "resume", "train_step", "generation", "eval", "profile")
+STAGES = ("tests", "train", "resume", "train_step", "generation", "eval")
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,18 @@ GPU = Sizes(
     sentences=40,
     rows=640,
     micro_batch=16,
-    train_steps=20,
+    train_steps=16,
     warmup_steps=5,
     resume_steps=6,
-    resume_micro_batch=8,
+    resume_micro_batch=4,
     train_step_args=(
         "--preset", "gpthf-8-4", "--sentences", "40", "80", "160", "--doc-sentences", "20", "0",
-        "--batch", "8", "--steps", "3", "--repeats", "2", "--attention", "sdpa", "flex",
+        "--batch", "8", "--steps", "2", "--repeats", "2", "--attention", "sdpa", "flex",
     ),
-    generation_args=("--protocol", "gpu-check", "--repeats", "2"),
+    generation_args=("--protocol", "gpu-check", "--repeats", "2", "--exactness-prompts", "4"),
     eval_args=("--rows", "512", "--repeats", "2"),
     timeouts={"tests": 120, "train": 150, "resume": 120, "train_step": 90, "generation": 120,
-              "eval": 60, "profile": 60},
+              "eval": 60},
 )  # fmt: skip
 
 CPU = Sizes(
@@ -122,7 +122,7 @@ CPU = Sizes(
                      "--exactness-prompts", "2"),
     eval_args=("--quick", "--rows", "16", "--repeats", "1", "--threads", "1"),
     timeouts={"tests": 120, "train": 120, "resume": 120, "train_step": 60, "generation": 90,
-              "eval": 60, "profile": 60},
+              "eval": 60},
 )  # fmt: skip
 
 
@@ -254,13 +254,26 @@ def _data(ck: Check) -> Path:
 
 
 def _train(
-    ck: Check, model: str, output: Path, steps: int, timeout: float, extra: list[str]
+    ck: Check,
+    model: str,
+    output: Path,
+    steps: int,
+    timeout: float,
+    extra: list[str],
+    profile: tuple[int, int, Path] | None = None,
 ) -> list[dict[str, Any]]:
-    """One ``torchrun`` of ``training.train.local``; returns its metrics.jsonl records."""
+    """One ``torchrun`` of ``training.train.local`` (through ``benchmarks/profile_train.py``
+    with ``profile`` = (steps to skip, steps to profile, JSON path)); returns its metrics.jsonl
+    records."""
     s = ck.sizes
+    entry = ["-m", "training.train.local"]
+    if profile is not None:
+        skip, n, path = profile
+        entry = ["benchmarks/profile_train.py", "--skip", str(skip), "--profile", str(n),
+                 "--top", "12", "--json", str(path), "--"]  # fmt: skip
     cmd = [
         ck.python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-        "-m", "training.train.local", "--data", str(_data(ck)), "--output", str(output),
+        *entry, "--data", str(_data(ck)), "--output", str(output),
         "--model", model, "--zero-stage", "2", "--total-steps", str(steps),
         "--warmup-steps", str(s.warmup_steps), "--eval-every", "100000", "--run.eval_rows", "8",
         *ck.device_flag, *extra,
@@ -280,15 +293,19 @@ def stage_train(ck: Check, timeout: float) -> StageResult:
     s = ck.sizes
     deadline = time.monotonic() + timeout
     problems, parts = [], []
-    for model in s.models:
+    prof_path = ck.work / "profile.json"
+    profiled = range(s.train_steps - 3, s.train_steps - 1)  # two steps near the end
+    for i, model in enumerate(s.models):
         left = deadline - time.monotonic()
         records = _train(
             ck, model, ck.work / f"train-{model}", s.train_steps, left,
             ["--micro-batch", str(s.micro_batch), "--checkpoint-every", str(s.train_steps)],
+            profile=(profiled.start - 1, len(profiled), prof_path) if i == 0 else None,
         )  # fmt: skip
         steps = [x for x in records if "loss" in x and not x.get("final")]
         final = next(x for x in records if x.get("final"))
-        timed = steps[s.warmup_steps :] or steps  # after warm-up: allocator, kernel selection
+        # After the warm-up (allocator, kernel selection), and never a step under the profiler.
+        timed = [x for x in steps[s.warmup_steps :] if i or x["step"] not in profiled] or steps
         losses = [x["loss"] for x in steps]
         k = max(1, len(losses) // 5)
         first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
@@ -314,6 +331,19 @@ def stage_train(ck: Check, timeout: float) -> StageResult:
         parts.append(
             f"{model} {fig['tokens_per_s']:,.0f} tok/s{mfu_text}, "
             f"{fig['peak_memory_gib']:.1f} GiB, loss {first:.2f}->{last:.2f}"
+        )
+    if prof_path.exists():
+        prof = json.loads(prof_path.read_text())["steps"]
+        r.figures["profile"] = {"model": s.models[0], "steps": prof}
+        last = prof[-1]
+        busy = last["device_busy_share"]
+        parts.append(
+            f"{s.models[0]} profiled step: wall {last['wall_ms']:.0f} ms"
+            + (
+                f", kernels {last['device_kernel_ms']:.0f} ms (device busy {busy:.0%})"
+                if busy is not None
+                else ""
+            )
         )
     a, b = (r.figures[m] for m in s.models)
     flops = _flop_ratio(s.models, s.vocab_size, s.sentences)
@@ -466,38 +496,7 @@ def stage_eval(ck: Check, timeout: float) -> StageResult:
     return r
 
 
-def stage_profile(ck: Check, timeout: float) -> StageResult:
-    r = StageResult("profile")
-    s = ck.sizes
-    model = s.models[0]
-    out = ck.work / "profile.json"
-    ck.run(
-        [ck.python, "benchmarks/profile_train.py", "--skip", "4", "--profile", "2", "--top", "12",
-         "--json", str(out), "--", "--data", str(_data(ck)), "--output",
-         str(ck.work / "profile-run"), "--model", model, "--zero-stage", "2", "--total-steps",
-         "6", "--warmup-steps", "1", "--micro-batch", str(s.micro_batch), "--checkpoint-every",
-         "1000", "--eval-every", "100000", *ck.device_flag],
-        timeout,
-        env={"OMP_NUM_THREADS": "1" if ck.cpu else "4"},
-    )  # fmt: skip
-    rep = json.loads(out.read_text())
-    last = rep["steps"][-1]
-    r.figures = {"model": model, "steps": rep["steps"]}
-    busy = last["device_busy_share"]
-    top_dev = last["top_device"][0]["name"] if last["top_device"] else "-"
-    top_host = last["top_host"][0]["name"] if last["top_host"] else "-"
-    r.summary = (
-        f"{model} step of {last['tokens']:,} tokens: wall {last['wall_ms']:.0f} ms, kernels "
-        f"{last['device_kernel_ms']:.0f} ms"
-        + (f" (device busy {busy:.0%})" if busy is not None else "")
-        + f"; top device op {top_dev}; top host op {top_host}"
-    )
-    r.status = "pass"
-    return r
-
-
 RUNNERS: dict[str, Callable[[Check, float], StageResult]] = {
-    "profile": stage_profile,
     "tests": stage_tests,
     "train": stage_train,
     "resume": stage_resume,
@@ -566,7 +565,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", "| model | tok/s (min-max) | MFU | peak GiB | loss first -> last |",
                       "|---|---|---|---|---|"]  # fmt: skip
             for m, v in f.items():
-                if isinstance(v, dict):
+                if isinstance(v, dict) and "tokens_per_s" in v:
                     mfu = f"{v['mfu']:.1%}" if v["mfu"] is not None else "-"
                     lines.append(
                         f"| {m} | {v['tokens_per_s']:,.0f} ({v['tokens_per_s_min']:,.0f}-"
@@ -603,6 +602,21 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {x['prepack_tok_s']:,.0f} | {x['speedup']:.2f}x "
                     f"| {x['pad_peak_mib']:.0f} : {x['prepack_peak_mib']:.0f} |"
                 )
+    prof = next(
+        (s["figures"].get("profile") for s in report["stages"] if s["name"] == "train"), None
+    )
+    if prof:
+        last = prof["steps"][-1]
+        for title, key in (("device", "top_device"), ("host", "top_host")):
+            if last[key]:
+                lines += ["", f"{prof['model']}, one training step: top operators by {title} time",
+                          "", "| operator | calls | self device ms | self host ms |",
+                          "|---|---|---|---|"]  # fmt: skip
+                lines += [
+                    f"| {e['name'][:60]} | {e['calls']} | {e['self_device_ms']:.2f} "
+                    f"| {e['self_cpu_ms']:.2f} |"
+                    for e in last[key][:10]
+                ]
     goals = report.get("goals")
     if goals:
         lines += ["", "Goals (measured, not tuned to):", ""]

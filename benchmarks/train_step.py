@@ -13,6 +13,9 @@ SDPA Llama runs packed rows; skip it with ``--no-peer``). A step is
 forward, cross-entropy over the labels, backward (no optimizer: it is the same for all).
 tokens/s counts real (non-pad) tokens; best of ``--repeats`` timings of ``--steps`` steps,
 the models timed in turn within each repeat.
+``--attention sdpa flex`` times both backends of ``ModelConfig.attention`` (same weights): the
+gathered-SDPA models are "gpt" and "gpthf", the FlexAttention ones "gpt/flex" and "gpthf/flex"
+(CUDA only: flex has no backward on CPU; its compile happens in the warm-up).
 ``--profile`` prints the top operators of one step of each model (torch.profiler).
 Results: ``benchmarks/results/train_step[_quick].json``.
 """
@@ -20,6 +23,7 @@ Results: ``benchmarks/results/train_step[_quick].json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -85,6 +89,15 @@ def step(model: Any, b: PackedBatch, autocast: bool) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def model_key(arch: str, attention: str) -> str:
+    """Result key of a model: "gpt", "gpthf" for sdpa (as before the option); "gpt/flex"..."""
+    return arch if attention == "sdpa" else f"{arch}/{attention}"
+
+
+def speedup_key(attention: str) -> str:
+    return "speedup" if attention == "sdpa" else f"speedup/{attention}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -114,10 +127,23 @@ def main() -> None:
     )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face Llama peer")
+    ap.add_argument(
+        "--attention",
+        nargs="+",
+        default=["sdpa"],
+        choices=["sdpa", "flex"],
+        help="attention backends to time, each as its own GPT and GPTHF (ModelConfig.attention)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    backends = list(dict.fromkeys(args.attention))  # in order, once each
+    if "flex" in backends and device.type != "cuda":
+        ap.error(
+            f"--attention flex needs a CUDA device (this run's is {device}): FlexAttention's "
+            "backward does not run on CPU; time --attention sdpa here"
+        )
     if args.threads or (args.quick and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)
     autocast = device.type == "cuda"
@@ -127,18 +153,24 @@ def main() -> None:
     sentence_counts = args.sentences or ([40] if args.quick else [40, 80, 160])
     hf_cfg = ModelConfig.preset(preset, vocab_size=args.vocab_size)
     models: dict[str, Any] = {}
-    for cfg in (hf_cfg, hf_cfg.baseline()):
-        torch.manual_seed(0)
-        models[cfg.arch] = build_model(cfg).to(device).train()
+    for attention in backends:
+        for cfg in (hf_cfg, hf_cfg.baseline()):
+            torch.manual_seed(0)  # the same weights for every backend
+            cfg = dataclasses.replace(cfg, attention=attention)
+            models[model_key(cfg.arch, attention)] = build_model(cfg).to(device).train()
+    # The backend the peer and the GPT / Llama ratio are measured against.
+    base = "sdpa" if "sdpa" in backends else backends[0]
+    gpt = models[model_key("gpt", base)]
     peer_diff = None
     if not args.no_peer and _peer.available():
-        models["llama"] = _peer.llama_peer(models["gpt"])
+        models["llama"] = _peer.llama_peer(gpt)
         probe = torch.randint(3, hf_cfg.vocab_size, (2, 64), device=device)
-        peer_diff = _peer.check_same_function(models["gpt"], models["llama"], probe, atol=1e-3)
+        peer_diff = _peer.check_same_function(gpt, models["llama"], probe, atol=1e-3)
     elif not args.no_peer:
         print("# transformers is not installed: no Llama peer (pip install -e '.[hf]')")
-    print(f"# {preset} vs its GPT baseline, {models['gpt'].num_parameters() / 1e6:.1f}M params, "
-          f"batch {batch}, {device}{' bf16 autocast' if autocast else ' fp32'}", flush=True)  # fmt: skip
+    print(f"# {preset} vs its GPT baseline, {gpt.num_parameters() / 1e6:.1f}M params, "
+          f"batch {batch}, {device}{' bf16 autocast' if autocast else ' fp32'}, "
+          f"attention {' '.join(backends)}", flush=True)  # fmt: skip
 
     results = []
     for n_sent, doc_sent in [(n, d) for d in args.doc_sentences for n in sentence_counts]:
@@ -155,8 +187,13 @@ def main() -> None:
         }
         # Round robin: every repeat times each model once, so a slow spell of a shared machine
         # costs all of them alike instead of whichever model happened to run then.
+        # Flex is compiled: a new T recompiles (the second makes T dynamic), so its warm-up sees
+        # every shape of the timed batches, and no compile falls inside a timing.
+        shapes = list({b.input_ids.shape: b for b in batches}.values())
         for model in models.values():
-            step(model, batches[0], autocast)  # warm-up
+            flex = isinstance(model, Transformer) and model.config.attention == "flex"
+            for b in shapes if flex else batches[:1]:
+                step(model, b, autocast)  # warm-up
         best = dict.fromkeys(models, float("inf"))
         for _ in range(args.repeats):
             for arch, model in models.items():
@@ -167,7 +204,7 @@ def main() -> None:
                 _sync(device)
                 best[arch] = min(best[arch], time.perf_counter() - t0)
         for arch, model in models.items():
-            config = model.config if isinstance(model, Transformer) else models["gpt"].config
+            config = model.config if isinstance(model, Transformer) else gpt.config
             flops = train_step_flops(config, documents_of(rows)).total  # attended FLOPs
             entry[arch] = {
                 "tokens_per_s": tokens / best[arch],
@@ -190,10 +227,20 @@ def main() -> None:
                     _sync(device)
                 key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
                 print(prof.key_averages().table(sort_by=key, row_limit=15))
-        entry["speedup"] = entry["gpthf"]["tokens_per_s"] / entry["gpt"]["tokens_per_s"]
-        entry["flops_ratio"] = entry["gpt"]["flops_per_token"] / entry["gpthf"]["flops_per_token"]
+        for attention in backends:
+            hf_tps, gpt_tps = (
+                entry[model_key(a, attention)]["tokens_per_s"] for a in ("gpthf", "gpt")
+            )
+            entry[speedup_key(attention)] = hf_tps / gpt_tps
+            if attention != "sdpa" and "sdpa" in backends:  # this backend against gathered SDPA
+                for a in ("gpthf", "gpt"):
+                    entry[model_key(a, attention)]["vs_sdpa"] = (
+                        entry[model_key(a, attention)]["tokens_per_s"] / entry[a]["tokens_per_s"]
+                    )
+        gpt_entry, hf_entry = entry[model_key("gpt", base)], entry[model_key("gpthf", base)]
+        entry["flops_ratio"] = gpt_entry["flops_per_token"] / hf_entry["flops_per_token"]
         if "llama" in entry:
-            entry["gpt_vs_llama"] = entry["gpt"]["tokens_per_s"] / entry["llama"]["tokens_per_s"]
+            entry["gpt_vs_llama"] = gpt_entry["tokens_per_s"] / entry["llama"]["tokens_per_s"]
         results.append(entry)
 
     report: dict[str, Any] = {
@@ -206,6 +253,7 @@ def main() -> None:
         "precision": "bf16 autocast" if autocast else "fp32",
         "torch": torch.__version__,
         "gpthf_config": hf_cfg.to_dict(),
+        "attention": backends,
         "batch": batch,
         "peer": "transformers LlamaForCausalLM (sdpa)" if "llama" in models else None,
         "peer_max_logit_diff": peer_diff,
@@ -213,7 +261,12 @@ def main() -> None:
         "goals": {
             "gpthf_at_flop_ratio": {
                 "goal": "GPTHF speedup over our GPT >= their FLOP ratio",
-                "met": all(r["speedup"] >= r["flops_ratio"] for r in results),
+                **{
+                    ("met" if a == "sdpa" else f"met/{a}"): all(
+                        r[speedup_key(a)] >= r["flops_ratio"] for r in results
+                    )
+                    for a in backends
+                },
             },
             "gpt_vs_llama": {
                 "goal": 1.0,
@@ -232,17 +285,23 @@ def main() -> None:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(
-        "\n| sentences/row | sentences/doc | T | Llama tok/s | GPT tok/s | GPTHF tok/s "
-        "| GPT / Llama | GPTHF / GPT | GPT/GPTHF FLOPs |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    # Columns per backend: "GPT tok/s" for sdpa (the table as before), "GPT flex tok/s" for flex.
+    suffix = {a: "" if a == "sdpa" else f" {a}" for a in backends}
+    head = ["sentences/row", "sentences/doc", "T", "Llama tok/s"]
+    head += [f"{m}{suffix[a]} tok/s" for a in backends for m in ("GPT", "GPTHF")]
+    head += ["GPT / Llama", *(f"GPTHF / GPT{suffix[a]}" for a in backends), "GPT/GPTHF FLOPs"]
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for r in results:
         docs = r["doc_sentences"] or "one doc/row"
         llama = f"{r['llama']['tokens_per_s']:,.0f}" if "llama" in r else "-"
         vs = f"{r['gpt_vs_llama']:.2f}x" if "gpt_vs_llama" in r else "-"
-        print(f"| {r['sentences_per_row']} | {docs} | {r['T']} | {llama} | {r['gpt']['tokens_per_s']:,.0f} "
-              f"| {r['gpthf']['tokens_per_s']:,.0f} | {vs} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x |")  # fmt: skip
+        cells = [str(r["sentences_per_row"]), str(docs), str(r["T"]), llama]
+        cells += [
+            f"{r[model_key(m, a)]['tokens_per_s']:,.0f}" for a in backends for m in ("gpt", "gpthf")
+        ]
+        cells += [vs, *(f"{r[speedup_key(a)]:.2f}x" for a in backends), f"{r['flops_ratio']:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
     print()
     for name, g in report["goals"].items():
         print(f"- {name}: {json.dumps(g)}")

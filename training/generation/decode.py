@@ -39,6 +39,7 @@ from training.model.attention import (
     Attention,
     CausalAttention,
     KVCacheAttention,
+    attend,
     rope_tables,
 )
 from training.model.pruning import NEG_INF, Gate, PruningRecord
@@ -575,7 +576,7 @@ class _PrunedSentenceBody(Attention):
         allowed = earlier[None] & is_end[:, None, :]
         bias = torch.where(allowed, keep, NEG_INF)
         bias = torch.where((slot[None, :] == slot[:, None])[None], 0.0, bias)
-        out = F.scaled_dot_product_attention(
+        out = attend(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.model.attention import Attention
+from training.model.attention import Attention, attend
 from training.model.pruning import NEG_INF, Gate
 
 
@@ -118,8 +118,6 @@ class EvictingKVAttention(Attention):
         seen = c.live.clone()
         seen[rows, slot] = True
         bias = torch.where(seen, c.log_keep, NEG_INF)[:, None, None, :]  # (B, 1, 1, cap)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), c.k, c.v, attn_mask=bias.to(q.dtype)
-        )  # (B, H, 1, hd)
+        out = attend(q.transpose(1, 2), c.k, c.v, attn_mask=bias.to(q.dtype))  # (B, H, 1, hd)
         c.live[rows, slot] = self.keep_self
         return out.transpose(1, 2)  # (B, 1, H, hd)

@@ -19,8 +19,14 @@ Patterns for a full forward over packed rows:
 
 No pattern materialises a T x T mask or score matrix (tests/test_model_attention.py records
 every tensor of a forward and backward). On CUDA the gathered causal sequences run on SDPA's
-flash kernel; FlexAttention would express the same masks, but its backward does not run on
-CPU (STACK.md) and gathering needs no compile step.
+flash kernel.
+
+The same three patterns with FlexAttention (``ModelConfig.attention == "flex"``;
+``FlexAttention``): the rows stay as they are, and one ``BlockMask`` per stage, built from
+per-token document, sentence and end ids, tells the fused kernel which (query, key) blocks to
+compute. No routing plan, so no host sync; but the kernel is compiled (CUDA), its backward does
+not run on CPU (torch 2.13), and on CPU the eager forward scores the full T x T (tests and CPU
+generation only).
 
 Patterns for generation (per-sequence state lives in the caches; see ``training.generation.decode``):
 
@@ -36,11 +42,16 @@ finite garbage that no real position ever attends.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from training.model.pruning import NEG_INF, Gate, PruningRecord, running_keep
 
@@ -80,11 +91,30 @@ def position_in_run(start: Tensor) -> tuple[Tensor, Tensor]:
     return t - first, first
 
 
+# Every SDPA call of the model and its caches goes through ``attend``. On CUDA it leaves out
+# cuDNN's attention, which torch (2.11 at least) prefers for bf16 on Hopper but which builds an
+# execution plan for every new shape: measured on an H200 by gpu-check's profile (2026-12-04),
+# ~11 ms of host time per call, 0.97 s of a 1.25 s gpt-12 training step (device busy 18%),
+# because the routed groups (and a decode step's KV length) change shape all the time. Flash
+# takes causal and unmasked calls, memory-efficient the masked ones; math stays as the fallback.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False
+) -> Tensor:
+    """F.scaled_dot_product_attention on (B, H, T, hd) tensors, with the backends chosen above."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    with sdpa_kernel(CUDA_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
 def sdpa(
     q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, causal: bool = False
 ) -> Tensor:
     """SDPA on (B, T, H, hd) tensors, returning (B, T, H, hd)."""
-    out = F.scaled_dot_product_attention(
+    out = attend(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
     )  # (B, H, T, hd)
     return out.transpose(1, 2)
@@ -235,6 +265,7 @@ class RunRouting:
     run_first: Tensor  # (R,) flat index of each run's first token, in order
     run_length: list[int]  # host copy of each run's length
     group_runs: list[Tensor]  # per group (n,) run ids, on the host
+    _real_slots: list[Tensor] | None = None  # real_slots(), made once per forward
 
     @classmethod
     def build(cls, start: Tensor, valid: Tensor) -> RunRouting:
@@ -304,15 +335,19 @@ class RunRouting:
         return self.scatter(outs)
 
     def real_slots(self) -> list[Tensor]:
-        """Per group (n, L) bool: the slot holds a token of its run (not padding)."""
+        """Per group (n, L) bool: the slot holds a token of its run (not padding). Made on the
+        first call and kept: every pruned layer asks, and making it copies host data to the
+        device (which would stall the stream once per layer on CUDA)."""
         if self.groups is None:
             return [self.valid]
-        device = self.valid.device
-        length = torch.tensor(self.run_length, device=device)
-        return [
-            torch.arange(g.shape[1], device=device)[None, :] < length[runs.to(device), None]
-            for g, runs in zip(self.groups, self.group_runs, strict=True)
-        ]
+        if self._real_slots is None:
+            device = self.valid.device
+            length = torch.tensor(self.run_length, device=device)
+            self._real_slots = [
+                torch.arange(g.shape[1], device=device)[None, :] < length[runs.to(device), None]
+                for g, runs in zip(self.groups, self.group_runs, strict=True)
+            ]
+        return self._real_slots
 
     def causal_pruned(
         self, q: Tensor, k: Tensor, v: Tensor, gate: Gate, record: Attention, layer: int
@@ -352,6 +387,42 @@ def _document_runs(
     doc = document_ids if document_ids is not None else torch.where(valid, 0, -1)
     doc = torch.where(valid, doc, -1)
     return valid, doc, run_starts(doc)
+
+
+@dataclass
+class SentenceRuns:
+    """Per-token sentence and document structure of packed rows, from device ops alone (no host
+    sync): what both attention backends derive their positions and masks from."""
+
+    valid: Tensor  # (B, T) bool, real tokens
+    new_doc: Tensor  # (B, T) bool, starts a document run (trailing pads: one run of their own)
+    new_sent: Tensor  # (B, T) bool, starts a sentence run (a document start always does)
+    token_pos: Tensor  # (B, T) position within the sentence (encoder RoPE)
+    sentence_pos: Tensor  # (B, T) sentence index within the document (body RoPE)
+    is_end: Tensor  # (B, T) bool, last real token of its sentence run
+
+    @classmethod
+    def build(cls, sentence_ids: Tensor, document_ids: Tensor | None) -> SentenceRuns:
+        valid, doc, new_doc = _document_runs(sentence_ids, document_ids)
+        new_sent = run_starts(sentence_ids, doc)  # pads form their own runs too
+        token_pos, _ = position_in_run(new_sent)
+        _, doc_first = position_in_run(new_doc)
+        sent_run = new_sent.cumsum(dim=1)  # (B, T) sentence run number within the row
+        sentence_pos = sent_run - sent_run.gather(1, doc_first)
+        is_end = valid.clone()
+        is_end[:, :-1] &= new_sent[:, 1:]  # last token of its run
+        return cls(valid, new_doc, new_sent, token_pos, sentence_pos, is_end)
+
+
+def row_end_positions(is_end: Tensor, n_row_ends: int) -> Tensor:
+    """(B, N) position of each sentence end of a row, in order (0 where a row has fewer than
+    N = ``n_row_ends`` >= 1 ends): the body's ends for the generation caches (``capture``)."""
+    B, T = is_end.shape
+    rank = is_end.cumsum(dim=1) - 1  # (B, T)
+    t = torch.arange(T, device=is_end.device).expand(B, T)
+    end_pos = torch.zeros(B, n_row_ends + 1, dtype=torch.long, device=is_end.device)
+    end_pos.scatter_(1, torch.where(is_end, rank, n_row_ends), t)
+    return end_pos[:, :n_row_ends]
 
 
 class DocumentCausalAttention(Attention):
@@ -400,14 +471,9 @@ class SentenceLayout:
     def build(cls, sentence_ids: Tensor, document_ids: Tensor | None = None) -> SentenceLayout:
         B, T = sentence_ids.shape
         device = sentence_ids.device
-        valid, doc, new_doc = _document_runs(sentence_ids, document_ids)
-        new_sent = run_starts(sentence_ids, doc)  # pads form their own runs too
-        token_pos, _ = position_in_run(new_sent)
-        _, doc_first = position_in_run(new_doc)
-        sent_run = new_sent.cumsum(dim=1)  # (B, T) sentence run number within the row
-        sentence_pos = sent_run - sent_run.gather(1, doc_first)
-        is_end = valid.clone()
-        is_end[:, :-1] &= new_sent[:, 1:]  # last token of its run
+        tokens = SentenceRuns.build(sentence_ids, document_ids)
+        valid, new_doc, new_sent = tokens.valid, tokens.new_doc, tokens.new_sent
+        is_end, token_pos, sentence_pos = tokens.is_end, tokens.token_pos, tokens.sentence_pos
 
         sentences = RunRouting.build(new_sent, valid)
         documents = RunRouting.build(new_doc, valid)
@@ -440,11 +506,6 @@ class SentenceLayout:
             j = torch.arange(width, device=device)
             doc_allowed.append((j[None, None, :] < pos[:, :, None])[:, None])  # (n, 1, L, N_g)
 
-        # Rows' ends in order, for generation caches (``capture``).
-        rank = is_end.cumsum(dim=1) - 1  # (B, T)
-        t = torch.arange(T, device=device).expand(B, T)
-        end_pos = torch.zeros(B, n_row_ends + 1, dtype=torch.long, device=device)
-        end_pos.scatter_(1, torch.where(is_end, rank, n_row_ends), t)
         return cls(
             valid=valid,
             token_pos=token_pos,
@@ -453,7 +514,7 @@ class SentenceLayout:
             documents=documents,
             doc_ends=doc_ends,
             doc_allowed=doc_allowed,
-            end_pos=end_pos[:, :n_row_ends],
+            end_pos=row_end_positions(is_end, n_row_ends),
         )
 
 
@@ -531,6 +592,139 @@ class SentenceEndAttention(Attention):
         return lay.documents.scatter(outs)  # (B, T, H, hd)
 
 
+# --------------------------------------------------------------------------------------------
+# FlexAttention: the same patterns as block masks over the rows as they are
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _eager_flex_attention(*args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        # Eager flex warns that it is unfused (it scores the full T x T): known, and only
+        # tests and CPU generation run it.
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def _flex_ops(device: torch.device) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """flex_attention and create_block_mask for ``device``. On CUDA compiled, once per process
+    (lazily: importing the model compiles nothing): the fused kernel, and a block mask computed
+    block by block, never as a (B, T, T) tensor. Elsewhere eager: unfused, forward only."""
+    if device.type != "cuda":
+        return _eager_flex_attention, create_block_mask
+    if not _COMPILED:
+        # Default dynamic=None: the first new T recompiles with T symbolic, then no more.
+        _COMPILED["attention"] = torch.compile(flex_attention)
+        _COMPILED["block_mask"] = torch.compile(create_block_mask)
+    return _COMPILED["attention"], _COMPILED["block_mask"]
+
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def causal_within(run: Tensor) -> MaskMod:
+    """kv <= q in the same run; run: (B, T) run id per token. Trailing pads are one run of
+    their own: a pad sees earlier pads (finite output), a real token never sees one."""
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (run[b, q] == run[b, kv]) & (kv <= q)
+
+    return mask_mod
+
+
+def ends_and_self(doc: Tensor, sent: Tensor, end_of: Tensor) -> MaskMod:
+    """kv == q, or kv ends an earlier sentence of q's document. doc, sent: (B, T) document and
+    sentence run ids, numbered along the row; end_of: (B, T) the sentence run id at sentence
+    ends, larger than any elsewhere (pads too: a pad sees only itself)."""
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (q == kv) | ((doc[b, q] == doc[b, kv]) & (end_of[b, kv] < sent[b, q]))
+
+    return mask_mod
+
+
+class FlexAttention(Attention):
+    """One stage's pattern as a ``BlockMask`` (built once, shared by all its layers) for
+    flex_attention over the rows as they are: no gathering, no host sync.
+
+    ``is_end``: (B, T), set for the GPTHF body, whose generation caches keep only the K/V at
+    sentence ends (as ``SentenceEndAttention`` captures them); the others capture every token.
+    """
+
+    def __init__(
+        self, cos: Tensor, sin: Tensor, block_mask: BlockMask, is_end: Tensor | None = None
+    ) -> None:
+        super().__init__(cos, sin)
+        self.block_mask, self.is_end = block_mask, is_end
+
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
+    ) -> Tensor:
+        no_gate(self, gate)  # ModelConfig refuses prune with flex: the gates need routing
+        if self.capture is not None:
+            self.capture[layer] = (k, v) if self.is_end is None else self._at_ends(k, v)
+        if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError(
+                "attention='flex' has no backward on CPU (torch's FlexAttention): train with "
+                "attention='sdpa' here, or on a CUDA device"
+            )
+        attend, _ = _flex_ops(q.device)
+        out = attend(
+            q.transpose(1, 2),  # (B, H, T, hd)
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            block_mask=self.block_mask,
+        )  # (B, H, T, hd)
+        return out.transpose(1, 2)  # (B, T, H, hd)
+
+    def _at_ends(self, k: Tensor, v: Tensor) -> KV:
+        """(B, H, N, hd) K/V at each row's sentence ends, in order (one host sync: N)."""
+        assert self.is_end is not None
+        H, hd = k.shape[2:]
+        n_row_ends = max(int(self.is_end.sum(dim=1).max()), 1)
+        ends = row_end_positions(self.is_end, n_row_ends)
+        ends = ends[:, :, None, None].expand(-1, -1, H, hd)  # (B, N, H, hd)
+        return k.gather(1, ends).transpose(1, 2), v.gather(1, ends).transpose(1, 2)
+
+
+def flex_stages(
+    sentence_ids: Tensor,
+    document_ids: Tensor | None,
+    arch: str,
+    head_dim: int,
+    theta: float,
+) -> list[FlexAttention]:
+    """The flex patterns of a full forward: [document causal] for the GPT, [sentence causal,
+    ends and self] for GPTHF; same positions as the gathered patterns (``SentenceRuns``)."""
+    B, T = sentence_ids.shape
+    runs = SentenceRuns.build(sentence_ids, document_ids)
+    # Run ids along the row (int32: what the mask_mods load per block).
+    doc = runs.new_doc.cumsum(dim=1, dtype=torch.int32)  # (B, T)
+    _, make_mask = _flex_ops(sentence_ids.device)
+
+    def block_mask(mask_mod: MaskMod) -> BlockMask:
+        # H=None: one mask for every head. T need not be a multiple of the 128 block size.
+        mask: BlockMask = make_mask(mask_mod, B, None, T, T, device=sentence_ids.device)
+        return mask
+
+    if arch == "gpt":
+        doc_pos, _ = position_in_run(runs.new_doc)  # (B, T) token index within its document
+        cos, sin = rope_tables(doc_pos, head_dim, theta)
+        return [FlexAttention(cos, sin, block_mask(causal_within(doc)))]
+    sent = runs.new_sent.cumsum(dim=1, dtype=torch.int32)  # (B, T)
+    end_of = torch.where(runs.is_end, sent, torch.iinfo(torch.int32).max)
+    return [
+        FlexAttention(
+            *rope_tables(runs.token_pos, head_dim, theta), block_mask(causal_within(sent))
+        ),
+        FlexAttention(
+            *rope_tables(runs.sentence_pos, head_dim, theta),
+            block_mask(ends_and_self(doc, sent, end_of)),
+            is_end=runs.is_end,
+        ),
+    ]
+
+
 class KVCacheAttention(Attention):
     """One new token per row against per-layer caches (B, H, capacity, hd).
 
@@ -554,7 +748,7 @@ class KVCacheAttention(Attention):
         k_cache, v_cache = self.caches[layer]  # (B, H, capacity, hd)
         k_cache[self.rows, :, self.slot] = k[:, 0]  # (B, H, hd) at each row's slot
         v_cache[self.rows, :, self.slot] = v[:, 0]
-        out = F.scaled_dot_product_attention(
+        out = attend(
             q.transpose(1, 2),  # (B, H, 1, hd)
             k_cache[:, :, : self.n_keys],
             v_cache[:, :, : self.n_keys],

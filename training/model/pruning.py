@@ -198,8 +198,16 @@ class PruningRecord:
         return {layer: kept[layer] / pairs[layer] if pairs[layer] else 1.0 for layer in kept}
 
     def totals(self) -> tuple[dict[int, float], dict[int, float]]:
-        """(kept, pairs) per layer as floats, for summing over batches and ranks."""
-        return (
-            {k: float(v.detach()) for k, v in sorted(self.kept.items())},
-            {k: float(v) for k, v in sorted(self.pairs.items())},
-        )
+        """(kept, pairs) per layer as floats, for summing over batches and ranks (one host
+        read for all layers, not two per layer)."""
+        layers = sorted(self.kept)
+        if not layers:
+            return {}, {}
+        values = torch.stack(
+            [self.kept[k].detach().double() for k in layers]
+            + [self.pairs[k].double() for k in layers]
+        ).tolist()
+        n = len(layers)
+        kept = dict(zip(layers, values[:n], strict=True))
+        pairs = dict(zip(layers, values[n:], strict=True))
+        return kept, pairs

@@ -10,6 +10,8 @@ with tied input/output embeddings. They differ only in the attention pattern eac
   document plus itself (positions = sentence index in the document).
 
 The patterns live in ``training.model.attention``; none of them materialises a T x T mask.
+``ModelConfig.attention`` picks how the full forward computes them: gathered short sequences
+and SDPA ("sdpa"), or block masks and FlexAttention ("flex"); the maths is the same.
 Generation (``training.generation.decode``) reuses the same blocks with cached patterns.
 """
 
@@ -31,10 +33,12 @@ from training.model.attention import (
     SentenceAttention,
     SentenceEndAttention,
     SentenceLayout,
+    flex_stages,
 )
 from training.model.pruning import Pruner, PruningRecord
 
 ARCHS = ("gpthf", "gpt")
+ATTENTIONS = ("sdpa", "flex")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,13 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (training memory, not maths)."""
+    attention: str = "sdpa"
+    """Backend of the full (training, evaluation) forward; the maths is the same. "sdpa":
+    documents (GPT) and sentences (GPTHF encoder) gathered into short sequences for SDPA, the
+    body's queries against their document's sentence ends. "flex": the rows as they are, with
+    torch.nn.attention.flex_attention and one block mask per stage; compiled on CUDA, the
+    training path there (its backward does not run on CPU in torch 2.13, its forward does).
+    Cached generation uses its own patterns either way."""
     prune: bool = False
     """Dynamic Context Pruning: interaction projections and a gate per layer (GPT: every layer,
     over earlier tokens; GPTHF: body layers, over earlier sentence ends). Off: today's model."""
@@ -112,6 +123,13 @@ class ModelConfig:
             fail(f"eos_id, pad_id and eod_id must differ, got {ids}")
         if self.max_sentence_tokens < 2:
             fail("max_sentence_tokens must be >= 2 (one token plus EOS-S)")
+        if self.attention not in ATTENTIONS:
+            fail(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.prune and self.attention == "flex":
+            fail(
+                "pruning needs attention='sdpa': a pruned layer adds its gate matrices per "
+                "gathered run, which the flex block masks do not have"
+            )
         if self.prune_dim < 1 or self.prune_alpha < 1:
             fail(
                 f"need prune_dim >= 1 and prune_alpha >= 1, got {self.prune_dim}, {self.prune_alpha}"
@@ -259,6 +277,15 @@ class Transformer(nn.Module):
     ) -> list[tuple[Attention, range]]:
         """(attention pattern, layers) for each stage of a full forward over packed rows."""
         c = self.config
+        if c.attention == "flex":  # the same patterns as block masks (see ModelConfig.attention)
+            patterns = flex_stages(sentence_ids, document_ids, c.arch, c.head_dim, c.rope_theta)
+            if c.arch == "gpt":
+                return [(patterns[0], range(c.n_layers))]
+            encoder, body = patterns
+            return [
+                (encoder, range(c.n_encoder_layers)),
+                (body, range(c.n_encoder_layers, c.n_layers)),
+            ]
         if c.arch == "gpt":  # causal within the document
             attn = DocumentCausalAttention.build(
                 sentence_ids, document_ids, c.head_dim, c.rope_theta
@@ -318,4 +345,4 @@ def build_model(config: ModelConfig) -> Transformer:
     return Transformer(config)
 
 
-__all__ = ["ARCHS", "Block", "ModelConfig", "Transformer", "build_model"]
+__all__ = ["ARCHS", "ATTENTIONS", "Block", "ModelConfig", "Transformer", "build_model"]

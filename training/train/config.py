@@ -176,6 +176,10 @@ class RunSection:
     last checkpoint of this run (-1: no limit; 0: the first failure ends the run)."""
     peak_flops_per_worker: float | None = None
     """Peak FLOP/s of one worker's device, for MFU; none: known GPUs only."""
+    compile: bool = field(default=False, metadata=cli("--compile"))
+    """Compile the model's blocks with torch.compile (dynamic shapes): the norms, projections, MLP and residuals fuse; each attention pattern (the data-dependent routing) stays eager. The first steps pay the compilation; same maths to rounding (not bit-identical to eager); not with ZeRO-3."""
+    deterministic: bool = field(default=False, metadata=cli("--deterministic"))
+    """Deterministic kernels (torch.use_deterministic_algorithms, warn-only; cuDNN benchmark off; on CUDA CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set): a resumed run repeats an uninterrupted one bit for bit on GPU too. Process-wide while the worker lives (some kernels are slower); closing the worker restores torch's previous settings."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -197,6 +201,15 @@ class TrainConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint/credentials (default: the AWS_* variables)."""
 
+    def __post_init__(self) -> None:
+        if self.run.compile and self.deepspeed.zero_stage == 3:
+            raise TrainConfigError(
+                "run.compile (--compile) does not combine with ZeRO-3 (--zero-stage 3): its "
+                "parameter-gathering hooks on every layer break the compiled blocks into pieces "
+                "and torch.compile gives up on them; use --zero-stage 0, 1 or 2 with --compile, "
+                "or drop --compile"
+            )
+
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if redact:
@@ -214,7 +227,12 @@ class TrainConfig:
         data.pop("uri")  # the same data may move
         ident = {
             "data": data,
-            "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "init_from"},
+            "model": {
+                "preset": self.model.preset,
+                # The attention backend changes how, not what, the model computes: a run may
+                # resume with the other one.
+                "overrides": {k: v for k, v in self.model.overrides.items() if k != "attention"},
+            },
             "optim": dataclasses.asdict(self.optim),
             "deepspeed": {
                 k: v

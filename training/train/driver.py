@@ -394,7 +394,10 @@ def export_run(setup: RunSetup, checkpoint_dir: str) -> TrainState:
         f"{setup.output}/export",
         weights,
         ExportConfig(
-            model=setup.model_config,
+            # The attention backend is how a run computed, not part of the weights: the export
+            # records the default (gathered SDPA), which runs on any device; a user on CUDA may
+            # load it with attention="flex" again.
+            model=dataclasses.replace(setup.model_config, attention="sdpa"),
             step=state.step,
             tokens_seen=state.tokens_seen,
             tokenizer_sha256=manifest.tokenizer.sha256,

@@ -13,7 +13,14 @@ from training.export import CONFIG, ExportConfig, ExportError, load_export, reso
 from training.model import ModelConfig, Transformer
 from training.train.config import TrainConfigError
 
-FREE_FIELDS = ("prune", "prune_dim", "prune_alpha", "prune_init_bias", "activation_checkpointing")
+FREE_FIELDS = (
+    "prune",
+    "prune_dim",
+    "prune_alpha",
+    "prune_init_bias",
+    "activation_checkpointing",
+    "attention",
+)
 """ModelConfig fields a fine-tune may change (they add parameters or change no weight)."""
 
 

@@ -19,7 +19,9 @@ import resource
 import socket
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from training.data.order import (
     resume_point,
     stream_paths,
 )
-from training.model import build_model
+from training.model import Block, Transformer, build_model
 from training.model.flops import train_step_flops
 from training.train.checkpoint import DS_TAG, DataCursor, TrainState
 from training.train.config import TrainConfig
@@ -126,6 +128,111 @@ def destroy_distributed() -> None:
     deepspeed.comm.destroy_process_group()
 
 
+# -- torch.compile -----------------------------------------------------------------------------
+
+
+class EagerPattern:
+    """What a compiled block sees of its attention pattern: both calls run eagerly.
+
+    ``Block.forward`` calls ``attention.rotate`` (RoPE) and ``attention(...)`` (the pattern).
+    Traced, the pattern's routing (``training.model.attention``: one gather and one SDPA call
+    per group of equal-length runs, groups planned on the host per batch) makes every batch
+    with another number of groups, every pattern type and every first layer of a stage (whose
+    RoPE tables are not cached yet) a new graph; measured on a tiny GPTHF, dynamo hit its
+    recompile limit (8) within two batches and fell back to eager for good. Behind this proxy
+    each call is a graph break: a block compiles into three graphs (norm + QKV projection;
+    the unbind and, in a pruned layer, the interaction projection; output projection + residual
+    + MLP) whose inputs are plain tensors, and the routing and RoPE run as in eager mode.
+    """
+
+    __slots__ = ("pattern",)
+
+    def __init__(self, pattern: Any) -> None:
+        self.pattern = pattern
+
+    @torch.compiler.disable
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pattern.rotate(x)
+
+    @torch.compiler.disable
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self.pattern(*args)
+
+
+def compile_blocks(model: Transformer) -> None:
+    """``run.compile``: every block's forward through one ``torch.compile`` of ``Block.forward``,
+    in place (parameters, state_dict keys and hooks unchanged).
+
+    Compiled with ``dynamic=True``: T changes with every batch, so its graphs are symbolic in T
+    (and B) from the first compile. Two dynamo settings, only while a block traces: integer
+    attributes of a module (``Block.layer``, passed to the pattern) stay unspecialised, or each
+    layer would be its own graph; and no duck sizing, which would otherwise equate the batch
+    size with a fixed dimension of the same value (the 3 of q, k, v; the head count) and
+    recompile when the batch changes. What remains per graph: whether the block has a pruning
+    gate (GPTHF: encoder vs body), grad mode (training vs validation), and B == 1 (dynamo
+    specialises sizes 0 and 1): tests/test_train_compile.py counts the frames compiled.
+    """
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as shape_config
+
+    compiled: Callable[..., torch.Tensor] = torch.compile(Block.forward, dynamic=True)
+
+    @dynamo_config.patch(allow_unspec_int_on_nn_module=True)
+    @shape_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
+    def forward(block: Block, x: torch.Tensor, attention: Any) -> torch.Tensor:
+        return compiled(block, x, EagerPattern(attention))
+
+    for block in model.blocks:
+        # A bound method (not a closure over the block): a deepcopy of the model rebinds it.
+        block.forward = types.MethodType(forward, block)
+
+
+# -- determinism --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Determinism:
+    """torch's process-wide determinism settings, to put back."""
+
+    algorithms: bool
+    warn_only: bool
+    cudnn_benchmark: bool
+    cudnn_deterministic: bool
+
+    @classmethod
+    def current(cls) -> _Determinism:
+        return cls(
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic,
+        )
+
+    def apply(self) -> None:
+        torch.use_deterministic_algorithms(self.algorithms, warn_only=self.warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cudnn.deterministic = self.cudnn_deterministic
+
+
+DETERMINISTIC = _Determinism(
+    algorithms=True, warn_only=True, cudnn_benchmark=False, cudnn_deterministic=True
+)
+
+
+def make_deterministic(gpu: bool) -> _Determinism:
+    """``run.deterministic``: deterministic kernels from here on; returns the settings before.
+
+    Warn-only: an op without a deterministic kernel warns instead of failing the run. cuBLAS
+    reads CUBLAS_WORKSPACE_CONFIG when it creates its handle, i.e. at this process's first
+    matmul on the device: call this before any CUDA work (a value already set is kept).
+    """
+    before = _Determinism.current()
+    if gpu:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    DETERMINISTIC.apply()
+    return before
+
+
 def _documents(rows: pa.Table) -> list[list[int]]:
     """Sentence lengths of each (row-local) document: what the FLOPs model needs."""
     docs = []
@@ -147,9 +254,9 @@ def _documents(rows: pa.Table) -> list[list[int]]:
     return docs
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums over ranks, several values in one collective."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Sums over ranks, several values in one collective (and one read on the host)."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return [float(v) for v in t.tolist()]
 
@@ -174,6 +281,10 @@ class TrainWorker:
                 "training.train.worker.init_distributed() first, or run under Ray Train or torchrun"
             )
         self.cfg, self.ctx = cfg, ctx
+        # First, before any CUDA work (cuBLAS reads its workspace setting once); undone by close.
+        self._determinism_before = (
+            make_deterministic(cfg.run.gpu) if cfg.run.deterministic else None
+        )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{local_rank}") if cfg.run.gpu else torch.device("cpu")
         if self.device.type == "cuda":
@@ -210,6 +321,8 @@ class TrainWorker:
         if self.cfg.model.init_from:  # a resume then loads the checkpoint over these weights
             load_init_weights(model, self.cfg.model.init_from, self.cfg.storage)
         self.num_parameters = model.num_parameters()
+        if self.cfg.run.compile:  # before DeepSpeed wraps it; compiles lazily, at the first step
+            compile_blocks(model)
         optimizer, self._scheduler = build_optimizer(
             model, self.cfg.optim, self.cfg.pruning.lr_scale
         )
@@ -280,6 +393,9 @@ class TrainWorker:
         self._engine = self._scheduler = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self._determinism_before is not None:
+            self._determinism_before.apply()
+            self._determinism_before = None
 
     def __enter__(self) -> TrainWorker:
         return self
@@ -351,9 +467,12 @@ class TrainWorker:
         if mc.prune:
             alpha = pruning.alpha_at(self.global_step, self.cfg.optim.total_steps)
             engine.module.set_prune_alpha(alpha)
-        nll_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        kept: dict[int, float] = {}
-        pairs: dict[int, float] = {}
+        layers = mc.pruned_layers  # the same list on every rank: one collective
+        n = len(layers)
+        # (NLL, kept per pruned layer, gated pairs per pruned layer), summed on the device and
+        # read once per step: a read per micro-batch (let alone per layer) would make the host
+        # wait for each forward before it could queue the backward.
+        sums = torch.zeros(1 + 2 * n, dtype=torch.float64, device=self.device)
         for b in collated:
             b = b.to(self.device)
             logits = engine(b.input_ids, b.sentence_ids, b.document_ids)
@@ -371,23 +490,15 @@ class TrainWorker:
                 # ... and this one lambda x the kept fraction, averaged over micro-batches.
                 if pruning.sparsity:
                     loss = loss + pruning.sparsity * record.kept_fraction()
-                layer_kept, layer_pairs = record.totals()
-                for layer in layer_kept:
-                    kept[layer] = kept.get(layer, 0.0) + layer_kept[layer]
-                    pairs[layer] = pairs.get(layer, 0.0) + layer_pairs[layer]
+                sums[1:] += torch.stack(
+                    [record.kept[i].detach().double() for i in layers]
+                    + [record.pairs[i].double() for i in layers]
+                )
             engine.backward(loss)
             engine.step()
-            nll_sum += nll.detach().double()
-        layers = mc.pruned_layers  # the same list on every rank: one collective
-        summed = _all_sum(
-            [
-                float(nll_sum),
-                *(kept.get(i, 0.0) for i in layers),
-                *(pairs.get(i, 0.0) for i in layers),
-            ],
-            self.device,
-        )
-        global_nll, n = summed[0], len(layers)
+            sums[0] += nll.detach().double()
+        summed = _all_sum(sums, self.device)
+        global_nll = summed[0]
         kept_global = dict(zip(layers, summed[1 : 1 + n], strict=True))
         pairs_global = dict(zip(layers, summed[1 + n :], strict=True))
         tokens = int(global_tokens)
