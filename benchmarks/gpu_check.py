@@ -535,7 +535,7 @@ def environment(cpu: bool) -> dict[str, Any]:
             env[name] = f"not importable ({type(exc).__name__})"
     try:
         env["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         env["commit"] = None

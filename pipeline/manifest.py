@@ -19,9 +19,13 @@ files outside the data set.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import posixpath
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +40,36 @@ from pipeline.storage import (
     storage_errors,
     write_bytes_atomic,
 )
+
+VERIFY_MODES = ("sha256", "exists")
+"""How the shards are checked before a run reads them (``Manifest.verify_data``)."""
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What ``Manifest.verify_data`` checked."""
+
+    shards: int
+    hashed_bytes: int
+    seconds: float
+    mode: str
+
+    def describe(self) -> str:
+        what = (
+            f"sha256 of {self.shards} shard(s), {self.hashed_bytes / 1e6:,.1f} MB"
+            if self.mode == "sha256"
+            else f"{self.shards} shard(s) present"
+        )
+        return f"data verified against its manifest: tokenizer sha256, {what} ({self.seconds:.1f}s)"
+
+
+def _sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 FORMAT = "gpthf-blocks/1"
 MANIFEST = "manifest.json"
@@ -191,6 +225,79 @@ class Manifest:
 
     def totals(self, split: str) -> dict[str, int]:
         return split_totals(self.shards(split))
+
+    def verify_data(
+        self,
+        output: str,
+        splits: Sequence[str],
+        storage: StorageConfig | None = None,
+        mode: str = "sha256",
+        threads: int = 8,
+    ) -> DataCheck:
+        """The data folder as this manifest describes it, before anything reads it.
+
+        Always: the tokenizer file's sha256 (a swapped ``tokenizer.json`` would otherwise train,
+        evaluate and export silently with another vocabulary than the shards'), and that every
+        shard of ``splits`` exists. ``mode="sha256"`` also hashes every shard against the
+        manifest (read in full, ``threads`` at a time: about the cost of reading the data once;
+        ``"exists"`` skips that, for a corpus too large to hash at every start). Raises a
+        ManifestError naming every file that does not match, and what to do.
+        """
+        if mode not in VERIFY_MODES:
+            raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {mode!r}")
+        fs, root = filesystem_for(output, storage)
+        problems = []
+        tok = join(root, self.tokenizer.path)
+        with storage_errors(output, "read the tokenizer of"):
+            tok_sha = _sha256(fs, tok) if fs.exists(tok) else None
+        if tok_sha is None:
+            problems.append(f"{self.tokenizer.path}: missing")
+        elif tok_sha != self.tokenizer.sha256:
+            problems.append(
+                f"{self.tokenizer.path}: sha256 {tok_sha[:12]}... but the shards were made with "
+                f"{self.tokenizer.sha256[:12]}... (the file was replaced: put back the tokenizer "
+                "the shards were made with, or preprocess again into a new --output)"
+            )
+        refs = [r for split in splits if self.has_split(split) for r in self.shards(split)]
+
+        def check(ref: ShardRef) -> tuple[str | None, int]:
+            path = join(root, ref.path)
+            if not fs.exists(path):
+                return f"{ref.path}: missing", 0
+            if mode == "exists":
+                return None, 0
+            digest = _sha256(fs, path)
+            if digest != ref.sha256:
+                return (
+                    f"{ref.path}: sha256 {digest[:12]}... differs from the manifest's "
+                    f"{ref.sha256[:12]}... (damaged or changed since it was written)"
+                ), 0
+            return None, int(fs.size(path) or 0)
+
+        t0 = time.perf_counter()
+        with storage_errors(output, "check the shards of"), ThreadPoolExecutor(threads) as pool:
+            results = list(pool.map(check, refs))
+        problems += [p for p, _ in results if p]
+        if problems:
+            missing = sum("missing" in p for p in problems)
+            raise ManifestError(
+                f"{output} does not match its {MANIFEST} ({len(problems)} problem(s)): "
+                + "; ".join(problems[:8])
+                + ("; ..." if len(problems) > 8 else "")
+                + ". Restore the files from where they were copied from, or preprocess again "
+                "into a new --output"
+                + (
+                    " (a missing shard is never skipped: the run would see other data)"
+                    if missing
+                    else ""
+                )
+            )
+        return DataCheck(
+            shards=len(refs),
+            hashed_bytes=sum(n for _, n in results),
+            seconds=time.perf_counter() - t0,
+            mode=mode,
+        )
 
     def check_compatible(
         self, identity: dict[str, Any], tokenizer_sha256: str, output: str

@@ -4,6 +4,7 @@ sentence ends), reuses the freed slots, and every step's logits equal the full f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,13 @@ def test_gpthf_generate_show_pruning_from_an_export(
     write_export(
         str(tmp_path / "export"),
         model.state_dict(),
-        ExportConfig(model=config, step=0, tokens_seen=0, tokenizer_sha256="t", special_ids=ids),
+        ExportConfig(
+            model=config,
+            step=0,
+            tokens_seen=0,
+            tokenizer_sha256=hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+            special_ids=ids,
+        ),
         tokenizer.to_str(),
     )
     page = tmp_path / "pruning.html"
@@ -163,7 +170,7 @@ def test_gpthf_generate_show_pruning_from_an_export(
             model=dataclasses.replace(config, prune=False),
             step=0,
             tokens_seen=0,
-            tokenizer_sha256="t",
+            tokenizer_sha256=hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
             special_ids=ids,
         ),
         tokenizer.to_str(),

@@ -13,6 +13,7 @@ the storage layer only, never DeepSpeed or Ray.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -146,6 +147,14 @@ def load_export(uri: str, storage: Any = None, device: str | torch.device = "cpu
     except Exception as exc:  # safetensors, JSON and UTF-8 errors of a damaged file
         raise ExportError(f"{uri}: unreadable export ({type(exc).__name__}: {exc})") from exc
     config = ExportConfig.from_dict(raw, f"{uri}/{CONFIG}")
+    tok_sha = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if tok_sha != config.tokenizer_sha256:
+        raise ExportError(
+            f"{uri}/{TOKENIZER} has sha256 {tok_sha[:12]}... but the model was trained with "
+            f"{str(config.tokenizer_sha256)[:12]}... ({CONFIG}): the tokenizer was replaced, and "
+            "with another vocabulary generation would silently drop or misread ids. Put back "
+            "the tokenizer.json of the data the model was trained on."
+        )
     model = model_from_weights(config.model, weights, uri)
     return Exported(model=model.to(device).eval(), config=config, tokenizer_json=tokenizer_json)
 

@@ -14,6 +14,7 @@ from pipeline.config import StorageConfig
 from pipeline.settings import ConfigError, cli, load_config
 
 Batching = Literal["prepack", "pad"]
+Verify = Literal["sha256", "exists"]
 """The values of ``training.eval.scoring.BATCHINGS`` (tests/test_cli.py checks they agree)."""
 
 
@@ -47,6 +48,8 @@ class EvalConfig:
     """Blocks per actor call (one forward)."""
     pruning: bool = False
     """Score pruning exports with their gates on, and report the kept fraction and cache size beside the perplexity (refused for an export without gates); off: a pruning export scores as its model without the gates."""
+    verify: Verify = "sha256"
+    """Before scoring: the tokenizer's sha256 always, every shard of the split present, and with "sha256" every shard hashed against the manifest ("exists": no hashing, for a split too large to read twice)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint/credentials (default: the AWS_* variables)."""
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from pipeline.blocks import SCORING_COLUMNS
 from pipeline.errors import UserError
-from pipeline.manifest import Manifest, ShardRef
-from pipeline.storage import filesystem_for, join
+from pipeline.manifest import Manifest, ManifestError, ShardRef
 from training.data.shards import read_shards
 from training.eval.config import EvalConfig
 from training.eval.report import CheckpointScore, EvalReport, ShardScore
@@ -87,13 +86,11 @@ def _check_inputs(cfg: EvalConfig) -> tuple[Manifest, list[ShardRef], list[Expor
     refs = manifest.shards(cfg.split)
     if not refs:
         raise EvalError(f"split {cfg.split!r} of {cfg.data} has no shards")
-    fs, root = filesystem_for(cfg.data, cfg.storage)
-    missing = [r.path for r in refs if not fs.exists(join(root, r.path))]
-    if missing:
-        raise EvalError(
-            f"{cfg.data}: shard(s) {missing} listed in the manifest are missing; re-run "
-            "preprocessing into this output or restore them"
-        )
+    try:  # the tokenizer, and every shard of the split present (and intact, with sha256)
+        check = manifest.verify_data(cfg.data, [cfg.split], cfg.storage, cfg.verify)
+    except ManifestError as exc:
+        raise EvalError(str(exc)) from exc
+    print(f"[eval] {check.describe()}", flush=True)
     sha = manifest.tokenizer.sha256
     special = manifest.special_ids
     exports = []

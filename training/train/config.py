@@ -16,6 +16,7 @@ from pipeline.settings import ConfigError, build, cli, load_config
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"]
 ZeroStage = Literal[0, 1, 2, 3]
+VerifyMode = Literal["sha256", "exists"]
 
 
 class TrainConfigError(ConfigError):
@@ -34,6 +35,10 @@ class DataSection:
     """Rows shuffled together inside a rank's stream (a resume re-reads at most this many)."""
     pad_to_multiple: int = 8
     """Micro-batch rows are right-padded to a multiple of this many tokens."""
+    verify: VerifyMode = "sha256"
+    """Before training: the tokenizer's sha256 always, every shard present, and with "sha256"
+    every shard hashed against the manifest (about one read of the data; "exists" skips the
+    hashing, for a corpus too large to read at every start). Not part of the run's identity."""
 
 
 @dataclass
@@ -225,6 +230,7 @@ class TrainConfig:
         """What must not change between a run and its resume (the run's identity)."""
         data = dataclasses.asdict(self.data)
         data.pop("uri")  # the same data may move
+        data.pop("verify")  # how much of it is checked at the start
         ident = {
             "data": data,
             "model": {

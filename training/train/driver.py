@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.blocks import SCORING_COLUMNS
-from pipeline.manifest import Manifest
+from pipeline.manifest import SPLITS, Manifest
 from pipeline.storage import absolute_uri, filesystem_for, write_bytes_atomic
 from training.data.order import (
     EpochPlan,
@@ -41,6 +41,7 @@ from training.train.config import TrainConfig, TrainConfigError
 from training.train.context import WorkerContext
 from training.train.finetune import check_init_from
 from training.train.integrity import inspect, no_code_execution
+from training.train.lease import RunLease
 
 _DATA_IDS = ("vocab_size", "eos_id", "pad_id", "eod_id", "max_sentence_tokens")
 
@@ -173,12 +174,16 @@ class RunSetup:
     """Where this invocation stops: run.max_steps, or the schedule's end."""
 
 
-def setup_run(cfg: TrainConfig) -> RunSetup:
-    """Check the config against the data before a cluster spends time: the manifest, the model
-    it sizes, enough rows for a step."""
+def setup_run(cfg: TrainConfig, verify: bool = True) -> RunSetup:
+    """Check the config against the data before a cluster spends time: the manifest, the data
+    folder against it (``data.verify``; ``verify=False`` where another process of the same run
+    checks it), the model it sizes, enough rows for a step."""
     cfg.validate_for_run()
     data_uri, output = cfg.data.uri.rstrip("/"), cfg.run.output.rstrip("/")
     manifest = Manifest.require(data_uri, cfg.storage)
+    if verify:
+        check = manifest.verify_data(data_uri, SPLITS, cfg.storage, cfg.data.verify)
+        print(f"[train] {check.describe()}", flush=True)
     mc = model_config_for(cfg, manifest)
     if cfg.model.init_from:
         # Resolved here: the workers load it from Ray Train's working directory.
@@ -297,13 +302,18 @@ def init_ray_for_training() -> None:
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
+    setup = setup_run(cfg)
+    with RunLease(setup.output, setup.cfg.storage):  # one writer per run folder
+        return _train_on_ray(setup)
+
+
+def _train_on_ray(setup: RunSetup) -> TrainResult:
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.train.worker import train_loop_per_worker
 
-    setup = setup_run(cfg)
     cfg = setup.cfg  # with the paths the workers need resolved
     init_ray_for_training()
     cpus = check_resources(cfg)
@@ -374,11 +384,66 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     return finish(setup, start_step, state, wall)
 
 
-def prune_checkpoints(folder: str, keep: int, storage: Any = None) -> None:
-    """Keep the newest ``keep`` complete checkpoints of all attempts (Ray prunes within one)."""
+_VERIFIED: set[str] = set()
+"""Checkpoints this process has verified: a checkpoint is never rewritten, so each is hashed
+once, not at every pruning."""
+
+
+def checkpoint_problems(uri: str, storage: Any = None) -> list[str]:
+    """What is wrong with a checkpoint (``integrity.inspect``; empty: it verifies)."""
+    if uri in _VERIFIED:
+        return []
+    try:
+        problems = inspect(uri, read_state(uri, storage).world_size, storage)
+    except (CheckpointError, ValueError, OSError) as exc:
+        problems = [f"unreadable ({exc})"]
+    if not problems:
+        _VERIFIED.add(uri)
+    return problems
+
+
+def prune_checkpoints(folder: str, keep: int, storage: Any = None) -> list[str]:
+    """Keep the newest ``keep`` checkpoints *that verify*, over all attempts (Ray prunes within
+    one); returns the URIs removed.
+
+    A readable trainer state is not enough: a checkpoint truncated by a full disk, or altered,
+    has one too, and keeping it in place of an intact one loses the run's last good state. So,
+    newest first, checkpoints are verified (checksums of every rank's files) until ``keep`` of
+    them have; the older ones go unread, and damaged ones go too (a resume skips them anyway,
+    and they hold the disk a full-disk failure needs back). Where none verifies, nothing is
+    removed: the damaged ones are all there is, for a person to look at.
+    """
     fs, _ = filesystem_for(folder, storage)
-    for _, uri in list_checkpoints(folder, storage)[:-keep]:
+    found = list_checkpoints(folder, storage)
+    intact, damaged = 0, []
+    remove = []
+    for step, uri in reversed(found):
+        if intact >= keep:
+            remove.append(uri)
+            continue
+        problems = checkpoint_problems(uri, storage)
+        if problems:
+            damaged.append((step, uri, problems))
+        else:
+            intact += 1
+    if intact == 0:
+        for step, uri, problems in damaged:
+            print(
+                f"[train] warning: checkpoint {uri} (step {step}) does not verify "
+                f"({'; '.join(problems[:2])}) and no checkpoint of this run does: kept",
+                flush=True,
+            )
+        return []
+    for step, uri, problems in damaged:
+        print(
+            f"[train] removing damaged checkpoint {uri} (step {step}): {'; '.join(problems[:2])}",
+            flush=True,
+        )
+        remove.append(uri)
+    for uri in remove:
         fs.rm(filesystem_for(uri, storage)[1], recursive=True)
+        _VERIFIED.discard(uri)
+    return remove
 
 
 def export_run(setup: RunSetup, checkpoint_dir: str) -> TrainState:

@@ -35,6 +35,7 @@ from pipeline.storage import filesystem_for, full_uri
 from training.train.checkpoint import TrainState, list_checkpoints
 from training.train.config import TrainConfig, TrainConfigError
 from training.train.driver import (
+    RunSetup,
     TrainResult,
     export_run,
     find_resume,
@@ -47,6 +48,7 @@ from training.train.driver import (
     worker_context,
     write_run_config,
 )
+from training.train.lease import RunLease
 from training.train.metrics import MetricsWriter
 from training.train.worker import TrainWorker, destroy_distributed, init_distributed, run_steps
 
@@ -120,8 +122,16 @@ def run_local(cfg: TrainConfig) -> TrainResult:
 
 
 def _run(cfg: TrainConfig, rank: int) -> TrainResult:
+    setup = setup_run(cfg, verify=rank == 0)  # the data folder is checked once per run
+    # Rank 0 holds the run folder's lease (one writer per folder); if another run holds it,
+    # rank 0 stops here and torchrun ends the other ranks.
+    lease = RunLease(setup.output, setup.cfg.storage) if rank == 0 else None
+    with lease or contextlib.nullcontext():
+        return _run_ranks(setup, rank)
+
+
+def _run_ranks(setup: RunSetup, rank: int) -> TrainResult:
     t0 = time.perf_counter()
-    setup = setup_run(cfg)
     cfg = setup.cfg  # with the paths the workers need resolved
     checkpoints = run_dir(setup, "local")
     start_step, resume_from = find_resume(setup, checkpoints, verbose=rank == 0)
