@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline import settings
 from training.generation.config import GenerateConfig
@@ -18,6 +20,16 @@ from training.generation.config import GenerateConfig
 def add_args(p: argparse.ArgumentParser) -> None:
     settings.add_flags(p, GenerateConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
         )
         Path(cfg.pruning_html).write_text(page)
     if args.json:
-        print(json.dumps(out.to_dict(), indent=1))
+        # NaN (no sentence ended, say) is not JSON: null instead, so any parser reads it.
+        print(json.dumps(_no_nan(out.to_dict()), indent=1, allow_nan=False))
         return 0
     for i, (prompt, text) in enumerate(zip(cfg.prompts, out.texts, strict=True)):
         print(f"> {prompt}\n{text}\n")

@@ -11,6 +11,12 @@ import numpy as np
 from pipeline.errors import UserError
 
 MAX_EXAMPLES_PER_REASON = 5
+SKIP_HINTS = {
+    "invalid_utf8": "the input is not UTF-8 (Latin-1 or Windows-1252 text, say): re-encode it, "
+    "e.g. `iconv -f latin1 -t utf-8 IN > OUT`, and preprocess the new file",
+}
+"""What to do about a skip reason, where there is something to do: shown with ``--strict`` and
+in the run's summary."""
 # Sentences per document are binned by powers of two: bin b holds counts in [2**(b-1), 2**b).
 DOC_SENTENCE_BINS = 24
 
@@ -39,8 +45,10 @@ class Counters:
     def skip(self, reason: str, location: str, n: int = 1) -> None:
         """Count a skipped record; in strict mode, fail naming it."""
         if self.strict:
+            hint = f"; {SKIP_HINTS[reason]}" if reason in SKIP_HINTS else ""
             raise StrictModeError(
-                f"{location}: {reason.replace('_', ' ')} (run without --strict to skip and count it)"
+                f"{location}: {reason.replace('_', ' ')}{hint} (run without --strict to skip and "
+                "count it)"
             )
         self.skipped[reason] += n
         ex = self.examples.setdefault(reason, [])

@@ -333,6 +333,9 @@ def _too_large(n: int, location: str, cfg: InputConfig, counters: Counters) -> N
     )
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _read_jsonl(
     chunks: Iterable[bytes], uri: str, cfg: InputConfig, counters: Counters, first: int = 0
 ) -> Iterator[Document]:
@@ -342,6 +345,8 @@ def _read_jsonl(
             counters.add("records")
             _too_large(size, location, cfg, counters)
             continue
+        if index == 0 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM) :]  # a file saved "UTF-8 with BOM": the mark is not text
         if not raw.strip():
             continue
         counters.add("records")

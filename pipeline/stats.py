@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import StorageConfig
-from pipeline.counters import Counters
+from pipeline.counters import SKIP_HINTS, Counters
 from pipeline.manifest import Manifest
 from pipeline.storage import filesystem_for, join, storage_errors, write_bytes_atomic
 
@@ -108,6 +108,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         )
     if stats["skipped"]:
         lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()))
+        for reason in stats["skipped"]:
+            if reason in SKIP_HINTS:
+                lines.append(f"    {reason}: {SKIP_HINTS[reason]}")
     else:
         lines.append("  skipped: none")
     return "\n".join(lines)

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import StorageConfig
-from pipeline.settings import cli
+from pipeline.settings import ConfigError, cli
+
+
+class GenerateConfigError(ConfigError):
+    """A generation option the decoder cannot honour."""
+
 
 Mode = Literal["kv", "sentence-cache", "full"]
 """The modes of ``training.generation.decode.MODES`` (the GPT has kv and full only)."""
@@ -44,3 +49,19 @@ class GenerateConfig:
     """With --show-pruning: also write the same as an HTML page to this local path."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint/credentials (default: the AWS_* variables)."""
+
+    def __post_init__(self) -> None:
+        # What the decoder requires, refused here with the option's name (and the CLI's exit
+        # code) instead of a ValueError from deep inside sampling.
+        if not self.prompts:
+            raise GenerateConfigError("give at least one --prompt")
+        if self.max_new_tokens < 1:
+            raise GenerateConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also refuses NaN
+            raise GenerateConfigError(
+                f"temperature must be >= 0 (0: greedy), got {self.temperature}"
+            )
+        if self.top_k < 0:
+            raise GenerateConfigError(f"top_k must be >= 0 (0: all tokens), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerateConfigError(f"top_p must be in (0, 1] (1: all tokens), got {self.top_p}")
