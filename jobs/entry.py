@@ -12,19 +12,39 @@ import sys
 from collections.abc import Callable, Sequence
 
 from jobs.registry import JOBS
-from pipeline.errors import UserError
+from pipeline.errors import UserError, interruption, sigterm_unwinds
+
+AFTER_INTERRUPT = {
+    "train": "the checkpoints written so far are kept: run the same command with --resume to "
+    "continue from the last one",
+    "preprocess": "nothing of this run was committed: run the same command again to process "
+    "what is not done yet",
+    "nightly": "nothing of this run was committed: run it again to process what is not done yet",
+    "eval": "no report was written: run the same command again",
+}
+"""What to do after an interrupted command (shown with the interruption)."""
 
 
 def run_command(
     command: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace
 ) -> int:
     """``func(args)``; a ``UserError`` becomes ``gpthf <command>: error: <message>`` on stderr
-    and its ``exit_code`` (anything else is a bug and keeps its traceback)."""
+    and its ``exit_code`` (anything else is a bug and keeps its traceback). Ctrl-C and SIGTERM
+    unwind the command (its clean-up runs), then say so and how to continue: exit 130 / 143."""
     try:
-        return func(args)
+        with sigterm_unwinds():
+            return func(args)
     except UserError as exc:
         print(f"gpthf {command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt as exc:
+        name, code = interruption(exc)
+        hint = AFTER_INTERRUPT.get(command)
+        print(
+            f"gpthf {command}: interrupted ({name})" + (f"; {hint}" if hint else ""),
+            file=sys.stderr,
+        )
+        return code
 
 
 def add_job_parser(parser: argparse.ArgumentParser, name: str) -> None:

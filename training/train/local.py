@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch.distributed as dist
 
 from pipeline.blocks import SCORING_COLUMNS
-from pipeline.errors import UserError
+from pipeline.errors import UserError, interruption, sigterm_unwinds
 from pipeline.storage import filesystem_for, full_uri
 from training.train.checkpoint import TrainState, list_checkpoints
 from training.train.config import TrainConfig, TrainConfigError
@@ -181,10 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = settings.from_args(TrainConfig, args, error=TrainConfigError)
         if "run.workers" not in settings.flag_overrides(TrainConfig, args):
             cfg.run.workers = int(os.environ.get("WORLD_SIZE", "1"))
-        result = run_local(cfg)
+        with sigterm_unwinds():
+            result = run_local(cfg)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt as exc:
+        name, code = interruption(exc)
+        print(
+            f"interrupted ({name}): the checkpoints written so far are kept; run the same "
+            "command with --resume to continue from the last one",
+            file=sys.stderr,
+        )
+        return code
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(result))
     return 0
