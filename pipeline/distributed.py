@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.counters import Counters, StrictModeError
+from pipeline.errors import keep_sigterm_unwinding
 from pipeline.pieces import WorkUnit
 from pipeline.storage import StorageError
 from pipeline.unit import UnitContext, process_unit
@@ -22,12 +23,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start the embedded in-process Ray."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    keep_sigterm_unwinding()  # ray.init replaced our SIGTERM handler (gpthf commands' clean-up)
 
 
 _USER_ERRORS: dict[str, type[Exception]] = {

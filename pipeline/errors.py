@@ -26,6 +26,9 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+_unwinding = threading.Event()
+
+
 @contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """SIGTERM raises ``Terminated`` in the main thread for the duration (a no-op elsewhere)."""
@@ -33,10 +36,19 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _unwinding.set()
     try:
         yield
     finally:
+        _unwinding.clear()
         signal.signal(signal.SIGTERM, previous)
+
+
+def keep_sigterm_unwinding() -> None:
+    """Put ``sigterm_unwinds``' handler back where a library replaced it: ``ray.init`` installs
+    its own (``sys.exit(15)``: no clean-up message, and Ray's crash dump at exit)."""
+    if _unwinding.is_set() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def interruption(exc: KeyboardInterrupt) -> tuple[str, int]:

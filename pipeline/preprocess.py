@@ -160,20 +160,29 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         file=sys.stderr,
         flush=True,
     )
-    with clock.phase("processing"):
-        if here:
-            pieces = run_units_here(units, ctx)
-        else:
-            pieces = run_units(
-                units,
-                ctx,
-                workers=cfg.workers,
-                cpus_per_worker=cfg.cpus_per_worker,
-                progress=progress,
+    try:
+        with clock.phase("processing"):
+            if here:
+                pieces = run_units_here(units, ctx)
+            else:
+                pieces = run_units(
+                    units,
+                    ctx,
+                    workers=cfg.workers,
+                    cpus_per_worker=cfg.cpus_per_worker,
+                    progress=progress,
+                )
+        missing = {u.key for u in units} - {r["key"] for r in pieces}
+        if missing:
+            raise RuntimeError(
+                f"work units produced no record: {sorted(missing)}; nothing committed"
             )
-    missing = {u.key for u in units} - {r["key"] for r in pieces}
-    if missing:
-        raise RuntimeError(f"work units produced no record: {sorted(missing)}; nothing committed")
+    except BaseException:
+        # Nothing of this run is committed yet: its staging is only garbage, and after a full
+        # disk it is what keeps the disk full for the re-run. (Ctrl-C and SIGTERM come here
+        # too; a SIGKILLed run's staging is swept by a later run after a day.)
+        _remove_staging(staging, cfg.storage)
+        raise
     result = _commit(cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces), clock)
     print(clock.line(), file=sys.stderr, flush=True)
     return result
@@ -212,6 +221,16 @@ _RUN_TIME = "%Y%m%dT%H%M%SZ"
 STALE_STAGING_S = 24 * 3600
 """A staging folder this old belongs to a run that was killed: no run of ours lasts a day
 between writing its first shard and committing (a longer one would lose its staging)."""
+
+
+def _remove_staging(staging: str, storage: Any = None) -> None:
+    fs, path = filesystem_for(staging, storage)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+            print(f"[preprocess] removed this run's staging {staging}", file=sys.stderr, flush=True)
+    except OSError as exc:  # never hide the error that got us here
+        print(f"[preprocess] could not remove {staging}: {exc}", file=sys.stderr, flush=True)
 
 
 def sweep_staging(output: str, storage: Any = None, now: dt.datetime | None = None) -> list[str]:

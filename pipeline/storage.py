@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import functools
 import logging
 import os
 import posixpath
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -345,6 +347,12 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
                 f"cannot {action} {uri}: the storage server rejected the credentials ({text}). "
                 "Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or storage.key / storage.secret)."
             ) from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(
+                f"cannot {action} {uri}: no space left on that disk ({_free_space(uri)}). "
+                "Free space there (or write to another --output), then re-run the same command: "
+                "what this run wrote is removed, and nothing was committed."
+            ) from exc
         raise StorageError(f"cannot {action} {uri}: {_describe(exc)}") from exc
     except Exception as exc:
         name = type(exc).__name__
@@ -359,6 +367,28 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
                 "AWS_SECRET_ACCESS_KEY (or storage.key / storage.secret in the config)."
             ) from exc
         raise
+
+
+def _free_space(uri: str) -> str:
+    """Free space of the local disk holding ``uri`` (or its nearest existing parent)."""
+    if protocol_of(uri) != "file":
+        return "the server's quota or disk"
+    path = os.path.abspath(split_protocol(uri)[1])
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        usage = shutil.disk_usage(path or "/")
+    except OSError:
+        return "free space unknown"
+    return f"{_bytes(usage.free)} free of {_bytes(usage.total)}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
 
 
 def _endpoint(storage: StorageConfig | None = None) -> str:
@@ -443,9 +473,12 @@ def check_writable(uri: str, storage: StorageConfig | None = None) -> None:
                     f"cannot write to {uri}: bucket {bucket!r} does not exist at {_endpoint()}. "
                     "Create it first or correct the URL."
                 ) from exc
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
+        try:
+            with fs.open(probe, "wb") as f:
+                f.write(b"ok")
+        finally:  # also when the write fails (a full disk): leave nothing behind
+            with contextlib.suppress(OSError):
+                fs.rm(probe)
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
