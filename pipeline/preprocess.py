@@ -32,6 +32,7 @@ from pipeline.pieces import local_map, plan_units
 from pipeline.stats import build_stats, write_stats
 from pipeline.storage import (
     InputFile,
+    StorageError,
     check_writable,
     expand_inputs,
     filesystem_for,
@@ -177,6 +178,12 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
             raise RuntimeError(
                 f"work units produced no record: {sorted(missing)}; nothing committed"
             )
+    except StorageError as exc:
+        _remove_staging(staging, cfg.storage)
+        raise StorageError(
+            f"{exc} (nothing of this run was committed and what it wrote is removed: the same "
+            "command picks up from the last committed version)"
+        ) from exc
     except BaseException:
         # Nothing of this run is committed yet: its staging is only garbage, and after a full
         # disk it is what keeps the disk full for the re-run. (Ctrl-C and SIGTERM come here

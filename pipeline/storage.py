@@ -350,8 +350,7 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageError(
                 f"cannot {action} {uri}: no space left on that disk ({_free_space(uri)}). "
-                "Free space there (or write to another --output), then re-run the same command: "
-                "what this run wrote is removed, and nothing was committed."
+                "Free space there, or choose another location, and run the command again"
             ) from exc
         raise StorageError(f"cannot {action} {uri}: {_describe(exc)}") from exc
     except Exception as exc:

@@ -65,9 +65,70 @@ def test_a_full_disk_fails_clearly_and_leaves_the_disk_as_it_was(
         message = str(caught.value)
         assert "no space left" in message, message  # the fault landed: ENOSPC, attempt 1 and 2
         assert "cannot write shards" in message  # ... while writing shards, not at the probe
-        assert "B free of" in message and "re-run the same command" in message
+        assert "B free of" in message and "nothing of this run was committed" in message
         out = small_disk / "out"
         leftovers = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
         assert leftovers == [], (attempt, leftovers)  # no staging, no probe, no half shard
         assert not (out / "manifest.json").exists()
         assert shutil.disk_usage(small_disk).free >= free_before - 64 * 1024  # given back
+
+
+TRAIN = [
+    "--model", "gpt-tiny", "--model-overrides", '{"d_model": 32, "n_heads": 2, "ffn_dim": 64}',
+    "--micro-batch", "2", "--total-steps", "6", "--warmup-steps", "1", "--checkpoint-every", "2",
+    "--eval-every", "1000", "--run.keep_checkpoints", "3",
+]  # fmt: skip
+
+
+def _train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    import os
+    import sys
+
+    cmd = [sys.executable, "-m", "training.train.local", "--data", str(data), "--output",
+           str(out), *TRAIN, *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_while_training_keeps_the_good_checkpoint(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    import sys
+
+    from training.train.checkpoint import list_checkpoints
+    from training.train.driver import checkpoint_problems
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.synthetic_shards import SyntheticSpec, write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, SyntheticSpec(rows=32, sentences=8, vocab_size=512, shards=2))
+    # How large one checkpoint is, measured by a run on the ordinary disk.
+    ref = tmp_path / "ref"
+    assert _train(data, ref, "--max-steps", "2").returncode == 0
+    size = _du(ref / "local" / "train")
+    # Room for the run's small files and one checkpoint, not two.
+    kib = (size + size // 2 + 192 * 1024) // 1024
+    remount = ["mount", "-o", f"remount,size={kib}k", str(small_disk)]
+    subprocess.run(remount, check=True)
+
+    out = small_disk / "run"
+    proc = _train(data, out)
+
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no space left" in proc.stderr and "checkpoint of step 4" in proc.stderr
+    assert "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    folder = out / "local" / "train"
+    assert [s for s, _ in list_checkpoints(str(folder))] == [2]
+    assert not checkpoint_problems(str(folder / "checkpoint_00000002"))
+    assert not (folder / "checkpoint_00000004").exists()  # the half-written one is gone
+
+    subprocess.run(["mount", "-o", f"remount,size={4 * kib + 4096}k", str(small_disk)], check=True)
+    resumed = _train(data, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(step 2)" in resumed.stdout and (out / "export" / "model.safetensors").exists()

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from pipeline.blocks import SCORING_COLUMNS
 from pipeline.errors import UserError, interruption, sigterm_unwinds
-from pipeline.storage import filesystem_for, full_uri
+from pipeline.storage import StorageError, filesystem_for, full_uri, storage_errors
 from training.train.checkpoint import TrainState, list_checkpoints
 from training.train.config import TrainConfig, TrainConfigError
 from training.train.driver import (
@@ -81,24 +81,39 @@ def local_copy(uri: str, storage: Any = None) -> Iterator[str]:
 def save_checkpoint(worker: TrainWorker, folder: str, storage: Any = None) -> str:
     """Every rank's part of the checkpoint of ``worker.global_step`` into ``folder`` (a
     collective). The trainer state goes last, after every rank's files: a directory without it
-    is an unfinished upload that discovery skips. Returns the checkpoint's URI."""
+    is an unfinished upload that discovery skips. Returns the checkpoint's URI.
+
+    A save cut short (a full disk, an interruption) is removed again: it could never be resumed
+    from, and after a full disk it is what keeps the disk full. A disk error is a StorageError
+    naming the location and its free space (it would fail the same way again: not retried).
+    """
     fs, root = filesystem_for(folder, storage)
     target = f"{root}/checkpoint_{worker.global_step:08d}"
-    with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
-        worker.save(tmp)
-        state_file = None
-        for p in sorted(Path(tmp).rglob("*")):
-            if not p.is_file():
-                continue
-            if TrainState.is_state_file(p.name):
-                state_file = p
-                continue
-            remote = f"{target}/{p.relative_to(tmp).as_posix()}"
-            fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(p), remote)
-        dist.barrier()
-        if state_file is not None:  # rank 0
-            fs.put_file(str(state_file), f"{target}/{state_file.name}")
+    what = f"the checkpoint of step {worker.global_step}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
+            with storage_errors(tmp, f"write a local copy of {what} to"):
+                worker.save(tmp)
+            state_file = None
+            with storage_errors(folder, f"write {what} to"):
+                for p in sorted(Path(tmp).rglob("*")):
+                    if not p.is_file():
+                        continue
+                    if TrainState.is_state_file(p.name):
+                        state_file = p
+                        continue
+                    remote = f"{target}/{p.relative_to(tmp).as_posix()}"
+                    fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+                    fs.put_file(str(p), remote)
+            dist.barrier()
+            if state_file is not None:  # rank 0
+                with storage_errors(folder, f"write {what} to"):
+                    fs.put_file(str(state_file), f"{target}/{state_file.name}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if fs.exists(target):
+                fs.rm(target, recursive=True)
+        raise
     dist.barrier()
     return full_uri(fs, target)
 
@@ -183,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg.run.workers = int(os.environ.get("WORLD_SIZE", "1"))
         with sigterm_unwinds():
             result = run_local(cfg)
+    except StorageError as exc:  # a full disk, say: the run's checkpoints so far are intact
+        print(
+            f"error: {exc}. The checkpoints written before are kept: then run the same command "
+            "with --resume",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
