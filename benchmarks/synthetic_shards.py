@@ -47,16 +47,18 @@ class SyntheticSpec:
     shards: int = 4
     """Training shards (held-out: 1)."""
     seed: int = 0
+    word_prefix: str = "t"
+    """The words' names (another prefix: another tokenizer of the same size)."""
 
 
-def tokenizer_json(vocab_size: int) -> str:
+def tokenizer_json(vocab_size: int, word_prefix: str = "t") -> str:
     """A word-level tokenizer: the three special tokens first (ids 0-2), then words t3, t4, ..."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = [SPECIAL_TOKENS[r] for r in ("end_of_sentence", "pad", "end_of_document")]
     vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
+    vocab.update({f"{word_prefix}{i}": i for i in range(len(specials), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=f"{word_prefix}3"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(specials)
     return str(tok.to_str())
@@ -129,7 +131,7 @@ def write_synthetic(output: str | Path, spec: SyntheticSpec = SyntheticSpec()) -
     if (root / MANIFEST).exists():
         raise FileExistsError(f"{root} already holds a {MANIFEST}: choose an empty folder")
     root.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer_json(spec.vocab_size)
+    tok = tokenizer_json(spec.vocab_size, spec.word_prefix)
     (root / "tokenizer.json").write_text(tok)
     ids = {"end_of_sentence": 0, "pad": 1, "end_of_document": 2}
     rng = np.random.default_rng(spec.seed)
@@ -191,7 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("output")
     for name, default in SyntheticSpec().__dict__.items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = ap.parse_args()
     spec = SyntheticSpec(**{k: getattr(args, k) for k in SyntheticSpec().__dict__})
     m = write_synthetic(args.output, spec)

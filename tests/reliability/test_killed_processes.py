@@ -85,6 +85,34 @@ def _descendant(proc: subprocess.Popen[str], marker: str) -> psutil.Process | No
     return None
 
 
+def _descendants(proc: subprocess.Popen[str], marker: str) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if marker in " ".join(child.cmdline()) or marker in child.name():
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _kill_and_see_it_replaced(proc: subprocess.Popen[str], marker: str) -> tuple[int, int]:
+    """Kill one process of ``marker`` under ``proc`` and wait for a process of the same kind
+    that was not there at the kill: the observable sign that Ray recovered, not that the run
+    happened to need nothing more from the dead one. Returns (killed pid, replacement pid)."""
+    victim = _wait_for(f"a {marker} process", lambda: _descendant(proc, marker), proc)
+    assert isinstance(victim, psutil.Process)
+    seen = {p.pid for p in _descendants(proc, marker)}
+    victim.kill()
+    new = _wait_for(
+        f"a replacement {marker} process",
+        lambda: next((p for p in _descendants(proc, marker) if p.pid not in seen), None),
+        proc,
+    )
+    assert isinstance(new, psutil.Process)
+    return victim.pid, new.pid
+
+
 def _stop_tree(procs: list[psutil.Process]) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
@@ -139,11 +167,8 @@ def test_killed_preprocessing_worker_is_retried_and_the_output_is_identical(
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        worker = _wait_for(
-            "a preprocessing task", lambda: _descendant(proc, "_GroupProcessor"), proc
-        )
-        assert isinstance(worker, psutil.Process)
-        worker.kill()
+        killed, replacement = _kill_and_see_it_replaced(proc, "_GroupProcessor")
+        assert killed != replacement
         _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -190,10 +215,8 @@ def test_killed_evaluation_actor_is_replaced_and_every_token_counted_once(
         cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        actor = _wait_for("a scoring actor", lambda: _descendant(proc, "_Scorer"), proc)
-        assert isinstance(actor, psutil.Process)
-        time.sleep(1.0)  # let it load the model and start scoring
-        actor.kill()
+        killed, replacement = _kill_and_see_it_replaced(proc, "_Scorer")
+        assert killed != replacement
         _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

@@ -83,22 +83,33 @@ def test_a_killed_worker_is_recovered_by_ray_and_the_run_matches(
 ) -> None:
     out = tmp_path / "run"
     killed: list[int] = []
+    before: set[int] = set()
+    replacements: set[int] = set()
 
-    def kill_after_the_second_checkpoint() -> None:
+    def kill_mid_run_then_watch() -> None:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            done = list_checkpoints(str(out / "ray" / "train"))
+        while time.monotonic() < deadline:
             workers = _train_workers()
-            if done and done[-1][0] >= 10 and workers:
-                workers[-1].kill()
-                killed.append(workers[-1].pid)
-            time.sleep(0.1)
+            if not killed:
+                done = list_checkpoints(str(out / "ray" / "train"))
+                # After the second checkpoint and before the last step: a kill after step 20
+                # would need no recovery at all.
+                if done and 10 <= done[-1][0] < 20 and workers:
+                    before.update(w.pid for w in workers)
+                    workers[-1].kill()
+                    killed.append(workers[-1].pid)
+            else:  # the recovery: worker processes that were not there at the kill
+                replacements.update(w.pid for w in workers if w.pid not in before)
+                if replacements:
+                    return
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_after_the_second_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_mid_run_then_watch, daemon=True)
     killer.start()
     result = run_training(config(data_dir, out))  # max_failures defaults to 3: no --resume
     killer.join(timeout=5)
-    assert killed, "a training worker was killed mid-run"
+    assert killed, "no training worker was killed between the second checkpoint and the end"
+    assert replacements, "Ray Train started no new worker after the kill: nothing recovered"
     assert result.end_step == 20
     assert losses(out) == losses(reference), "every step once, every loss identical"
 
