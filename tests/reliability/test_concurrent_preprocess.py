@@ -128,6 +128,10 @@ def test_two_cli_runs_started_together_lose_nothing(tmp_path: Path, tokenizer_pa
                 "16",
                 "--workers",
                 "1",
+                # On Ray: seconds between planning and committing, so the two really race (a
+                # small run in-process takes 0.1 s and the two would simply take turns).
+                "--local-below-bytes",
+                "0",
                 "--no-plot",
                 "--json",
             ],
@@ -142,6 +146,11 @@ def test_two_cli_runs_started_together_lose_nothing(tmp_path: Path, tokenizer_pa
     results = [p.communicate(timeout=240) for p in procs]
     for p, (_stdout, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0, stderr[-3000:]
+    # The race happened: both planned against the empty output (each run reads the manifest in
+    # its first second, then spends seconds starting Ray and processing), so exactly one lost
+    # the commit of v1 and rebased; without this the test could pass with no race at all.
+    rebased = [err for _, err in results if "another run committed manifest v1 first" in err]
+    assert len(rebased) == 1, [err[-1500:] for _, err in results]
     m = Manifest.require(str(out))
     assert {e.uri for e in m.inputs} == {str(p) for p in groups["x"] + groups["y"]}
     assert m.version == 2 and len(list((out / "manifests").glob("v*.json"))) == 2
