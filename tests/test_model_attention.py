@@ -294,3 +294,34 @@ def test_gpthf_body_saves_no_fp32_scores_in_bf16_training() -> None:
     }
     assert {s for dt, s in saved if dt == torch.bfloat16} >= prob_shapes  # they are saved...
     assert not [s for dt, s in saved if dt == torch.float32 and len(s) == 4]  # ... never in fp32
+
+
+def test_body_attention_in_query_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd (prefill, evaluation) the body scores queries in chunks, so a long
+    prompt's memory stays linear in its length; the result is the one-call result."""
+    import training.model.attention as attention
+    from tests._model_helpers import tiny_model
+
+    model = tiny_model("gpthf").eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 40, (2, 300), generator=g)
+    ids[:, 6::7] = 0  # EOS-S: sentences of 7 tokens, ~43 ends a row
+    from training.generation.decode import sentence_ids_for
+
+    sid = sentence_ids_for(ids, torch.tensor([300, 250]), 0)
+    calls: list[int] = []
+    real = attention._attend_ends_and_self
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_attend_ends_and_self", counted)
+    with torch.no_grad():
+        whole = model(ids, sid)
+        one_call_each = len(calls)
+        monkeypatch.setattr(attention, "ENDS_CHUNK_ELEMENTS", 2000)
+        chunked = model(ids, sid)
+    assert len(calls) - one_call_each > 2 * one_call_each  # it did chunk the queries
+    assert max(calls[one_call_each:]) < min(calls[:one_call_each])
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)

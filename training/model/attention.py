@@ -120,7 +120,48 @@ def sdpa(
     return out.transpose(1, 2)
 
 
+ENDS_CHUNK_ELEMENTS = 1 << 24
+"""Without autograd, the body attention scores at most this many (query, end) pairs x heads at
+once (64 MiB in fp32): its scores are T x N per document, and N grows with T, so a long
+prompt's prefill would otherwise need memory quadratic in its length (a 32k-token prompt of
+25-token sentences: 1280 ends x 32k queries per head)."""
+
+
 def attend_ends_and_self(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_ends: Tensor,
+    v_ends: Tensor,
+    allowed: Tensor,
+    keep: Tensor | None = None,
+) -> Tensor:
+    """``_attend_ends_and_self`` in chunks of queries where no gradient is needed (prefill,
+    evaluation) and the scores would exceed ``ENDS_CHUNK_ELEMENTS``; each query's result does
+    not depend on the others. Training keeps one call: autograd saves every chunk anyway."""
+    B, H, T, _ = q.shape
+    per_query = B * H * (k_ends.shape[-2] + 1)
+    if torch.is_grad_enabled() or T * per_query <= ENDS_CHUNK_ELEMENTS:
+        return _attend_ends_and_self(q, k, v, k_ends, v_ends, allowed, keep)
+    step = max(1, ENDS_CHUNK_ELEMENTS // per_query)
+    return torch.cat(
+        [
+            _attend_ends_and_self(
+                q[:, :, i : i + step],
+                k[:, :, i : i + step],
+                v[:, :, i : i + step],
+                k_ends,
+                v_ends,
+                allowed[:, :, i : i + step],
+                None if keep is None else keep[:, :, i : i + step],
+            )
+            for i in range(0, T, step)
+        ],
+        dim=2,
+    )  # (B, H, T, hd)
+
+
+def _attend_ends_and_self(
     q: Tensor,
     k: Tensor,
     v: Tensor,
