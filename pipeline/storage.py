@@ -492,11 +492,16 @@ def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
     if protocol_of(full_uri(fs, path)) == "file":
         os.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, say: the old file stands, no half copy beside it
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:
         # A single PUT is atomic on S3-protocol stores.
         fs.pipe_file(path, data)

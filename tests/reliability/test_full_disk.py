@@ -132,3 +132,102 @@ def test_a_full_disk_while_training_keeps_the_good_checkpoint(
     resumed = _train(data, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(step 2)" in resumed.stdout and (out / "export" / "model.safetensors").exists()
+
+
+def _fill(disk: Path) -> int:
+    """Write a file until the disk refuses: the disk is then full (returns the bytes written)."""
+    written = 0
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+                written += 65536
+        except OSError as exc:
+            assert exc.errno == 28, exc  # ENOSPC: the fault is the one this test is about
+    return written
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_full_disk_stops_a_ray_run_at_once_and_keeps_its_checkpoint(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """`gpthf train` (Ray Train): the disk fills after the first checkpoint. Before, Ray Train
+    retried the deterministic error max_failures times, redoing the steps each time, and the run
+    ended in a raw WorkerGroupError. Now: one attempt, one worker group, a clear message."""
+    import os
+    import sys
+    import threading
+    import time
+
+    from training.train.checkpoint import list_checkpoints
+    from training.train.driver import checkpoint_problems
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.synthetic_shards import SyntheticSpec, write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, SyntheticSpec(rows=64, sentences=8, vocab_size=512, shards=2))
+    subprocess.run(["mount", "-o", "remount,size=96m", str(small_disk)], check=True)
+    out = small_disk / "run"
+    folder = out / "ray" / "train"
+    flags = [
+        "--model", "gpt-tiny", "--model-overrides", '{"d_model": 32, "n_heads": 2, "ffn_dim": 64}',
+        "--micro-batch", "2", "--total-steps", "40", "--warmup-steps", "1",
+        "--checkpoint-every", "20", "--eval-every", "1000", "--workers", "1",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--output", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["OMP_NUM_THREADS"] = "1"  # an embedded Ray of the run's own
+    root = Path(__file__).resolve().parents[2]
+    filled: list[int] = []
+
+    def fill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not filled:
+            if list_checkpoints(str(folder)):
+                filled.append(_fill(small_disk))
+            time.sleep(0.02)
+
+    filler = threading.Thread(target=fill_after_first_checkpoint, daemon=True)
+    filler.start()
+    proc = subprocess.run(
+        [*cmd, *flags], cwd=root, env=env, capture_output=True, text=True, timeout=360
+    )
+    filler.join(timeout=5)
+    log = proc.stdout + proc.stderr
+
+    assert filled and filled[0] > 0, "the disk was never filled"
+    assert proc.returncode == 2, log[-4000:]
+    assert "no space left" in proc.stderr, log[-4000:]  # the fault landed, and is named
+    # Ray logs the worker's and controller's tracebacks as they happen; ours is the last word,
+    # one line, and the driver itself prints no traceback.
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpthf train: error: cannot write"), last
+    assert "Stopped without retrying" in last and "--resume" in last and "free of" in last
+    driver_lines = [x for x in proc.stderr.splitlines() if "pid=" not in x]
+    assert not any("Traceback" in x for x in driver_lines), proc.stderr[-4000:]
+    # No retry: one fit, one worker group (Ray Train used to start one per retry).
+    assert len(list(folder.glob("attempt-*"))) == 1
+    assert log.count("[train] rank 0 on node") == 1, log[-4000:]
+    assert [s for s, _ in list_checkpoints(str(folder))] == [20]
+    (kept,) = list_checkpoints(str(folder))
+    assert not checkpoint_problems(kept[1])
+    unfinished = [p for p in folder.rglob("checkpoint_*") if p.is_dir()]
+    assert [p.as_posix() for p in unfinished] == [kept[1].removeprefix("file://")]
+
+    # The metrics of the steps before the fault survive the full disk whole (they were copied
+    # over in place, and a copy cut short truncated the run's history).
+    from training.train.driver import read_metrics
+
+    logged = {r["step"] for r in read_metrics(str(out)) if "loss" in r}
+    assert set(range(1, 21)) <= logged, sorted(logged)
+
+    (small_disk / "filler").unlink()
+    resumed = subprocess.run(
+        [*cmd, *flags, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=360
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert "(step 20)" in resumed.stdout + resumed.stderr
+    assert [s for s, _ in list_checkpoints(str(folder))][-1] == 40

@@ -6,18 +6,30 @@ The steps before and after the workers (``setup_run``, ``find_resume``, ``worker
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.blocks import SCORING_COLUMNS
+from pipeline.errors import UserError
 from pipeline.manifest import SPLITS, Manifest
-from pipeline.storage import absolute_uri, filesystem_for, write_bytes_atomic
+from pipeline.storage import (
+    StorageError,
+    absolute_uri,
+    filesystem_for,
+    full_uri,
+    storage_errors,
+    write_bytes_atomic,
+)
 from training.data.order import (
     EpochPlan,
     Shard,
@@ -42,6 +54,7 @@ from training.train.context import WorkerContext
 from training.train.finetune import check_init_from
 from training.train.integrity import inspect, no_code_execution
 from training.train.lease import RunLease
+from training.train.metrics import parse_metrics
 
 _DATA_IDS = ("vocab_size", "eos_id", "pad_id", "eod_id", "max_sentence_tokens")
 
@@ -204,12 +217,15 @@ def setup_run(cfg: TrainConfig, verify: bool = True) -> RunSetup:
     )
 
 
-def find_resume(setup: RunSetup, run_dir: str, verbose: bool = True) -> tuple[int, str | None]:
+def find_resume(
+    setup: RunSetup, run_dir: str, verbose: bool = True, resuming: bool = False
+) -> tuple[int, str | None]:
     """(start step, checkpoint to continue from) for the checkpoints under ``run_dir``: an
-    output with checkpoints needs --resume, and the last one must belong to this run."""
+    output with checkpoints needs --resume (``resuming``: this run's own, after a crash), and
+    the last one must belong to this run."""
     cfg, output = setup.cfg, setup.output
     existing = list_checkpoints(run_dir, cfg.storage)
-    if existing and not cfg.run.resume:
+    if existing and not (cfg.run.resume or resuming):
         raise TrainConfigError(
             f"{output} already holds checkpoints (last at step {existing[-1][0]}): pass --resume to continue that run, or choose another --output"
         )
@@ -308,20 +324,110 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
 
 def _train_on_ray(setup: RunSetup) -> TrainResult:
+    """Fit until the run ends: a crashed attempt (a worker or node lost) is fitted again from
+    the newest intact checkpoint, up to ``run.max_failures`` times; a deterministic error (a
+    full disk, denied access, a user error) stops the run at once, as it would fail the same
+    way again: redoing the steps since the last checkpoint only to meet it again costs a
+    night. So Ray Train itself never retries (``max_failures=0``): it cannot tell the two
+    apart, and this loop can (:func:`deterministic_failure`)."""
+    cfg = setup.cfg
+    init_ray_for_training()
+    cpus = check_resources(cfg)
+    folder = run_dir(setup, "ray")
+    first_step, resume_from = find_resume(setup, folder)
+    write_run_config(setup)
+    if first_step >= setup.end_step:
+        return nothing_to_do(setup, first_step)
+    start_step, failures, t0 = first_step, 0, time.perf_counter()
+    while True:
+        result = _fit(setup, cpus, start_step, resume_from)
+        if result.error is None:
+            break
+        remove_unfinished(folder, cfg.storage)
+        fatal = deterministic_failure(result.error, folder)
+        if fatal is not None:
+            kept = list_checkpoints(folder, cfg.storage)
+            # A half-written checkpoint holds the space the next run needs: removed, as long
+            # as an intact one remains (pruning keeps the newest that verify).
+            prune_checkpoints(folder, max(len(kept), 1), cfg.storage)
+            if isinstance(fatal, StorageError):
+                left = [step for step, _ in list_checkpoints(folder, cfg.storage)]
+                kept_text = f"at steps {left}" if left else "none yet"
+                raise StorageError(
+                    f"{fatal}. Stopped without retrying (it would fail the same way again); "
+                    f"the checkpoints written before are kept ({kept_text}): once fixed, run "
+                    "the same command with --resume"
+                ) from result.error
+            raise fatal from result.error
+        failures += 1
+        if failures > cfg.run.max_failures:
+            raise result.error
+        start_step, resume_from = find_resume(setup, folder, verbose=False, resuming=True)
+        where = f"the checkpoint of step {start_step}" if resume_from else "step 0"
+        print(
+            f"[train] attempt failed ({_first_line(result.error)}); fitting again from {where} "
+            f"(failure {failures} of run.max_failures={cfg.run.max_failures})",
+            flush=True,
+        )
+        if start_step >= setup.end_step:  # it crashed after its last checkpoint
+            break
+    wall = time.perf_counter() - t0
+    with local_copy(list_checkpoints(folder, cfg.storage)[-1][1], cfg.storage) as d:
+        state = export_run(setup, d)
+    prune_checkpoints(folder, cfg.run.keep_checkpoints, cfg.storage)
+    return finish(setup, first_step, state, wall)
+
+
+def _first_line(exc: BaseException) -> str:
+    base = getattr(exc, "worker_failures", None)
+    if base:
+        rank, err = next(iter(base.items()))
+        exc = getattr(err, "_base_exc", err)
+        return f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+
+
+DETERMINISTIC_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+)
+"""OS errors that a retry meets again: no space, no quota, no permission, a read-only disk."""
+
+
+def deterministic_failure(error: BaseException, folder: str) -> UserError | None:
+    """The user-facing error of a failed fit that would fail the same way on a retry: a
+    UserError (StorageError included) raised by a worker, or an OS error of
+    :data:`DETERMINISTIC_ERRNOS`; None for a crash (a lost worker or node, a collective cut
+    short by one), which a retry from the last checkpoint can get past."""
+    failures = dict(getattr(error, "worker_failures", {}))
+    controller = getattr(error, "controller_failure", None)  # e.g. writing the run's state
+    where = {f"rank {rank}": err for rank, err in sorted(failures.items())}
+    if controller is not None:
+        where["Ray Train's controller"] = controller
+    for who, err in where.items():
+        base = getattr(err, "_base_exc", err)  # Ray Train wraps the worker's exception
+        if isinstance(base, UserError):
+            return base
+        if isinstance(base, OSError) and (
+            base.errno in DETERMINISTIC_ERRNOS or "No space left on device" in str(base)
+        ):
+            try:  # the message storage errors get everywhere: where, how much space, the fix
+                with storage_errors(folder, f"write ({who}) the run's files under"):
+                    raise base
+            except StorageError as exc:
+                return exc
+    return None
+
+
+def _fit(setup: RunSetup, cpus: float, start_step: int, resume_from: str | None) -> _Fit:
+    """One TorchTrainer fit from ``start_step``: its result, or the error that ended it."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
     from training.train.worker import train_loop_per_worker
 
     cfg = setup.cfg  # with the paths the workers need resolved
-    init_ray_for_training()
-    cpus = check_resources(cfg)
-    start_step, resume_from = find_resume(setup, run_dir(setup, "ray"))
-    write_run_config(setup)
-    if start_step >= setup.end_step:
-        return nothing_to_do(setup, start_step)
-
     datasets = {}
     for r in range(setup.world):
         rp = resume_point(
@@ -336,7 +442,7 @@ def _train_on_ray(setup: RunSetup) -> TrainResult:
     context = worker_context(setup, start_step, resume_from)
     # One Ray run per fit, inside the run's folder: Ray never restores its own snapshot of an
     # earlier fit (which may name a checkpoint that was damaged or removed since); the resume
-    # point is the newest intact checkpoint of any attempt, chosen above.
+    # point is the newest intact checkpoint of any attempt, chosen by the caller.
     storage_fs, storage_path = arrow_filesystem(run_dir(setup, "ray"), cfg.storage)
     attempt = time.strftime("attempt-%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     env = {
@@ -352,7 +458,7 @@ def _train_on_ray(setup: RunSetup) -> TrainResult:
         storage_path=storage_path,
         storage_filesystem=storage_fs,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        failure_config=FailureConfig(max_failures=0),  # retried by _train_on_ray, or not
         worker_runtime_env={"env_vars": env},
     )
     trainer = TorchTrainer(
@@ -371,17 +477,31 @@ def _train_on_ray(setup: RunSetup) -> TrainResult:
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - t0
-    if result.error is not None:
-        raise result.error
-    assert result.checkpoint is not None
-    with tempfile.TemporaryDirectory(prefix="gpthf-export-") as tmp:
-        result.checkpoint.to_directory(tmp)
-        state = export_run(setup, tmp)
-    prune_checkpoints(run_dir(setup, "ray"), cfg.run.keep_checkpoints, cfg.storage)
-    return finish(setup, start_step, state, wall)
+    try:
+        return _Fit(trainer.fit(), None)
+    except TrainingFailedError as exc:  # fit() raises what it would report as result.error
+        return _Fit(None, exc)
+
+
+@dataclass
+class _Fit:
+    result: Any  # ray.train.Result, where the fit ended well
+    error: BaseException | None
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, storage: Any = None) -> Iterator[str]:
+    """A local directory with the files under ``uri`` (the directory itself where it is local)."""
+    fs, path = filesystem_for(uri, storage)
+    if full_uri(fs, path) == path:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
+        for f in fs.find(path):
+            dest = Path(tmp, f[len(path) :].lstrip("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(dest))
+        yield tmp
 
 
 _VERIFIED: set[str] = set()
@@ -400,6 +520,27 @@ def checkpoint_problems(uri: str, storage: Any = None) -> list[str]:
     if not problems:
         _VERIFIED.add(uri)
     return problems
+
+
+def remove_unfinished(folder: str, storage: Any = None) -> list[str]:
+    """Remove the checkpoint folders under ``folder`` (and its attempts) that have no trainer
+    state: uploads cut short, which no resume can use and which hold the space a full disk
+    needs back. Only after a failed fit, under the run's lease (no other writer is mid-upload).
+    Returns the URIs removed."""
+    fs, root = filesystem_for(folder, storage)
+    if not fs.exists(root):
+        return []
+    entries = [e.rstrip("/") for e in fs.ls(root, detail=False)]
+    for attempt in [e for e in entries if e.rsplit("/", 1)[-1].startswith("attempt-")]:
+        entries += [e.rstrip("/") for e in fs.ls(attempt, detail=False)]
+    removed = []
+    for path in entries:
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("checkpoint_") and fs.isdir(path) and not TrainState.exists_in(fs, path):
+            print(f"[train] removing the unfinished checkpoint upload {path}", flush=True)
+            fs.rm(path, recursive=True)
+            removed.append(full_uri(fs, path))
+    return removed
 
 
 def prune_checkpoints(folder: str, keep: int, storage: Any = None) -> list[str]:
@@ -493,7 +634,7 @@ def read_metrics(output: str, storage: Any = None) -> list[dict[str, Any]]:
     if not fs.exists(path):
         return []
     with fs.open(path, "rb") as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        return parse_metrics(f.read(), path)
 
 
 def summarise(

@@ -41,6 +41,7 @@ from training.train.driver import (
     find_resume,
     finish,
     format_summary,
+    local_copy,
     nothing_to_do,
     prune_checkpoints,
     run_dir,
@@ -61,21 +62,6 @@ def arrow_stream(uris: list[str], storage: Any = None) -> Iterator[pa.RecordBatc
         fs, path = filesystem_for(uri, storage)
         with fs.open(path, "rb") as f:
             yield from pq.ParquetFile(f).iter_batches(columns=list(SCORING_COLUMNS))
-
-
-@contextlib.contextmanager
-def local_copy(uri: str, storage: Any = None) -> Iterator[str]:
-    """A local directory with the files under ``uri`` (the directory itself where it is local)."""
-    fs, path = filesystem_for(uri, storage)
-    if full_uri(fs, path) == path:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
-        for f in fs.find(path):
-            dest = Path(tmp, f[len(path) :].lstrip("/"))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f, str(dest))
-        yield tmp
 
 
 def save_checkpoint(worker: TrainWorker, folder: str, storage: Any = None) -> str:

@@ -103,6 +103,30 @@ def format_step(record: dict[str, Any], end: int) -> str:
     )
 
 
+def parse_metrics(data: bytes, where: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that does not parse (a write cut short before
+    metrics were written atomically, an edit by hand) is dropped with a warning naming it,
+    never the reason a run cannot resume."""
+    records, bad = [], []
+    for n, line in enumerate(data.decode(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(n)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(n)
+    if bad:
+        print(
+            f"[train] warning: {where}: dropped {len(bad)} unreadable line(s) {bad[:5]}", flush=True
+        )
+    return records
+
+
 class MetricsWriter:
     """Rank 0: JSONL + TensorBoard in a local folder, copied to the run output by ``sync``.
 
@@ -120,9 +144,8 @@ class MetricsWriter:
         kept = []
         if self.fs.exists(remote):
             with self.fs.open(remote, "rb") as f:
-                for line in f.read().decode().splitlines():
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
+                records = parse_metrics(f.read(), remote)
+            kept = [json.dumps(r) for r in records if r.get("step", 0) <= start_step]
         self.jsonl.write_text("".join(k + "\n" for k in kept))
         try:
             from tensorboardX import SummaryWriter
@@ -147,8 +170,10 @@ class MetricsWriter:
         shutil.rmtree(self.local, ignore_errors=True)
 
     def sync(self) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.fs.put_file(str(self.jsonl), f"{self.root}/metrics.jsonl")
+        from pipeline.storage import write_bytes_atomic
+
+        # Whole or not at all: a copy cut short by a full disk would lose the run's history.
+        write_bytes_atomic(self.fs, f"{self.root}/metrics.jsonl", self.jsonl.read_bytes())
         if self.tb is None:
             return
         self.tb.flush()

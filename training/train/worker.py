@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.storage import storage_errors
 from training.data.collate import IGNORE_INDEX, collate_blocks
 from training.data.order import (
     epoch_of_step,
@@ -657,11 +658,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         def report(step: int, record: dict[str, Any]) -> None:
             # Only checkpoints are reported: a report is a barrier across workers, and the
             # per-step metrics already go to metrics.jsonl / TensorBoard.
+            # A disk error is a StorageError naming the place and its free space: the driver
+            # stops the run on it rather than redo the steps only to meet it again.
+            what = f"the checkpoint of step {step}"
             with tempfile.TemporaryDirectory(prefix="gpthf-ckpt-") as tmp:
-                worker.save(tmp)
+                with storage_errors(tmp, f"write a local copy of {what} to"):
+                    worker.save(tmp)
                 if writer is not None:
                     writer.sync()
-                ray.train.report(record, checkpoint=Checkpoint.from_directory(tmp))
+                with storage_errors(ctx.output, f"write {what} under"):
+                    ray.train.report(record, checkpoint=Checkpoint.from_directory(tmp))
 
         run_steps(worker, _ray_stream(worker), writer=writer, checkpoint=report)
     finally:
