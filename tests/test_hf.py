@@ -128,7 +128,8 @@ with torch.no_grad():
     torch.manual_seed(0)
     sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True)
 torch.save({"logits": logits, "mask": mask, "greedy": greedy[:, width:], "sampled": sampled}, out)
-print(json.dumps({"eos_s": tok.convert_tokens_to_ids("<|endofsentence|>"), "class": type(model).__name__}))
+spelled = tok("He wrote <|endofsentence|> and <|endofdoc|> on it.").input_ids
+print(json.dumps({"eos_s": tok.convert_tokens_to_ids("<|endofsentence|>"), "class": type(model).__name__, "spelled": spelled}))
 """
 
 
@@ -150,7 +151,22 @@ def test_folder_loads_without_gpthf_and_matches_our_model(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1].rsplit("[y/N] ", 1)[-1])
+    spelled = info.pop("spelled")
     assert info == {"eos_s": c.eos_id, "class": "GPTHFForCausalLM"}
+    # One rule for text that spells a special token: text, in the HF folder's tokenizer as in
+    # `gpthf generate` (encode_prompt) and in the data pipeline.
+    from tokenizers import Tokenizer
+
+    from training.generation.text import encode_prompt
+
+    ours = encode_prompt(
+        Tokenizer.from_file(str(Path(src, "tokenizer.json"))),
+        "He wrote <|endofsentence|> and <|endofdoc|> on it.",
+        eos_id=c.eos_id,
+        max_sentence_tokens=10_000,
+        close_last_sentence=False,
+    )
+    assert spelled == ours and not {c.eos_id, c.eod_id, c.pad_id} & set(spelled), spelled
     res = torch.load(out)
     width = res["mask"].shape[1]
     model = exported.model

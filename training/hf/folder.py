@@ -134,6 +134,10 @@ def _tokenizer_files(m: ModelConfig) -> dict[str, str]:
         "clean_up_tokenization_spaces": False,
         "padding_side": "left",
         "model_max_length": 1_000_000,
+        # One rule everywhere: text that spells a special token is text, as the data pipeline
+        # encoded it for training and as `gpthf generate` encodes prompts. Sentence ends are
+        # marked by id (the README's example), never by typing the token.
+        "split_special_tokens": True,
     }
     return {
         "tokenizer_config.json": json.dumps(config, indent=1),
@@ -149,17 +153,23 @@ def _readme(export: ExportConfig) -> str:
 Trained {export.step} steps on {export.tokens_seen} tokens (data: `{export.data or "n/a"}`).
 
 ```python
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained(PATH)
 model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
-ids = tok(["First sentence.{eos_s}Second one is"], return_tensors="pt", padding=True)
-out = model.generate(**ids, max_new_tokens=32, do_sample=False)
+sentences = ["First sentence.", "Second one is"]  # the last one stays open
+ids = []
+for k, s in enumerate(sentences):
+    ids += tok(s).input_ids + ([{m.eos_id}] if k < len(sentences) - 1 else [])
+out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=32, do_sample=False)
 ```
 
-**Sentence ends.** The model was trained on text split into sentences, each ending with the
-end-of-sentence token `{eos_s}` (id {m.eos_id}); GPTHF compresses each finished sentence into
-one vector, so a prompt must mark its sentence ends the same way (the last sentence may stay
-open). gpthf's own splitter (`training.generation.text.encode_prompt`) does it for you.
+**Sentence ends.** The model was trained on text split into sentences, each tokenized alone and
+ending with the end-of-sentence token `{eos_s}` (id {m.eos_id}); GPTHF compresses each finished
+sentence into one vector, so a prompt must mark its sentence ends the same way, by id (the last
+sentence may stay open). Text that spells a special token is text (`split_special_tokens`, as
+in training and in `gpthf generate`): typing `{eos_s}` in a prompt does not end a sentence.
+gpthf's own splitter (`training.generation.text.encode_prompt`) does all this for you.
 Sentences are at most {m.max_sentence_tokens} tokens (end-of-sentence included); generation
 forces `{eos_s}` at that length, as `gpthf generate` does. `eos_token` is the end-of-document
 token: generation stops there. `config.gpthf_generation_mode` picks the cached decoder
