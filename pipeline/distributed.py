@@ -19,16 +19,20 @@ from pipeline.storage import StorageError
 from pipeline.unit import UnitContext, process_unit
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start the embedded in-process Ray."""
+def init_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start the embedded in-process Ray; True when
+    this call started an embedded Ray (whose workers end with this process)."""
     import ray
 
+    started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            started = True
     keep_sigterm_unwinding()  # ray.init replaced our SIGTERM handler (gpthf commands' clean-up)
+    return started
 
 
 _USER_ERRORS: dict[str, type[Exception]] = {

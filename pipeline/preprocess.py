@@ -146,9 +146,10 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         sweep_staging(output, cfg.storage)
     ctx = UnitContext.for_run(cfg, tok, staging)
     here = _run_here(cfg, plan.todo)
+    started_ray = False
     if not here and not _ray_running():
         with clock.phase("Ray start"):  # (or, with RAY_ADDRESS, joining the cluster)
-            init_ray()
+            started_ray = init_ray()
     with clock.phase("plan"):
         units = plan_units(plan.todo, cfg.input, cfg.storage, local_map if here else ray_map)
     split = sum(1 for u in units if u.piece == 0 and u.pieces > 1)
@@ -187,12 +188,28 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
     except BaseException:
         # Nothing of this run is committed yet: its staging is only garbage, and after a full
         # disk it is what keeps the disk full for the re-run. (Ctrl-C and SIGTERM come here
-        # too; a SIGKILLed run's staging is swept by a later run after a day.)
+        # too; a SIGKILLed run's staging is swept by a later run after a day.) The Ray this
+        # run started goes down first, so that no worker still writes there, and the scratch
+        # folders of the workers it killed go with it.
+        if started_ray:
+            _stop_own_ray()
         _remove_staging(staging, cfg.storage)
         raise
     result = _commit(cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces), clock)
     print(clock.line(), file=sys.stderr, flush=True)
     return result
+
+
+def _stop_own_ray() -> None:
+    """Shut down the embedded Ray this run started, and remove its killed workers' scratch."""
+    import ray
+
+    from pipeline.scratch import sweep_dead
+
+    try:
+        ray.shutdown()
+    finally:
+        sweep_dead(wait_s=5.0)
 
 
 def _run_here(cfg: PreprocessConfig, todo: list[InputFile]) -> bool:

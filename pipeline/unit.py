@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ from pipeline.manifest import SPLITS
 from pipeline.packing import BlockPacker, Blocks, tokenize_batch
 from pipeline.pieces import WorkUnit, unit_key
 from pipeline.readers import read_documents
+from pipeline.scratch import sweep_once, unit_scratch
 from pipeline.storage import filesystem_for, join, protocol_of, storage_errors
 from pipeline.text import normalise, split_sentences
 from pipeline.tokenizer import LoadedTokenizer
@@ -150,7 +150,8 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
     in_fs, in_path = filesystem_for(f.uri, ctx.storage)
     out_fs, staging = filesystem_for(ctx.staging_uri, ctx.storage)
     shards: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="gpthf-unit-") as tmp:
+    sweep_once()  # scratch left by killed processes on this host
+    with unit_scratch() as tmp:
         writers = {
             s: _ShardWriter(
                 s, os.path.join(tmp, f"{s}.parquet"), ctx.packing.row_group_blocks, counters

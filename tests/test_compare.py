@@ -71,11 +71,37 @@ def test_compare_writes_png_table_and_json(tokenizer_path: Path, tmp_path: Path)
     data = {d["name"]: d for d in json.loads((out / "compare.json").read_text())}
     assert data["train-gpthf"]["tokens"] == [1000, 2000, 3000, 4000]
     assert data["train-gpthf"]["val_loss"] == [5.6, 5.1]
-    model = load_export(str(a / "export")).model_config
-    per_token = 3 * flops_per_token(model, 512, 25).total  # the data folder is gone: defaults
-    assert data["train-gpthf"]["flops"] == pytest.approx(
-        [per_token * t for t in (1e3, 2e3, 3e3, 4e3)]
+    # The exports name a data folder ("test") that holds no manifest: the FLOPs axis cannot be
+    # computed, and is said to be unknown instead of computed for a made-up block shape.
+    assert (
+        data["train-gpthf"]["flops"] == [] and data["train-gpthf"]["train_flops_per_token"] is None
     )
+    assert "| n/a |" in rows["train-gpthf"]
+    assert "Training FLOPs of train-gpthf: n/a, its data folder test holds no manifest" in md
+    assert "train-gpthf: training FLOPs n/a" in proc.stderr
+
+
+def test_compare_flops_come_from_the_runs_data(tokenizer_path: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.synthetic_shards import SyntheticSpec, write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, SyntheticSpec(rows=24, sentences=8, vocab_size=512, shards=2))
+    a = _run(tmp_path, tokenizer_path, "gpthf", [6.0, 5.5])
+    cfg = json.loads((a / "export" / "config.json").read_text())
+    (a / "export" / "config.json").write_text(json.dumps(cfg | {"data": str(data)}))
+    (curve,) = compare_runs([str(a)], str(tmp_path / "cmp"))
+    from pipeline.manifest import read_manifest
+
+    m = read_manifest(str(data))
+    assert m is not None
+    shards = m.shards("train")
+    block = round(sum(s.tokens for s in shards) / sum(s.rows for s in shards))
+    sentence = round(sum(s.tokens for s in shards) / sum(s.sentences for s in shards))
+    model = load_export(str(a / "export")).model_config
+    per_token = 3 * flops_per_token(model, block, sentence).total
+    assert curve.flops == pytest.approx([per_token * 1e3, per_token * 2e3])
+    assert not curve.flops_unknown
 
 
 def test_compare_refuses_what_is_not_a_run(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,9 @@ class RunCurve:
     uri: str
     arch: str
     parameters: int
-    train_flops_per_token: float
+    train_flops_per_token: float | None
+    """None when the training data's block shape cannot be read (``flops_unknown`` says why)."""
+    flops_unknown: str = ""
     steps: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -45,11 +48,13 @@ class RunCurve:
 
     @property
     def flops(self) -> list[float]:
-        return [t * self.train_flops_per_token for t in self.tokens]
+        per_token = self.train_flops_per_token
+        return [] if per_token is None else [t * per_token for t in self.tokens]
 
     @property
     def val_flops(self) -> list[float]:
-        return [t * self.train_flops_per_token for t in self.val_tokens]
+        per_token = self.train_flops_per_token
+        return [] if per_token is None else [t * per_token for t in self.val_tokens]
 
 
 def _read_text(uri: str, storage: Any = None) -> str | None:
@@ -61,20 +66,26 @@ def _read_text(uri: str, storage: Any = None) -> str | None:
         return None
 
 
-def _block_shape(data: str, storage: Any) -> tuple[int, int]:
-    """(mean tokens per block, mean tokens per sentence) of the run's training data."""
+def _block_shape(data: str, storage: Any) -> tuple[int, int] | str:
+    """(mean tokens per block, mean tokens per sentence) of the run's training data, or why it
+    cannot be known (the FLOPs axis is then left out for this run, never filled with a guess:
+    GPTHF's FLOPs per token depend on both, so a made-up shape would misplace its curve)."""
     from pipeline.manifest import read_manifest
 
+    if not data:
+        return "the export names no training data"
     try:
-        m = read_manifest(data, storage) if data else None
-    except Exception:
-        m = None
-    shards = m.shards("train") if m is not None and m.has_split("train") else []
+        m = read_manifest(data, storage)
+    except (UserError, OSError, ValueError) as exc:
+        return f"its data manifest at {data} could not be read ({exc})"
+    if m is None:
+        return f"its data folder {data} holds no manifest"
+    shards = m.shards("train") if m.has_split("train") else []
     rows = sum(s.rows for s in shards)
     sentences = sum(s.sentences for s in shards)
     tokens = sum(s.tokens for s in shards)
     if not rows or not sentences:
-        return 512, 25  # the data is gone: a typical block
+        return f"its data manifest at {data} lists no training blocks"
     return max(1, round(tokens / rows)), max(1, round(tokens / sentences))
 
 
@@ -90,7 +101,7 @@ def read_run(uri: str, storage: Any = None) -> RunCurve:
         cfg = ExportConfig.from_dict(json.loads(raw), f"{uri}/export/config.json")
     except ValueError as exc:
         raise ExportError(f"{uri}/export/config.json: {exc}") from exc
-    context, sentence = _block_shape(cfg.data, storage)
+    shape = _block_shape(cfg.data, storage)
     import torch
 
     from training.model import build_model
@@ -102,7 +113,10 @@ def read_run(uri: str, storage: Any = None) -> RunCurve:
         uri=uri,
         arch=cfg.model.arch,
         parameters=params,
-        train_flops_per_token=3.0 * flops_per_token(cfg.model, context, sentence).total,
+        train_flops_per_token=None
+        if isinstance(shape, str)
+        else 3.0 * flops_per_token(cfg.model, *shape).total,
+        flops_unknown=shape if isinstance(shape, str) else "",
     )
     for n, line in enumerate(metrics.splitlines(), 1):
         if not line.strip():
@@ -159,7 +173,8 @@ def format_markdown(runs: list[RunCurve]) -> str:
     for r in runs:
         rows.append(
             f"| {r.name} | {r.arch} | {r.parameters:,} | {r.steps[-1] if r.steps else 0} "
-            f"| {r.tokens[-1] if r.tokens else 0:,} | {_fmt(r.flops[-1] if r.flops else None)} "
+            f"| {r.tokens[-1] if r.tokens else 0:,} "
+            f"| {'n/a' if r.flops_unknown else _fmt(r.flops[-1] if r.flops else None)} "
             f"| {_fmt(r.loss[-1] if r.loss else None)} "
             f"| {_fmt(r.val_loss[-1] if r.val_loss else None)} "
             f"| {_fmt(r.eval.get('token_ppl'), 3)} | {_fmt(r.eval.get('bits_per_byte'))} "
@@ -169,6 +184,9 @@ def format_markdown(runs: list[RunCurve]) -> str:
         "\nTraining FLOPs: 3 x forward FLOPs per token (training.model.flops) at the data's "
         "mean block and sentence length, times tokens seen. Held-out figures: `gpthf eval`.\n"
     )
+    for r in runs:
+        if r.flops_unknown:
+            notes += f"\nTraining FLOPs of {r.name}: n/a, {r.flops_unknown}.\n"
     return "# Runs compared\n\n" + head + "\n".join(rows) + "\n" + notes
 
 
@@ -183,11 +201,17 @@ def plot_png(runs: list[RunCurve]) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         for ax, x, vx in ((axes[0], r.tokens, r.val_tokens), (axes[1], r.flops, r.val_flops)):
+            if not x:  # FLOPs unknown: left out (said in the table and below the axis)
+                continue
             (line,) = ax.plot(x, r.loss, label=f"{r.name} train", alpha=0.8)
             if r.val_loss:
                 ax.plot(vx, r.val_loss, "o--", color=line.get_color(), label=f"{r.name} held-out")
     axes[0].set_xlabel("tokens seen")
-    axes[1].set_xlabel("training FLOPs")
+    unknown = [r.name for r in runs if r.flops_unknown]
+    axes[1].set_xlabel(
+        "training FLOPs"
+        + (f"\n(not shown, data shape unknown: {', '.join(unknown)})" if unknown else "")
+    )
     axes[1].set_xscale("log")
     for ax in axes:
         ax.set_ylabel("loss (nats/token)")
@@ -211,6 +235,9 @@ def compare_runs(
     if not runs:
         raise CompareError("give at least one training run folder")
     curves = [read_run(u, storage) for u in runs]
+    for c in curves:
+        if c.flops_unknown:
+            print(f"[compare] {c.name}: training FLOPs n/a: {c.flops_unknown}", file=sys.stderr)
     attach_evals(curves, list(evals), storage)
     fs, root = filesystem_for(output, storage)
     fs.makedirs(root, exist_ok=True)
