@@ -421,7 +421,12 @@ def stage_train_step(ck: Check, timeout: float) -> StageResult:
         row = {
             "T": e["T"],
             "doc_sentences": e["doc_sentences"],
-            **{k: v["tokens_per_s"] for k, v in e.items() if isinstance(v, dict)},
+            # The peer's tok/s only where it did our GPT's work (one document per row).
+            **{
+                k: v["tokens_per_s"] if v.get("comparable", True) else None
+                for k, v in e.items()
+                if isinstance(v, dict)
+            },
             "gpthf_over_gpt": e["speedup"],
             "flop_ratio": e["flops_ratio"],
             "gpt_over_llama": e.get("gpt_vs_llama"),

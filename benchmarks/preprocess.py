@@ -1,52 +1,51 @@
 """Preprocessing throughput: ``gpthf preprocess`` as a user runs it, against its floor and datatrove.
 
-    .venv/bin/python benchmarks/preprocess.py [--small-mb 30] [--large-mb 60] [--one-file-mb 66]
-        [--repeats 2] [--workers 2] [--skip-datatrove] [--out benchmarks/results/preprocess.json]
-    .venv/bin/python benchmarks/preprocess.py --quick      # 6/12 MB, one file of 8 MB, 1 repeat
+    .venv/bin/python benchmarks/preprocess.py [--sizes-mb 20 40 60] [--one-file-mb 66]
+        [--repeats 3] [--workers 2] [--skip-datatrove] [--out FILE]
+    .venv/bin/python benchmarks/preprocess.py --quick      # 4/8/12 MB, one file of 8 MB
 
-Every side of every ratio runs in this one invocation on the same text: English JSONL built
-from the sample corpus (Shakespeare, ``pipeline.sample_corpus``), its plays cut into paragraphs
-on blank lines and grouped into records of 2-5 KB (web-document sized), ``{"text": ...}`` only.
-Four corpora: "small" (``--small-mb`` over 48 files), "large" (``--large-mb`` over 96 files,
-so both have files of one size), one small file (~0.3 MB) and one large file
-(``--one-file-mb``, plus its first half). The one file is 66 MB by default: four pieces of at
-most 16 MiB (``input.split_bytes``) and its half two, so that 2 workers share whole rounds of
-pieces in both runs and the marginal rate measures scaling; at 40 MB (three pieces, the last a
-remainder) it measured mostly where the remainder fell.
+Under the benchmark protocol (``benchmarks/protocol.py``): every timed run below is one side,
+all sides run in turn within each repeat (the order rotating), each figure is a median over
+the repeats with its min-max, ratios are taken per repeat, sides compared over a corpus are
+asserted to have read the same bytes and documents, and the result is written with the
+environment to ``benchmarks/results/preprocess[_quick].json`` (and ``.md``).
+
+Every side runs in this one invocation on the same text: English JSONL built from the sample
+corpus (Shakespeare, ``pipeline.sample_corpus``), its plays cut into paragraphs on blank lines
+and grouped into records of 2-5 KB (web-document sized), ``{"text": ...}`` only. Corpora:
+three multi-file sizes (``--sizes-mb``; the smallest in 48 files, the others in proportionally
+more files of the same size), one small file (~0.3 MB) and one large file (``--one-file-mb``:
+66 MB is four pieces of at most 16 MiB, ``input.split_bytes``, that two workers share).
 
 - **End to end**: the ``gpthf preprocess`` command in a subprocess (Python start-up, Ray start
-  and stop, commit and manifest included), a fresh output each time, best of ``--repeats``.
-  Two corpus sizes give a **marginal rate** (extra MB / extra seconds) and the **fixed cost**
-  (what the small run spends beyond its MB at that rate). When a pair straddles the command's
-  ``local_below_bytes`` (small input is processed without Ray), both runs of the pair get
-  ``--local-below-bytes 0`` so that they take the same path (reported as ``forced_ray``); the
-  one-small-file run never does: it is the fixed cost a user sees. The work units of each run
-  are read from the command's own ``[preprocess]`` line: a file no larger than
-  ``input.split_bytes`` is one unit, which a second worker cannot speed up (the ``--quick``
-  one-file sizes are below the default).
+  and stop, commit and manifest included), a fresh output each time. The **marginal rate**
+  (MB/s) and the **fixed cost** (s) are the slope and intercept of a least-squares line through
+  every repeat of the three sizes, with standard errors: never the difference of two timings.
+  When a size is below the command's ``local_below_bytes`` (small input is processed without
+  Ray), every multi-file run gets ``--local-below-bytes 0`` so that all take the same path
+  (``forced_ray``); the one-small-file run never does: it is the fixed cost a user sees. The
+  one large file runs with 1 and 2 workers: the end-to-end speed-up (fixed cost included) is
+  flagged as noise when it exceeds what the cores allow.
 - **Floor**: the bare loop that bounds preprocessing (json.loads each line, blingfire
-  ``text_to_sentences``, ``tokenizers`` ``encode_batch_fast`` without special tokens, nothing
-  else), in 1 and 2 spawned processes with one Rayon thread each, on the same small and large
-  corpora. ``encode_batch_fast`` (no character offsets) is what the pipeline calls; the floor
-  as the issue first measured it (``encode_batch``, 2 processes) is reported beside it as
-  ``2p-offsets``. The pipeline encodes a document per call (its sentences joined by the EOS-S
-  token, each still tokenized alone: ``pipeline.encoding``), which the sentence-per-call floor
-  does not; ``2p-documents`` is the floor with that encoding too, the stricter bound.
-- **datatrove** (``pip install datatrove==0.10.1 orjson==3.13.0``: its JsonlReader needs
-  orjson; ``--skip-datatrove`` or not installed: skipped): ``JsonlReader -> DocumentTokenizer``
-  (the local tokenizer file, no hub; no shuffling, EOD after each document) under
-  ``LocalPipelineExecutor(tasks=files, workers=--workers)``, one Rayon thread per worker, in a
-  subprocess, same corpora.
+  ``text_to_sentences``, ``tokenizers`` ``encode_batch_fast``, nothing else), two spawned
+  processes with one Rayon thread each, at the same three sizes, fitted the same way. The
+  pipeline encodes a document per call (its sentences joined by the EOS-S token, each still
+  tokenized alone: ``pipeline.encoding``, the same ids as a sentence per call), so the floor it
+  is held to does too (``2p-documents``); a sentence per call (``2p-sentences``, the floor as
+  first defined, slower on the same text) is shown beside it.
+- **datatrove** (``pip install -e '.[bench]'``: datatrove 0.10.1 and orjson; ``--skip-datatrove``
+  or not installed: skipped): ``JsonlReader -> DocumentTokenizer`` (the local tokenizer file, no
+  hub; no shuffling, EOD after each document) under ``LocalPipelineExecutor(tasks=files,
+  workers=--workers)``, one Rayon thread per worker, in a subprocess, the same sizes, fitted.
 - **Per-token path inside a task**: the pipeline's own ``process_unit`` (read, normalise,
-  split, tokenize, pack, write and hash shards) against the floor's loop, one spawned process
-  each with one Rayon thread, on the same files (a third of the small corpus), timed after
-  imports and tokenizer load: the gap to the floor with Ray, start-up and scheduling out of it.
-- **Interleaved**: every timed run above is taken in turn within each repeat (end to end,
-  floors, datatrove, per-token, then again), best of ``--repeats`` each, so that a slow spell
-  on a shared machine costs every side of a ratio alike.
+  split, tokenize, pack, write and hash shards) against the floor's loop with the same encoding,
+  one spawned process each with one Rayon thread, on the same files (a third of the smallest
+  corpus), timed after imports and tokenizer load: the gap to the floor with Ray, start-up and
+  scheduling out of it.
 - **Stage profile**: one process, a ~5 MB slice, the pipeline's own per-document functions one
   stage at a time (read + JSON parse, normalise, sentence split, tokenize, pack, held-out hash and
-  counters, Parquet write, sha256), seconds, MB/s and share of their sum.
+  counters, Parquet write, sha256), seconds, MB/s and share of their sum (one pass: shares, not
+  a comparison).
 
 The benchmark itself never starts Ray, and RAY_ADDRESS is removed from the commands' environment.
 """
@@ -60,9 +59,9 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import multiprocessing as mp
 import os
-import platform
 import random
 import re
 import shutil
@@ -77,18 +76,33 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SMALL_FILES, LARGE_FILES = 48, 96
+from benchmarks.protocol import (  # noqa: E402
+    Run,
+    Samples,
+    Spread,
+    bounded,
+    core_bound,
+    fit_line,
+    interleave,
+    markdown_table,
+    rate_of,
+    ratio,
+    same_work,
+    write_result,
+)
+
+FILES_PER_SIZE = 48
+"""Files of the smallest multi-file corpus; the larger ones have proportionally more files of
+the same size, so that only the amount of text changes along the fit."""
 ONE_SMALL_FILE_MB = 0.3
 PROFILE_MB = 5.0
 FLOOR_DOC_BATCH = 256
 GOALS = {
-    "marginal_vs_floor_2p": 0.9,
-    "marginal_vs_floor_2p_offsets": 0.9,
-    "marginal_vs_floor_2p_documents": 0.9,
-    "marginal_vs_datatrove": 0.9,
+    "marginal_over_floor_2p_documents": 0.9,
+    "marginal_over_datatrove": 0.9,
     "one_small_file_s": 8.0,
     "one_file_2w_over_1w": 1.8,
-    "per_token_vs_floor_1p": 0.9,
+    "per_token_over_floor": 0.9,
 }
 
 # ------------------------------------------------------------------------------------- corpora
@@ -131,24 +145,8 @@ def write_corpus(folder: Path, records: list[str], mb: float, n_files: int, stem
 
 def describe(folder: Path) -> dict:
     files = sorted(folder.glob("*.jsonl"))
-    return {
-        "path": str(folder),
-        "MB": round(sum(f.stat().st_size for f in files) / 1e6, 3),
-        "files": len(files),
-    }
-
-
-def half_of(src: Path, dst_folder: Path) -> dict:
-    """The first half (by bytes, whole lines) of a one-file corpus."""
-    dst_folder.mkdir(parents=True)
-    target, size = src.stat().st_size / 2, 0
-    with open(src, "rb") as f, open(dst_folder / f"half-{src.name}", "wb") as out:
-        for line in f:
-            if size >= target:
-                break
-            out.write(line)
-            size += len(line)
-    return describe(dst_folder)
+    size = sum(f.stat().st_size for f in files)
+    return {"path": str(folder), "MB": round(size / 1e6, 3), "bytes": size, "files": len(files)}
 
 
 # ------------------------------------------------------------------------------- the command
@@ -173,8 +171,10 @@ def local_below_bytes() -> int | None:
 
 def run_cli(
     gpthf: str, corpus: dict, tok: str, out: Path, workers: int | None, force_ray: bool
-) -> tuple[float, str, str]:
-    cmd = [gpthf, "preprocess", corpus["path"], "--output", str(out), "--tokenizer", tok]
+) -> tuple[float, str, str, int]:
+    """The command as a user runs it: (wall seconds, its work-unit line, its driver line, the
+    documents it read)."""
+    cmd = [gpthf, "preprocess", corpus["path"], "--output", str(out), "--tokenizer", tok, "--json"]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     if force_ray:
@@ -189,29 +189,14 @@ def run_cli(
     where = next((ln for ln in lines if "unit" in ln), "")
     # The command's own account of where its driver's seconds went (DriverClock).
     driver = next((ln for ln in lines if ln.startswith("[preprocess] driver:")), "")
-    return wall, where, driver
+    documents = int(json.loads(proc.stdout)["run"]["counts"]["documents"])
+    return wall, where, driver, documents
 
 
 def units(log: str) -> int | None:
     """Work units of a run, from the command's ``[preprocess] ... in N work unit(s)`` line."""
     m = re.search(r"in (\d+) work unit", log)
     return int(m.group(1)) if m else None
-
-
-def pair(small: dict, large: dict, t_small: float, t_large: float) -> dict[str, Any]:
-    """Marginal rate and fixed cost from two sizes of the same text."""
-    d_mb, d_t = large["MB"] - small["MB"], t_large - t_small
-    marginal = d_mb / d_t if d_t > 0 else float("inf")
-    fixed = t_small - small["MB"] / marginal if d_t > 0 else t_small
-    return {
-        "small_MB": small["MB"],
-        "large_MB": large["MB"],
-        "small_s": round(t_small, 3),
-        "large_s": round(t_large, 3),
-        "marginal_MBps": round(marginal, 3),
-        "fixed_s": round(fixed, 3),
-        "large_MBps": round(large["MB"] / t_large, 3),
-    }
 
 
 # ------------------------------------------------------------------------------------- floor
@@ -222,17 +207,20 @@ def _one_thread() -> None:
 
 
 FLOOR_MODES = {
-    "1p": (1, "sentences"),
-    "2p": (2, "sentences"),
-    "2p-offsets": (2, "offsets"),
     "2p-documents": (2, "documents"),
+    "2p-sentences": (2, "sentences"),
 }
+"""The floor the pipeline is held to is ``2p-documents``: the same encoding as the pipeline (a
+document per tokenizer call, its sentences joined by the EOS-S token: the same ids,
+``pipeline/encoding.py``), two processes. ``2p-sentences`` (a sentence per call, the floor as
+first defined) is slower on the same text, and shown only to say by how much."""
 
 
-def _floor_worker(args: tuple[list[str], str, str]) -> int:
-    """The floor's loop over ``files``: ``mode`` "sentences" encodes each sentence (what the
-    issue defines), "offsets" the same with ``encode_batch``, "documents" a document per call
-    with its sentences joined by the EOS-S token's text (the pipeline's encoding, same ids)."""
+def _floor_worker(args: tuple[list[str], str, str]) -> tuple[int, int]:
+    """The floor's loop over ``files``: json.loads each line, blingfire, ``encode_batch_fast``;
+    ``mode`` "documents" encodes a document per call with its sentences joined by the EOS-S
+    token's text (the pipeline's encoding, same ids), "sentences" a sentence per call. Returns
+    (documents, tokens)."""
     import blingfire
     from tokenizers import Tokenizer
 
@@ -240,9 +228,9 @@ def _floor_worker(args: tuple[list[str], str, str]) -> int:
 
     files, tok_path, mode = args
     tok = Tokenizer.from_file(tok_path)
-    encode = tok.encode_batch if mode == "offsets" else tok.encode_batch_fast
+    encode = tok.encode_batch_fast
     eos = SPECIAL_TOKENS["end_of_sentence"]
-    n = 0
+    n = documents = 0
     for f in files:
         with open(f, encoding="utf-8") as fh:
             batch: list[str] = []
@@ -254,32 +242,35 @@ def _floor_worker(args: tuple[list[str], str, str]) -> int:
                 else:
                     batch.extend(sentences)
                 docs += 1
+                documents += 1
                 if docs == FLOOR_DOC_BATCH:
                     n += sum(len(e.ids) for e in encode(batch, add_special_tokens=False))
                     batch, docs = [], 0
             if batch:
                 n += sum(len(e.ids) for e in encode(batch, add_special_tokens=False))
-    return n
+    return documents, n
 
 
-def floor_time(corpus: dict, tok_path: str, procs: int, mode: str = "sentences") -> float:
+def floor_run(corpus: dict, tok_path: str, procs: int, mode: str) -> Run:
     files = sorted(str(p) for p in Path(corpus["path"]).glob("*.jsonl"))
     chunks = [files[i::procs] for i in range(procs)]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(procs, initializer=_one_thread) as pool:
-        pool.map(_floor_worker, [(c, tok_path, mode) for c in chunks])
-    return time.perf_counter() - t0
+        counts = pool.map(_floor_worker, [(c, tok_path, mode) for c in chunks])
+    wall = time.perf_counter() - t0
+    return Run(wall, {"bytes": corpus["bytes"], "documents": sum(d for d, _ in counts)})
 
 
-def _per_token_worker(args: tuple[str, list[str], str]) -> float:
-    """Seconds one process spends on ``files`` (tokenizer loaded, imports done): the floor's
-    bare loop, or the pipeline's own ``process_unit`` (read, normalise, split, tokenize, pack,
-    write and hash shards) into a scratch folder."""
+def _per_token_worker(args: tuple[str, list[str], str]) -> tuple[float, int]:
+    """Seconds one process spends on ``files`` (tokenizer loaded, imports done) and the
+    documents it did: the floor's bare loop (the pipeline's encoding, a document per call), or
+    the pipeline's own ``process_unit`` (read, normalise, split, tokenize, pack, write and hash
+    shards) into a scratch folder."""
     kind, files, tok_path = args
     if kind == "floor":
         t0 = time.perf_counter()
-        _floor_worker((files, tok_path, "sentences"))
-        return time.perf_counter() - t0
+        documents, _ = _floor_worker((files, tok_path, "documents"))
+        return time.perf_counter() - t0, documents
     from pipeline.config import PreprocessConfig
     from pipeline.pieces import WorkUnit
     from pipeline.storage import expand_inputs
@@ -288,17 +279,20 @@ def _per_token_worker(args: tuple[str, list[str], str]) -> float:
 
     cfg = PreprocessConfig()
     inputs = expand_inputs(files, cfg.storage)
+    documents = 0
     with tempfile.TemporaryDirectory(prefix="gpthf-bench-unit-") as staging:
         ctx = UnitContext.for_run(cfg, load_tokenizer(tok_path), staging)
         t0 = time.perf_counter()
         for f in inputs:
-            process_unit(WorkUnit(f), ctx)
-        return time.perf_counter() - t0
+            documents += process_unit(WorkUnit(f), ctx)["stats"]["counts"]["documents"]
+        return time.perf_counter() - t0, documents
 
 
-def per_token_time(kind: str, files: list[str], tok_path: str) -> float:
+def per_token_run(kind: str, files: list[str], tok_path: str) -> Run:
     with mp.get_context("spawn").Pool(1, initializer=_one_thread) as pool:
-        return float(pool.apply(_per_token_worker, ((kind, files, tok_path),)))
+        seconds, documents = pool.apply(_per_token_worker, ((kind, files, tok_path),))
+    return Run(float(seconds), {"bytes": sum(Path(f).stat().st_size for f in files),
+                                "documents": documents})  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- datatrove
@@ -327,7 +321,7 @@ LocalPipelineExecutor(
 """
 
 
-def datatrove_time(corpus: dict, tok: str, work: Path, workers: int) -> float:
+def datatrove_run(corpus: dict, tok: str, work: Path, workers: int) -> Run:
     out, logs = work / "dt-out", work / "dt-logs"
     cmd = [sys.executable, "-c", _DATATROVE, corpus["path"], str(out), tok, str(logs)]
     cmd += [str(corpus["files"] or 2), str(workers)]
@@ -340,138 +334,146 @@ def datatrove_time(corpus: dict, tok: str, work: Path, workers: int) -> float:
     shutil.rmtree(logs, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"datatrove failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall
+    return Run(wall, {"bytes": corpus["bytes"]})  # its reader counts no documents we can read
 
 
-def _seconds(result: Any) -> float:
-    return float(result[0] if isinstance(result, tuple) else result)
+def fitted(corpora: list[dict], samples: Samples | None) -> dict[str, Any] | None:
+    """Marginal MB/s and fixed seconds of one side over the corpus sizes: a least-squares line
+    through every repeat of every size (seconds against MB), with standard errors."""
+    if samples is None:
+        return None
+    x = [c["MB"] for c in corpora for _ in range(len(samples.runs) // len(corpora))]
+    y = samples.seconds
+    fit = fit_line(x, y)
+    rate, rate_se = rate_of(fit)
+    return {
+        "marginal_MBps": round(rate, 3),
+        "marginal_MBps_se": round(rate_se, 3),
+        "fixed_s": round(fit.intercept, 3),
+        "fixed_s_se": round(fit.intercept_se, 3),
+        "r2": round(fit.r2, 4),
+        "points": [[a, round(b, 3)] for a, b in zip(x, y, strict=True)],
+    }
 
 
-def interleaved(
-    runs: dict[str, Callable[[], Any]], repeats: int
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Best of ``repeats`` of every measurement, taken in turn within each repeat (A, B, C, A,
-    B, C, ...): a slow spell on a shared machine then costs every side of a ratio alike, where
-    measuring one side after the other put whole minutes between them. A measurement returns
-    its seconds (or a tuple starting with them). Returns the best results, and the first error
-    of each measurement that failed (it is not tried again)."""
-    best: dict[str, Any] = {}
-    failed: dict[str, str] = {}
-    for r in range(repeats):
-        for name, fn in runs.items():
-            if name in failed:
-                continue
-            try:
-                result = fn()
-            except RuntimeError as exc:  # keep the other measurements of this run
-                print(exc, file=sys.stderr)
-                failed[name] = str(exc).splitlines()[0]
-                continue
-            if name not in best or _seconds(result) < _seconds(best[name]):
-                best[name] = result
-            print(f"  repeat {r + 1}/{repeats} {name}: {_seconds(result):.2f}s", file=sys.stderr)
-    return best, failed
+def _over(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, float] | None:
+    """The ratio of two fitted marginal rates, with its first-order standard error."""
+    if not a or not b:
+        return None
+    r = a["marginal_MBps"] / b["marginal_MBps"]
+    rel = math.hypot(a["marginal_MBps_se"] / a["marginal_MBps"],
+                     b["marginal_MBps_se"] / b["marginal_MBps"])  # fmt: skip
+    return {"ratio": round(r, 3), "se": round(r * rel, 3)}
+
+
+def _by_size(samples: dict[str, Samples], prefix: str, n_sizes: int) -> Samples | None:
+    """One side's runs over every size, as one series ordered size by size (for the fit)."""
+    parts = [samples.get(f"{prefix} {k}") for k in range(n_sizes)]
+    if any(p is None for p in parts):
+        return None
+    out = Samples(prefix)
+    for p in parts:
+        assert p is not None
+        out.runs.extend(p.runs)
+    return out
 
 
 def measure(args: argparse.Namespace, work: Path, corpora: dict) -> dict[str, Any]:
-    """Every timed run of the report, interleaved (see :func:`interleaved`)."""
+    """Every timed run of the report, interleaved within each repeat (``benchmarks.protocol``)."""
     threshold = local_below_bytes()
-
-    def forced(*cs: dict) -> bool:
-        return threshold is not None and min(c["MB"] * 1e6 for c in cs) < threshold
-
-    small, large = corpora["small"], corpora["large"]
-    half, full = corpora["one_half"], corpora["one_large"]
-    force_multi, force_one = forced(small, large), forced(half, full)
+    sizes: list[dict] = corpora["sizes"]
+    force_multi = threshold is not None and min(c["bytes"] for c in sizes) < threshold
+    force_one = threshold is not None and corpora["one_large"]["bytes"] < threshold
     out = work / "out"
+    logs: dict[str, list[tuple[str, str]]] = {}
 
-    def cli(corpus: dict, workers: int | None, force: bool) -> Callable[[], Any]:
-        return lambda: run_cli(args.gpthf, corpus, args.tok, out, workers, force)
+    def cli(name: str, corpus: dict, workers: int | None, force: bool) -> Callable[[], Run]:
+        def side() -> Run:
+            wall, where, driver, documents = run_cli(
+                args.gpthf, corpus, args.tok, out, workers, force
+            )
+            logs.setdefault(name, []).append((where, driver))
+            return Run(wall, {"bytes": corpus["bytes"], "documents": documents})
 
-    runs: dict[str, Callable[[], Any]] = {
-        "e2e small": cli(small, args.workers, force_multi),
-        "e2e large": cli(large, args.workers, force_multi),
-        "e2e one small file": cli(corpora["one_small"], None, False),
-    }
+        return side
+
+    sides: dict[str, Callable[[], Run]] = {}
+    for k, c in enumerate(sizes):
+        sides[f"e2e {k}"] = cli(f"e2e {k}", c, args.workers, force_multi)
+    sides["e2e one small file"] = cli("e2e one small file", corpora["one_small"], None, False)
     for n in (1, 2):
-        runs[f"e2e half {n}w"] = cli(half, n, force_one)
-        runs[f"e2e full {n}w"] = cli(full, n, force_one)
+        sides[f"e2e one file {n}w"] = cli(f"e2e one file {n}w", corpora["one_large"], n, force_one)
     for name, (procs, mode) in FLOOR_MODES.items():
-        for size, c in (("small", small), ("large", large)):
-            runs[f"floor {name} {size}"] = functools.partial(floor_time, c, args.tok, procs, mode)
+        for k, c in enumerate(sizes):
+            sides[f"floor {name} {k}"] = functools.partial(floor_run, c, args.tok, procs, mode)
     dt_skipped = None
     if args.skip_datatrove:
         dt_skipped = "--skip-datatrove"
     elif importlib.util.find_spec("datatrove") is None:
-        dt_skipped = "datatrove not installed"
+        dt_skipped = "datatrove not installed (pip install -e '.[bench]')"
     else:
-        for size, c in (("small", small), ("large", large)):
-            runs[f"datatrove {size}"] = functools.partial(
-                datatrove_time, c, args.tok, work, args.workers
+        for k, c in enumerate(sizes):
+            sides[f"datatrove {k}"] = functools.partial(
+                datatrove_run, c, args.tok, work, args.workers
             )
-    # The per-token path inside a task: the pipeline's process_unit against the floor's loop,
-    # one process each, on the same files (the small corpus's first third).
-    files = sorted(str(p) for p in Path(small["path"]).glob("*.jsonl"))[: SMALL_FILES // 3]
+    # The per-token path inside a task: the pipeline's process_unit against the floor's loop
+    # (the pipeline's own encoding), one process each, on the same files.
+    files = sorted(str(p) for p in Path(sizes[0]["path"]).glob("*.jsonl"))[: FILES_PER_SIZE // 3]
     for kind in ("pipeline", "floor"):
-        runs[f"per-token {kind}"] = functools.partial(per_token_time, kind, files, args.tok)
-    t, failed = interleaved(runs, args.repeats)
+        sides[f"per-token {kind}"] = functools.partial(per_token_run, kind, files, args.tok)
+    t = interleave(sides, args.repeats)
 
-    e2e: dict[str, Any] = {"local_below_bytes": threshold}
-    (ts, ws, ds), (tl, wl, dl) = t["e2e small"], t["e2e large"]
-    e2e["multi_file"] = {
-        **pair(small, large, ts, tl),
-        "workers": args.workers,
-        "forced_ray": force_multi,
-        "units": [units(ws), units(wl)],
-        "log": [ws, wl],
-        "driver": [ds, dl],
-    }
-    t1, w1, d1 = t["e2e one small file"]
-    e2e["one_small_file"] = {
-        "MB": corpora["one_small"]["MB"],
-        "s": round(t1, 3),
-        "log": w1,
-        "driver": d1,
-    }
-    per_workers = {}
-    for n in (1, 2):
-        (th, wh, _), (tf, wf, _) = t[f"e2e half {n}w"], t[f"e2e full {n}w"]
-        per_workers[str(n)] = {
-            **pair(half, full, th, tf),
-            "units": [units(wh), units(wf)],
-            "log": [wh, wf],
-        }
-    m1, m2 = (per_workers[k]["marginal_MBps"] for k in ("1", "2"))
-    e2e["one_large_file"] = {
-        "forced_ray": force_one,
-        "workers": per_workers,
-        "marginal_2w_over_1w": round(m2 / m1, 3),
-    }
-    floors = {
-        name: pair(small, large, t[f"floor {name} small"], t[f"floor {name} large"])
-        for name in FLOOR_MODES
-    }
-    if dt_skipped is None and "datatrove small" in t and "datatrove large" in t:
-        dt: dict[str, Any] = {
-            "version": importlib.metadata.version("datatrove"),
+    # Same work: every side over a corpus read the same bytes and documents as the command.
+    for k in range(len(sizes)):
+        same_work(t, f"e2e {k}", *(f"floor {m} {k}" for m in FLOOR_MODES))
+    same_work(t, "per-token pipeline", "per-token floor")
+    same_work(t, "e2e one file 1w", "e2e one file 2w")
+
+    ours = fitted(sizes, _by_size(t, "e2e", len(sizes)))
+    floors = {m: fitted(sizes, _by_size(t, f"floor {m}", len(sizes))) for m in FLOOR_MODES}
+    dt_fit = None if dt_skipped else fitted(sizes, _by_size(t, "datatrove", len(sizes)))
+    datatrove: dict[str, Any] = (
+        {"skipped": dt_skipped}
+        if dt_fit is None
+        else {"version": importlib.metadata.version("datatrove"), "workers": args.workers, **dt_fit}
+    )
+    last = len(sizes) - 1
+    whole = ratio(t, f"e2e {last}", f"floor 2p-documents {last}")
+    one_2w = bounded(
+        ratio(t, "e2e one file 2w", "e2e one file 1w"), core_bound(2), f"on {os.cpu_count()} cores"
+    )
+    per_token = ratio(t, "per-token pipeline", "per-token floor")
+    return {
+        "samples": {n: s.summary() for n, s in t.items()},
+        "logs": logs,
+        "end_to_end": {
+            "local_below_bytes": threshold,
+            "forced_ray": {"multi_file": force_multi, "one_file": force_one},
             "workers": args.workers,
-            **pair(small, large, t["datatrove small"], t["datatrove large"]),
-        }
-    else:
-        failure = failed.get("datatrove small") or failed.get("datatrove large")
-        dt = {"skipped": dt_skipped or f"datatrove failed: {failure}"}
-    mb = sum(Path(f).stat().st_size for f in files) / 1e6
-    tp, tf_ = t["per-token pipeline"], t["per-token floor"]
-    per_token = {
-        "MB": round(mb, 3),
-        "files": len(files),
-        "pipeline_s": round(tp, 3),
-        "floor_s": round(tf_, 3),
-        "pipeline_MBps": round(mb / tp, 3),
-        "floor_MBps": round(mb / tf_, 3),
-        "pipeline_over_floor": round(tf_ / tp, 3),
+            "multi_file": ours,
+            "units": [units(logs[f"e2e {k}"][0][0]) for k in range(len(sizes))],
+            "largest_over_floor_2p_documents": whole.to_dict(),
+            "one_small_file_s": Spread.of(t["e2e one small file"].seconds).to_dict(),
+            "one_large_file": {
+                "units": units(logs["e2e one file 2w"][0][0]),
+                "2w_over_1w": one_2w.to_dict(),
+            },
+        },
+        "floor": floors,
+        "datatrove": datatrove,
+        "marginal_over": {
+            "floor_2p_documents": _over(ours, floors["2p-documents"]),
+            "floor_2p_sentences": _over(ours, floors["2p-sentences"]),
+            "datatrove": _over(ours, dt_fit),
+        },
+        "per_token": {
+            "MB": round(sum(Path(f).stat().st_size for f in files) / 1e6, 3),
+            "files": len(files),
+            "pipeline_MBps": t["per-token pipeline"].rate("bytes").to_dict(),
+            "floor_MBps": t["per-token floor"].rate("bytes").to_dict(),
+            "pipeline_over_floor": per_token.to_dict(),
+        },
     }
-    return {"end_to_end": e2e, "floor": floors, "datatrove": dt, "per_token": per_token}
 
 
 # --------------------------------------------------------------------------- stage profile
@@ -568,7 +570,7 @@ def _profile_worker(args: tuple[str, str, str]) -> dict[str, float]:
 
 
 def profile(args: argparse.Namespace, work: Path, corpora: dict, mb: float) -> dict[str, Any]:
-    src = sorted(Path(corpora["large"]["path"]).glob("*.jsonl"))
+    src = sorted(Path(corpora["sizes"][-1]["path"]).glob("*.jsonl"))
     folder = work / "profile"
     folder.mkdir()
     size = 0
@@ -596,17 +598,16 @@ def profile(args: argparse.Namespace, work: Path, corpora: dict, mb: float) -> d
 
 
 def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    e2e = report["end_to_end"]
-    ours = e2e["multi_file"]["marginal_MBps"]
-    dt = report["datatrove"].get("marginal_MBps")
+    """Each goal against its median (a fit's value for marginal rates); a flagged ratio (over
+    what the hardware allows) is not a value."""
+    e2e, over = report["end_to_end"], report["marginal_over"]
+    one = e2e["one_large_file"]["2w_over_1w"]
     values = {
-        "marginal_vs_floor_2p": ours / report["floor"]["2p"]["marginal_MBps"],
-        "marginal_vs_floor_2p_offsets": ours / report["floor"]["2p-offsets"]["marginal_MBps"],
-        "marginal_vs_floor_2p_documents": ours / report["floor"]["2p-documents"]["marginal_MBps"],
-        "marginal_vs_datatrove": None if dt is None else ours / dt,
-        "one_small_file_s": e2e["one_small_file"]["s"],
-        "one_file_2w_over_1w": e2e["one_large_file"]["marginal_2w_over_1w"],
-        "per_token_vs_floor_1p": report["per_token"]["pipeline_over_floor"],
+        "marginal_over_floor_2p_documents": (over["floor_2p_documents"] or {}).get("ratio"),
+        "marginal_over_datatrove": (over["datatrove"] or {}).get("ratio"),
+        "one_small_file_s": e2e["one_small_file_s"]["median"],
+        "one_file_2w_over_1w": None if one["flag"] else one["median"],
+        "per_token_over_floor": report["per_token"]["pipeline_over_floor"]["median"],
     }
     out = {}
     for name, value in values.items():
@@ -621,81 +622,110 @@ def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def print_report(report: dict[str, Any]) -> None:
+def _fit_row(name: str, f: dict[str, Any] | None) -> list[str]:
+    if f is None:
+        return [name, "n/a", "n/a", "n/a"]
+    return [
+        name,
+        f"{f['marginal_MBps']:.2f} ± {f['marginal_MBps_se']:.2f}",
+        f"{f['fixed_s']:.2f} ± {f['fixed_s_se']:.2f}",
+        f"{f['r2']:.3f}",
+    ]
+
+
+def _ratio_cell(r: dict[str, Any]) -> str:
+    if r.get("flag"):
+        return f"noise: {r['flag']}"
+    return f"{r['median']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
+
+
+def _over_cell(r: dict[str, float] | None) -> str:
+    return "n/a" if r is None else f"{r['ratio']:.3f} ± {r['se']:.3f}"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
     c, e2e = report["corpora"], report["end_to_end"]
-    print(
-        f"corpora: small {c['small']['MB']} MB / {c['small']['files']} files, large "
-        f"{c['large']['MB']} MB / {c['large']['files']} files, one file {c['one_large']['MB']} "
-        f"MB (and half), one small file {c['one_small']['MB']} MB; {report['cpus']} cores\n"
-    )
-    print("| run | small s | large s | marginal MB/s | fixed s | large-run MB/s | work units |")
-    print("|---|---|---|---|---|---|---|")
-
-    def row(name: str, p: dict[str, Any]) -> None:
-        print(
-            f"| {name} | {p['small_s']} | {p['large_s']} | {p['marginal_MBps']} | "
-            f"{p['fixed_s']} | {p['large_MBps']} | {'/'.join(map(str, p.get('units', [])))} |"
-        )
-
-    mf = e2e["multi_file"]
-    row(f"gpthf preprocess, {mf['workers']} workers" + (" (Ray forced)" * mf["forced_ray"]), mf)
-    for n, p in e2e["one_large_file"]["workers"].items():
-        forced = " (Ray forced)" * e2e["one_large_file"]["forced_ray"]
-        row(f"gpthf preprocess, one file (half/full), {n} worker(s){forced}", p)
-    for n, p in report["floor"].items():
-        procs, _, kind = n.partition("-")
-        what = {"": "", "offsets": " (encode_batch)", "documents": " (a document per call)"}[kind]
-        row(f"floor, {procs[:-1]} process(es){what}", p)
+    sizes = " / ".join(f"{x['MB']} MB ({x['files']} files)" for x in c["sizes"])
+    lines = [
+        f"corpora: {sizes}; one file {c['one_large']['MB']} MB; one small file "
+        f"{c['one_small']['MB']} MB. {report['repeats']} interleaved repeats, "
+        f"{report['environment_cpus']} cores.",
+        "",
+        "Marginal rate and fixed cost: a least-squares line through every repeat of every size "
+        "(± one standard error).",
+        "",
+    ]
+    forced = " (Ray forced)" if e2e["forced_ray"]["multi_file"] else ""
     dt = report["datatrove"]
-    if "skipped" in dt:
-        print(f"| datatrove | {dt['skipped']} | | | | | |")
-    else:
-        row(f"datatrove {dt['version']}, {dt['workers']} workers", dt)
-    print(f"\none small file ({e2e['one_small_file']['MB']} MB): {e2e['one_small_file']['s']} s")
-    print("\nwhere the command's seconds went (its own `[preprocess] driver:` line; the rest of")
-    print("the wall time is Python start-up and Ray's shutdown at exit):")
-    print(f"- one small file: {e2e['one_small_file']['driver'] or '(no line)'}")
-    for mb, line in zip((c["small"]["MB"], c["large"]["MB"]), mf["driver"], strict=True):
-        print(f"- {mb} MB, {mf['workers']} workers: {line or '(no line)'}")
-
+    rows = [
+        _fit_row(f"gpthf preprocess, {e2e['workers']} workers{forced}", e2e["multi_file"]),
+        _fit_row("floor, 2 processes, a document per call", report["floor"]["2p-documents"]),
+        _fit_row("floor, 2 processes, a sentence per call", report["floor"]["2p-sentences"]),
+        _fit_row(f"datatrove {dt.get('version', '')} ({dt.get('skipped', '')})".replace(" ()", ""),
+                 None if "skipped" in dt else dt),
+    ]  # fmt: skip
+    lines.append(markdown_table(["run", "marginal MB/s", "fixed s", "r²"], rows))
+    over = report["marginal_over"]
     pt = report["per_token"]
-    print(
-        f"\nper-token path, one process, {pt['MB']} MB in {pt['files']} files: the pipeline's "
-        f"process_unit {pt['pipeline_s']} s ({pt['pipeline_MBps']} MB/s), the floor's loop "
-        f"{pt['floor_s']} s ({pt['floor_MBps']} MB/s): {pt['pipeline_over_floor']} of the floor"
-    )
-
+    rows2 = [
+        ["marginal rate over the floor (a document per call)", _over_cell(over["floor_2p_documents"])],
+        ["marginal rate over the floor (a sentence per call)", _over_cell(over["floor_2p_sentences"])],
+        ["marginal rate over datatrove", _over_cell(over["datatrove"])],
+        [f"whole command over the floor, {c['sizes'][-1]['MB']} MB (fixed cost included)",
+         _ratio_cell(e2e["largest_over_floor_2p_documents"])],
+        [f"per-token path over the floor's loop, one process, {pt['MB']} MB",
+         _ratio_cell(pt["pipeline_over_floor"])],
+        [f"one file of {c['one_large']['MB']} MB, 2 workers over 1 (end to end)",
+         _ratio_cell(e2e["one_large_file"]["2w_over_1w"])],
+        ["one small file, as the user runs it (s)",
+         f"{e2e['one_small_file_s']['median']:.2f} ({e2e['one_small_file_s']['low']:.2f}-"
+         f"{e2e['one_small_file_s']['high']:.2f})"],
+    ]  # fmt: skip
+    lines += ["", markdown_table(["ratio", "median (min-max) or fit ± se"], rows2)]
     prof = report["profile"]
-    print(f"\nstage profile, one process, {prof['MB']} MB ({prof['total_s']} s in all):\n")
-    print("| stage | s | MB/s | share |")
-    print("|---|---|---|---|")
-    for name, s in prof["stages"].items():
-        print(f"| {name} | {s['s']} | {s['MBps']} | {s['share']:.1%} |")
-
-    print("\n| goal | value | target | |")
-    print("|---|---|---|---|")
-    for name, g in report["goals"].items():
-        met = {True: "met", False: "missed", None: "n/a"}[g["met"]]
-        print(f"| {name} | {g['value']} | {g['goal']} | {met} |")
+    lines += ["", f"stage profile, one process, {prof['MB']} MB ({prof['total_s']} s in all):", ""]
+    lines.append(
+        markdown_table(
+            ["stage", "s", "MB/s", "share"],
+            [[n, x["s"], x["MBps"], f"{x['share']:.1%}"] for n, x in prof["stages"].items()],
+        )
+    )
+    lines += [""]
+    lines.append(
+        markdown_table(
+            ["goal", "value", "target", ""],
+            [
+                [n, g["value"], g["goal"], {True: "met", False: "missed", None: "n/a"}[g["met"]]]
+                for n, g in report["goals"].items()
+            ],
+        )
+    )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--small-mb", type=float, default=30.0)
-    ap.add_argument("--large-mb", type=float, default=60.0)
+    ap.add_argument("--sizes-mb", type=float, nargs="+", default=[20.0, 40.0, 60.0],
+                    help="multi-file corpus sizes for the fits (at least three)")  # fmt: skip
     ap.add_argument("--one-file-mb", type=float, default=66.0)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N for every measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median, min-max)")
     ap.add_argument("--workers", type=int, default=2, help="workers of the multi-file runs")
-    ap.add_argument("--quick", action="store_true", help="6/12 MB, one file 8 MB, 1 repeat")
+    ap.add_argument(
+        "--quick", action="store_true", help="sizes 4/8/12 MB, one file 8 MB, profile 2 MB"
+    )
     ap.add_argument("--skip-datatrove", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results/preprocess.json")
+    ap.add_argument(
+        "--out", help="result JSON (default benchmarks/results/preprocess[_quick].json)"
+    )
     args = ap.parse_args()
     profile_mb = PROFILE_MB
     if args.quick:
-        args.small_mb, args.large_mb, args.one_file_mb, args.repeats = 6.0, 12.0, 8.0, 1
+        args.sizes_mb, args.one_file_mb = [4.0, 8.0, 12.0], 8.0
         profile_mb = 2.0
+    if len(set(args.sizes_mb)) < 3:
+        sys.exit("--sizes-mb needs at least three different sizes (a fit through two has no error)")
     args.gpthf = str(Path(sys.executable).parent / "gpthf")
     if not Path(args.gpthf).exists():
         sys.exit(f"{args.gpthf} not found: install the project (pip install -e .) in this venv")
@@ -705,30 +735,32 @@ def main() -> None:
 
     sample = ensure_sample_corpus()
     work = Path(tempfile.mkdtemp(prefix="gpthf-bench-"))
+    name = "preprocess_quick" if args.quick else "preprocess"
     try:
         t0 = time.perf_counter()
         args.tok = str(work / "tokenizer.json")
         train_tokenizer([str(sample)], args.tok, vocab_size=8192, sample_bytes=20_000_000)
         records = build_records(sample)
-        corpora = {
-            "small": write_corpus(work / "small", records, args.small_mb, SMALL_FILES, "small"),
-            "large": write_corpus(work / "large", records, args.large_mb, LARGE_FILES, "large"),
+        smallest = min(args.sizes_mb)
+        corpora: dict[str, Any] = {
+            "sizes": [
+                write_corpus(work / f"size{k}", records, mb,
+                             round(FILES_PER_SIZE * mb / smallest), f"s{k}")
+                for k, mb in enumerate(sorted(args.sizes_mb))
+            ],
             "one_small": write_corpus(work / "one-small", records, ONE_SMALL_FILE_MB, 1, "one"),
             "one_large": write_corpus(work / "one-large", records, args.one_file_mb, 1, "big"),
-        }
-        corpora["one_half"] = half_of(
-            next(Path(corpora["one_large"]["path"]).glob("*.jsonl")), work / "one-half"
-        )
+        }  # fmt: skip
         print(f"tokenizer and corpora: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         report: dict[str, Any] = {
-            "benchmark": "preprocess",
-            "cpus": os.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
             "repeats": args.repeats,
             "quick": args.quick,
+            "environment_cpus": os.cpu_count(),
             "corpora": {
-                k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in corpora.items()
+                k: [{kk: vv for kk, vv in x.items() if kk != "path"} for x in v]
+                if isinstance(v, list)
+                else {kk: vv for kk, vv in v.items() if kk != "path"}
+                for k, v in corpora.items()
             },
         }
         t0 = time.perf_counter()
@@ -738,10 +770,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["goals"] = goals(report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print_report(report)
-    print(f"\nwritten to {args.out}")
+    md = report_markdown(report)
+    report["table"] = md
+    path = write_result(name, report, args.out)
+    path.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"written to {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
