@@ -7,8 +7,15 @@
 Both layouts score the same blocks with the same model through ``training.eval.scoring.score_blocks``
 (forward, log-softmax, per-block sums), ``--batch-rows`` blocks per call; prepack packs each
 call's blocks first-fit decreasing into rows of ``--budget`` tokens, pad right-pads them to the
-longest block of the call. tokens/s counts real tokens; best of ``--repeats``. The summed NLLs
-of both layouts are checked to agree to 1e-5 (relative).
+longest block of the call. tokens/s counts real tokens. The summed NLLs of both layouts are
+checked to agree to 1e-5 (relative) in every repeat.
+
+Under the benchmark protocol (``benchmarks/protocol.py``): for each model and workload the two
+layouts run in turn within each repeat, the order rotating (``--repeats``, 3 by default); each
+layout's tokens/s is the median over the repeats with its min-max, and the prepack/pad speed-up
+is taken per repeat and reported as the median of those ratios with their min-max. Both layouts
+are asserted to have scored the same blocks, real tokens and target positions before the ratio
+is formed.
 
 Workloads: ``--data``: the held-out shards of a preprocess output (blocks of exactly S
 sentences: only sentence lengths vary). Synthetic (default): ``full``, blocks of exactly S
@@ -18,23 +25,29 @@ S; ``tail``, 1 + Geometric sentences (mean ~S/4, capped at S), the long-tailed l
 the Prepacking paper's prompt sets (most requests short, a few long). Random weights (speed does not depend on them).
 
 Memory, as the Prepacking paper reports it: per layout, the largest forward (rows x width
-slots), the share of its slots that are padding, and on CUDA the peak allocated memory.
+slots), the share of its slots that are padding, and on CUDA the peak allocated memory (the
+largest over the repeats).
 
 ``--job EXPORT`` times the evaluation job itself (``training.eval.job.run_eval``: Ray Data read,
 actor pool, per-shard sums, report) on a split of ``--data`` (``--split``, held-out by default)
-against its own scoring loop run bare on the same blocks with the same export and threads: the
-job's execution time (``wall_s``: from the first read to the last batch) and its end-to-end
-time, over the bare loop. Ray starts in-process (``--ray-cpus``).
-Results: ``benchmarks/results/eval[_quick].json``, ``eval_job_<split>.json``.
+against its own scoring loop run bare on the same blocks with the same export and threads, the
+two interleaved within each repeat: the job's execution time (``wall_s``: from the first read to
+the last batch) and its end-to-end time, over the bare loop, per repeat (median, min-max). The
+job must have scored exactly the blocks, tokens and target positions the bare loop did, with
+summed NLLs that agree to 1e-5 (relative), read from its report's totals; otherwise the
+benchmark fails. Ray starts in-process (``--ray-cpus``).
+
+Results, with the environment: ``benchmarks/results/eval[_quick].json``,
+``eval_job_<split>.json`` (or ``--out``), each with its table as ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +57,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.protocol import (
+    MIN_REPEATS,
+    Run,
+    Samples,
+    Spread,
+    interleave,
+    markdown_table,
+    ratio,
+    same_work,
+    write_result,
+)
 from training.eval.scoring import score_blocks
 from training.model import ModelConfig, build_model
+
+NLL_RTOL = 1e-5
 
 
 def synthetic(n: int, S: int, vary: str, c: ModelConfig, seed: int) -> pa.Table:
@@ -110,13 +136,18 @@ def memory(table: pa.Table, batching: str, args: argparse.Namespace, c: ModelCon
     }
 
 
-def run(
-    model: Any, table: pa.Table, batching: str, args: argparse.Namespace
-) -> tuple[float, float]:
-    """(seconds, summed NLL) for scoring every block once."""
-    nll = 0.0
-    if args.device == "cuda":
+def n_tokens(table: pa.Table) -> int:
+    return int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py())
+
+
+def score(model: Any, table: pa.Table, batching: str, args: argparse.Namespace) -> Run:
+    """Score every block once: the seconds, the work (blocks, real tokens, target positions
+    scored) and the summed NLL (``extra``; on CUDA the peak allocated memory too)."""
+    nll, targets = 0.0, 0
+    cuda = args.device == "cuda"
+    if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for lo in range(0, len(table), args.batch_rows):
         out = score_blocks(
@@ -128,14 +159,50 @@ def run(
             token_budget=args.budget,
             device=args.device,
         )
-        nll += float(out["nll"].sum())
-    if args.device == "cuda":
+        nll += float(np.sum(out["nll"], dtype=np.float64))
+        targets += int(np.sum(out["targets"]))
+    if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start, nll
+    seconds = time.perf_counter() - start
+    extra: dict[str, Any] = {"nll": nll}
+    if cuda:
+        extra["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return Run(
+        seconds, {"blocks": len(table), "tokens": n_tokens(table), "targets": targets}, extra
+    )
+
+
+def nll_rel_diffs(t: dict[str, Samples], side: str, base: str) -> list[float]:
+    """|NLL(side) - NLL(base)| / |NLL(base)| in each repeat."""
+    return [
+        abs(a.extra["nll"] - b.extra["nll"]) / abs(b.extra["nll"])
+        for a, b in zip(t[side].runs, t[base].runs, strict=True)
+    ]
+
+
+def _put(out: dict[str, Any], key: str, spread: Spread) -> None:
+    """``key`` as the median, ``key_min`` and ``key_max`` its range over the repeats."""
+    out.update({key: spread.median, f"{key}_min": spread.low, f"{key}_max": spread.high})
+
+
+def _tps(e: dict[str, Any], key: str) -> str:
+    return f"{e[key]:,.0f} ({e[key + '_min']:,.0f}-{e[key + '_max']:,.0f})"
+
+
+def _x(r: dict[str, Any]) -> str:
+    if r.get("flag"):
+        return f"noise ({r['flag']})"
+    return f"{r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f})"
+
+
+def _repeats_note(repeats: int) -> None:
+    if repeats < MIN_REPEATS:
+        print(f"# --repeats {repeats} < {MIN_REPEATS}: a rehearsal, not a protocol figure")
 
 
 def job_vs_bare(args: argparse.Namespace) -> None:
-    """The Ray evaluation job against its own scoring loop, bare, on the same blocks."""
+    """The Ray evaluation job against its own scoring loop, bare, on the same blocks,
+    interleaved within each repeat; the job must score what the bare loop scores."""
     import os
     import tempfile
 
@@ -146,63 +213,217 @@ def job_vs_bare(args: argparse.Namespace) -> None:
     from training.export import load_export
 
     exp = load_export(args.job, None)
+    model = exp.model.without_pruning()  # what the job scores without --pruning
     threads = args.threads or len(os.sched_getaffinity(0))
+    actor_threads = args.actor_threads or max(1, threads // args.actors)
     torch.set_num_threads(threads)
     table, _ = heldout(args.data, args.split)
-    tokens = int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py())
     args.device = "cpu"
-    run(exp.model, table.slice(0, args.batch_rows), "prepack", args)  # warm-up
-    bare = min(run(exp.model, table, "prepack", args)[0] for _ in range(args.repeats))
+    score(model, table.slice(0, args.batch_rows), "prepack", args)  # warm-up
+
+    def job() -> Run:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = EvalConfig(
+                checkpoints=[args.job],
+                data=args.data,
+                output=out,
+                split=args.split,
+                batch_rows=args.batch_rows,
+                token_budget=args.budget,
+                actors=args.actors,
+                threads=actor_threads,
+            )
+            t0 = time.perf_counter()
+            report = run_eval(cfg)
+            seconds = time.perf_counter() - t0
+        cp = report.checkpoints[0]
+        total = cp.total
+        return Run(
+            seconds,
+            {"blocks": total.rows, "tokens": total.tokens, "targets": total.targets},
+            {"nll": total.nll, "wall_s": cp.wall_s},
+        )
+
+    _repeats_note(args.repeats)
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        job_wall, job_total = float("inf"), float("inf")
-        for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as out:
-                cfg = EvalConfig(
-                    checkpoints=[args.job],
-                    data=args.data,
-                    output=out,
-                    split=args.split,
-                    batch_rows=args.batch_rows,
-                    token_budget=args.budget,
-                    actors=args.actors,
-                    threads=args.actor_threads or max(1, threads // args.actors),
-                )
-                t0 = time.perf_counter()
-                report = run_eval(cfg)
-                job_total = min(job_total, time.perf_counter() - t0)
-                job_wall = min(job_wall, report.checkpoints[0].wall_s)
+        t = interleave(
+            {"bare": lambda: score(model, table, "prepack", args), "job": job}, args.repeats
+        )
     finally:
         ray.shutdown()
-    r = {
+    try:
+        same_work(t, "bare", "job")
+    except AssertionError as exc:
+        raise SystemExit(f"--job: the job did not score what the bare loop scored: {exc}") from exc
+    rel = nll_rel_diffs(t, "job", "bare")
+    if not max(rel) <= NLL_RTOL:
+        raise SystemExit(
+            f"--job: summed NLLs differ, job {[r.extra['nll'] for r in t['job'].runs]} vs bare "
+            f"{[r.extra['nll'] for r in t['bare'].runs]} (relative {max(rel):.2e} > {NLL_RTOL})"
+        )
+    execution = {
+        "bare": t["bare"],
+        "job": Samples("job", [Run(r.extra["wall_s"], r.work) for r in t["job"].runs]),
+    }
+    exec_ratio, e2e_ratio = ratio(execution, "job", "bare"), ratio(t, "job", "bare")
+    work = t["bare"].work
+    smoke = args.repeats < MIN_REPEATS
+    r: dict[str, Any] = {
         "export": args.job,
         "data": args.data,
         "split": args.split,
-        "blocks": len(table),
-        "tokens": tokens,
+        "timing": f"{args.repeats} interleaved repeats (order rotating) of the job and the bare "
+        "loop after a warm-up of the bare loop; tokens/s median (min-max); ratios per repeat",
+        "repeats": args.repeats,
+        "smoke": smoke,
+        "blocks": work["blocks"],
+        "tokens": work["tokens"],
+        "targets": work["targets"],
         "threads": threads,
         "actors": args.actors,
-        "actor_threads": args.actor_threads or max(1, threads // args.actors),
-        "bare_tokens_per_s": tokens / bare,
-        "job_tokens_per_s": tokens / job_wall,
-        "job_end_to_end_tokens_per_s": tokens / job_total,
-        "job_vs_bare": bare / job_wall,
-        "job_end_to_end_vs_bare": bare / job_total,
-        "goal": {"job_vs_bare": 0.9, "met": bare / job_wall >= 0.9},
+        "actor_threads": actor_threads,
     }
-    path = Path(__file__).parent / "results" / f"eval_job_{args.split}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(r, indent=1))
-    print(
-        f"\nbare loop: {threads} threads; job: {r['actors']} actor(s) x {r['actor_threads']} threads"
+    _put(r, "bare_tokens_per_s", t["bare"].rate("tokens"))
+    _put(r, "job_tokens_per_s", execution["job"].rate("tokens"))
+    _put(r, "job_end_to_end_tokens_per_s", t["job"].rate("tokens"))
+    ratios = [
+        {**exec_ratio.to_dict(), "measure": "execution (report wall_s)"},
+        {**e2e_ratio.to_dict(), "measure": "end to end (run_eval call)"},
+    ]
+    r.update(
+        job_vs_bare=exec_ratio.spread.median,
+        job_end_to_end_vs_bare=e2e_ratio.spread.median,
+        ratios=ratios,
+        nll={
+            "bare": [x.extra["nll"] for x in t["bare"].runs],
+            "job": [x.extra["nll"] for x in t["job"].runs],
+            "rel_diff_max": max(rel),
+        },
+        samples={
+            "bare": t["bare"].summary(),
+            "job": t["job"].summary(),
+            "job_execution": execution["job"].summary(),
+        },
+        goal={"job_vs_bare": 0.9, "met": exec_ratio.spread.median >= 0.9},
     )
-    print("\n| blocks | tokens | threads | bare tok/s | job tok/s (execution) | job / bare "
-          "| job end to end tok/s | end to end / bare |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {r['blocks']} | {tokens} | {threads} | {r['bare_tokens_per_s']:.0f} "
-          f"| {r['job_tokens_per_s']:.0f} | {r['job_vs_bare']:.2f}x "
-          f"| {r['job_end_to_end_tokens_per_s']:.0f} | {r['job_end_to_end_vs_bare']:.2f}x |")  # fmt: skip
-    print(f"\nwritten {path}")
+    md = (
+        f"bare loop: {threads} threads; job: {args.actors} actor(s) x {actor_threads} threads; "
+        f"median (min-max) of {args.repeats} interleaved repeats, ratios per repeat"
+        f"{' (smoke: fewer than 3)' if smoke else ''}; the job scored the same {work['blocks']} "
+        f"blocks, {work['tokens']} tokens and {work['targets']} targets as the bare loop, summed "
+        f"NLL within {max(rel):.1e} (relative)\n\n"
+        + markdown_table(
+            [
+                "blocks",
+                "tokens",
+                "bare tok/s",
+                "job tok/s (execution)",
+                "job / bare",
+                "job end to end tok/s",
+                "end to end / bare",
+            ],
+            [
+                [
+                    work["blocks"],
+                    work["tokens"],
+                    _tps(r, "bare_tokens_per_s"),
+                    _tps(r, "job_tokens_per_s"),
+                    _x(ratios[0]),
+                    _tps(r, "job_end_to_end_tokens_per_s"),
+                    _x(ratios[1]),
+                ]
+            ],
+        )
+        + "\n"
+    )
+    r["table"] = md
+    path = write_result(f"eval_job_{args.split}", r, args.out)
+    path.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"written {path} and {path.with_suffix('.md')}")
+
+
+def measure(
+    model: Any, arch_cfg: ModelConfig, name: str, table: pa.Table, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Pad and prepack on one workload, interleaved; same work and the same NLL asserted."""
+    for batching in ("pad", "prepack"):  # warm-up
+        score(model, table.slice(0, args.batch_rows), batching, args)
+    sides: dict[str, Callable[[], Run]] = {
+        b: (lambda b=b: score(model, table, b, args)) for b in ("pad", "prepack")
+    }
+    t = interleave(sides, args.repeats)
+    same_work(t, "pad", "prepack")  # the same blocks, real tokens and targets scored
+    rel = max(nll_rel_diffs(t, "prepack", "pad"))
+    mem: dict[str, Any] = {}
+    for b in ("pad", "prepack"):
+        mem[b] = memory(table, b, args, arch_cfg)
+        if args.device == "cuda":
+            mem[b]["cuda_peak_bytes"] = max(x.extra["cuda_peak_bytes"] for x in t[b].runs)
+    speedup = ratio(t, "prepack", "pad")
+    work = t["pad"].work
+    r: dict[str, Any] = {
+        "arch": arch_cfg.arch,
+        "workload": name,
+        "blocks": work["blocks"],
+        "tokens": work["tokens"],
+        "targets": work["targets"],
+    }
+    for b in ("pad", "prepack"):
+        _put(r, f"{b}_tokens_per_s", t[b].rate("tokens"))
+    r.update(
+        speedup=speedup.spread.median,
+        ratios=[speedup.to_dict()],
+        nll_rel_diff=rel,
+        memory=mem,
+        samples={b: t[b].summary() for b in ("pad", "prepack")},
+    )
+    if not rel < NLL_RTOL:
+        raise AssertionError(f"prepack and pad NLLs differ by {rel:.2e} (relative): {r}")
+    return r
+
+
+def report_markdown(results: list[dict[str, Any]], header: str) -> str:
+    rows = []
+    for r in results:
+        m = r["memory"]
+        peak = (
+            f"{m['pad']['cuda_peak_bytes'] / 2**20:.0f} : {m['prepack']['cuda_peak_bytes'] / 2**20:.0f}"
+            if "cuda_peak_bytes" in m["pad"]
+            else "-"
+        )
+        rows.append(
+            [
+                r["arch"],
+                r["workload"],
+                r["blocks"],
+                r["tokens"],
+                _tps(r, "pad_tokens_per_s"),
+                _tps(r, "prepack_tokens_per_s"),
+                _x(r["ratios"][0]),
+                f"{m['pad']['largest_forward_slots']} ({m['pad']['largest_forward_padding']:.0%}) : "
+                f"{m['prepack']['largest_forward_slots']} ({m['prepack']['largest_forward_padding']:.0%})",
+                peak,
+                f"{r['nll_rel_diff']:.1e}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "model",
+            "workload",
+            "blocks",
+            "tokens",
+            "pad tok/s",
+            "prepack tok/s",
+            "prepack / pad",
+            "largest forward pad : prepack (padding)",
+            "peak MiB pad : prepack",
+            "NLL rel diff",
+        ],
+        rows,
+    )
+    return f"{header}\n\n{table}\n"
 
 
 def main() -> None:
@@ -214,10 +435,18 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1024, help="prepack tokens per row")
     p.add_argument("--rows", type=int, default=None, help="synthetic blocks per workload")
     p.add_argument("--S", type=int, default=16, help="synthetic sentences per block")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=MIN_REPEATS,
+        help=f"interleaved repeats: median of N with min-max, ratios per repeat (default "
+        f"{MIN_REPEATS}; fewer is a rehearsal, not a protocol figure)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
-        "--out", type=Path, help="JSON path (default: benchmarks/results/eval[_quick].json)"
+        "--out",
+        type=Path,
+        help="JSON path (default: benchmarks/results/eval[_quick].json, eval_job_<split>.json)",
     )
     p.add_argument("--job", metavar="EXPORT", help="time the Ray evaluation job of this export")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the in-process Ray")
@@ -227,11 +456,14 @@ def main() -> None:
         "--actor-threads", type=int, default=0, help="--job: torch threads per actor (0: auto)"
     )
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.job:
         if not args.data:
             raise SystemExit("--job needs --data OUT (a preprocess output with a held-out split)")
         job_vs_bare(args)
         return
+    _repeats_note(args.repeats)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = args.rows or (256 if args.quick else 2048)
@@ -259,74 +491,36 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(arch_cfg).to(args.device).eval()
         for name, table in workloads.items():
-            tokens = int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py())
-            timing: dict[str, float] = {}
-            nll: dict[str, float] = {}
-            run(model, table.slice(0, args.batch_rows), "pad", args)  # warm-up
-            mem: dict[str, Any] = {}
-            for batching in ("pad", "prepack"):
-                if args.device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                best = float("inf")
-                for _ in range(args.repeats):
-                    sec, nll[batching] = run(model, table, batching, args)
-                    best = min(best, sec)
-                timing[batching] = best
-                mem[batching] = memory(table, batching, args, arch_cfg)
-                if args.device == "cuda":
-                    mem[batching]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-            rel = abs(nll["prepack"] - nll["pad"]) / abs(nll["pad"])
-            r = {
-                "arch": arch_cfg.arch,
-                "workload": name,
-                "blocks": len(table),
-                "tokens": tokens,
-                "pad_tokens_per_s": tokens / timing["pad"],
-                "prepack_tokens_per_s": tokens / timing["prepack"],
-                "speedup": timing["pad"] / timing["prepack"],
-                "nll_rel_diff": rel,
-                "memory": mem,
-            }
-            assert rel < 1e-5, r
+            r = measure(model, arch_cfg, name, table, args)
             results.append(r)
-            print(json.dumps(r), flush=True)
+            print(f"{r['arch']} {name}: pad {_tps(r, 'pad_tokens_per_s')} tok/s, prepack "
+                  f"{_tps(r, 'prepack_tokens_per_s')} tok/s, prepack/pad {_x(r['ratios'][0])}",
+                  flush=True)  # fmt: skip
 
+    md = report_markdown(
+        results,
+        f"{preset} ({args.device}), {args.batch_rows} blocks per call, budget {args.budget}; "
+        f"median (min-max) of {args.repeats} interleaved repeats, ratios per repeat"
+        + (" (smoke: fewer than 3)" if args.repeats < MIN_REPEATS else ""),
+    )
     out = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "timing": f"{args.repeats} interleaved repeats (order rotating) of pad and prepack per "
+        "model and workload after a warm-up; tokens/s median (min-max); ratios per repeat",
+        "repeats": args.repeats,
+        "smoke": args.repeats < MIN_REPEATS,
         "model": cfg.to_dict(),
         "device": args.device,
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "results": results,
+        "table": md,
     }
-    path = (
-        args.out or Path(__file__).parent / "results" / f"eval{'_quick' if args.quick else ''}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\n{preset} ({args.device}), {args.batch_rows} blocks per call, budget {args.budget}\n")
-    print(
-        "| model | workload | blocks | tokens | pad tok/s | prepack tok/s | speedup "
-        "| largest forward pad : prepack (padding) | peak MiB pad : prepack | NLL rel diff |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        m = r["memory"]
-        peak = (
-            f"{m['pad']['cuda_peak_bytes'] / 2**20:.0f} : {m['prepack']['cuda_peak_bytes'] / 2**20:.0f}"
-            if "cuda_peak_bytes" in m["pad"]
-            else "-"
-        )
-        print(
-            f"| {r['arch']} | {r['workload']} | {r['blocks']} | {r['tokens']} "
-            f"| {r['pad_tokens_per_s']:.0f} | {r['prepack_tokens_per_s']:.0f} "
-            f"| {r['speedup']:.2f}x "
-            f"| {m['pad']['largest_forward_slots']} ({m['pad']['largest_forward_padding']:.0%}) : "
-            f"{m['prepack']['largest_forward_slots']} ({m['prepack']['largest_forward_padding']:.0%}) "
-            f"| {peak} | {r['nll_rel_diff']:.1e} |"
-        )
-    print(f"\nwritten {path}")
+    path = write_result("eval_quick" if args.quick else "eval", out, args.out)
+    path.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"written {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

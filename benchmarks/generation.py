@@ -22,10 +22,20 @@ sentence: the cap is set to ``--sentence-len`` (25, a typical English sentence i
 and prompts are cut into sentences of 13-37 tokens. Every row makes exactly the requested
 number of tokens, and GPTHF works at a realistic, fixed sentence length.
 
+Under the benchmark protocol (``benchmarks/protocol.py``): at each point (prompt length, new
+tokens, batch) every mode compared (GPTHF full/sentence-cache/kv, GPT full/kv, the Llama peer)
+is one side, and the sides run in turn within each repeat, the order rotating
+(``--repeats``, 3 by default). Every mode's figure is the median over the repeats with its
+min-max; a ratio (GPTHF kv over GPT kv, sentence-cache over GPT full, GPT kv over Llama kv, ...)
+is taken per repeat and reported as the median of those ratios with their min-max. Every side
+of a point is asserted to have made the same number of new tokens from the same prompt tokens
+before a ratio is formed, and the goals are judged on the medians.
+
 Reported per point and mode: tokens/s (new tokens over the wall time of the whole ``generate``
-call, prefill included), decode tokens/s (after the first new token, i.e. without the prefill),
-analytic FLOPs per token (``training.model.flops``), and cache bytes per sequence at the end (live
-slots, and allocated). Ratios are taken within this one run. Results: ``benchmarks/results/generation[_quick].json``.
+call, prefill included), decode tokens/s (after the first new token, i.e. without the prefill)
+and the prefill seconds, apart; analytic FLOPs per token (``training.model.flops``), and cache
+bytes per sequence at the end (live slots, and allocated). Results, with the environment:
+``benchmarks/results/generation[_quick].json`` (and ``.md``, the tables printed).
 """
 
 from __future__ import annotations
@@ -33,9 +43,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +56,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _peer
+from benchmarks.protocol import (
+    MIN_REPEATS,
+    Run,
+    Samples,
+    Spread,
+    interleave,
+    markdown_table,
+    ratio,
+    same_work,
+    write_result,
+)
 from training.generation.decode import MODES, generate, sentence_ids_for
 from training.model import ModelConfig, Transformer, build_model
 from training.model.flops import decode_flops, prefill_flops
@@ -85,6 +108,18 @@ RUNS = [
     ("gpthf", "sentence-cache"),
     ("gpthf", "kv"),
 ]
+COLUMNS = ("llama/kv", "gpt/full", "gpt/kv", "gpthf/full", "gpthf/sentence-cache", "gpthf/kv")
+RATIOS = (  # (side, base): how many times faster side is than base, per repeat
+    ("gpthf/kv", "gpt/kv"),
+    ("gpthf/sentence-cache", "gpt/full"),
+    ("gpthf/kv", "gpt/full"),
+    ("gpt/kv", "llama/kv"),
+)
+METRICS = {
+    "tokens_per_s": "whole generate() call, prefill included",
+    "decode_tokens_per_s": "decode only, after the first new token",
+}
+SC, KV, PEER = RATIOS[1], RATIOS[0], RATIOS[3]
 
 
 def make_prompts(
@@ -131,52 +166,48 @@ def _generate(
     )
 
 
-def run_one(
+def ours_side(
     model: Transformer,
     mode: str,
     prompts: list[list[int]],
     new: int,
     sentence_len: int,
-    repeats: int,
-) -> dict[str, Any]:
+    last: dict[str, Any],
+    name: str,
+) -> Callable[[], Run]:
+    """One timed ``generate`` call: its work is the tokens it made (and the prompt tokens it
+    read); the prefill and decode seconds travel apart; ``last[name]`` keeps the output."""
     device = model.embed.weight.device
-    best: tuple[float, float, float] = (float("inf"), 0.0, 0.0)
-    result = None
-    for _ in range(repeats):
+
+    def side() -> Run:
         _sync(device)
         t0 = time.perf_counter()
         result = _generate(model, prompts, new, mode, sentence_len)
         _sync(device)
-        total = time.perf_counter() - t0
-        if total < best[0]:
-            best = (total, result.seconds["prefill"], result.seconds["decode"])
-    assert result is not None
-    made = sum(len(t) for t in result.tokens)
-    decoded = made - len(prompts)  # the first new token of each row comes from the prefill
-    c = model.config
-    pairs = list(zip(result.prompts, result.tokens, strict=True))
-    prefill = sum(prefill_flops(c, p).total for p, _ in pairs)
-    decode = sum(decode_flops(c, mode, p, t).total for p, t in pairs)
-    return {
-        "seconds": best[0],
-        "prefill_seconds": best[1],
-        "decode_seconds": best[2],
-        "tokens_per_s": made / best[0],
-        "decode_tokens_per_s": decoded / best[2] if decoded else float("nan"),
-        "flops_per_token": (prefill + decode) / made,
-        "decode_flops_per_token": decode / decoded if decoded else float("nan"),
-        "cache_bytes_live": result.cache_bytes["live"],
-        "cache_bytes_allocated": result.cache_bytes["allocated"],
-        "natural_end_rate": result.natural_end_rate,
-    }
+        seconds = time.perf_counter() - t0
+        last[name] = result
+        return Run(
+            seconds,
+            {
+                "new_tokens": sum(len(t) for t in result.tokens),
+                "prompt_tokens": sum(len(p) for p in prompts),
+                "rows": len(prompts),
+            },
+            {
+                "prefill_seconds": result.seconds["prefill"],
+                "decode_seconds": result.seconds["decode"],
+            },
+        )
+
+    return side
 
 
-def run_llama(peer: Any, prompts: list[list[int]], new: int, repeats: int) -> dict[str, Any]:
+def llama_side(peer: Any, prompts: list[list[int]], new: int) -> Callable[[], Run]:
     """Hugging Face ``generate`` (greedy, default KV cache) on equal-length prompts."""
     device = peer.device
     ids = torch.tensor(prompts, device=device)
-    best = float("inf")
-    for _ in range(repeats):
+
+    def side() -> Run:
         _sync(device)
         t0 = time.perf_counter()
         with _peer.same_kernels(device):
@@ -190,9 +221,78 @@ def run_llama(peer: Any, prompts: list[list[int]], new: int, repeats: int) -> di
                 pad_token_id=peer.config.pad_token_id,
             )
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    made = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"seconds": best, "tokens_per_s": made / best}
+        seconds = time.perf_counter() - t0
+        made = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        return Run(
+            seconds, {"new_tokens": made, "prompt_tokens": ids.numel(), "rows": ids.shape[0]}
+        )
+
+    return side
+
+
+def _phase(s: Samples, key: str) -> Samples:
+    """The same repeats timed by one phase (``prefill_seconds`` or ``decode_seconds``)."""
+    return Samples(s.name, [Run(r.extra[key], r.work) for r in s.runs])
+
+
+def _decoded(s: Samples) -> int:
+    return int(s.work["new_tokens"] - s.work["rows"])  # each row's first token: the prefill
+
+
+def _put(out: dict[str, Any], key: str, spread: Spread) -> None:
+    """``key`` as the median, ``key_min`` and ``key_max`` its range over the repeats."""
+    out.update({key: spread.median, f"{key}_min": spread.low, f"{key}_max": spread.high})
+
+
+def summarize(s: Samples, model: Transformer | None, mode: str, result: Any) -> dict[str, Any]:
+    """A mode's figures at one point: medians, with their min-max (``_min``, ``_max``)."""
+    out: dict[str, Any] = {}
+    _put(out, "tokens_per_s", s.rate("new_tokens"))
+    out.update(seconds=s.median, repeats_s=[round(x, 6) for x in s.seconds], work=dict(s.work))
+    if "prefill_seconds" in s.runs[0].extra:
+        _put(out, "prefill_seconds", Spread.of([r.extra["prefill_seconds"] for r in s.runs]))
+        dec = _phase(s, "decode_seconds")
+        out["decode_seconds"] = dec.median
+        n = _decoded(s)
+        if n and min(dec.seconds) > 0:
+            _put(out, "decode_tokens_per_s", Spread.of([n / x for x in dec.seconds]))
+    if model is not None and result is not None:
+        c = model.config
+        pairs = list(zip(result.prompts, result.tokens, strict=True))
+        prefill = sum(prefill_flops(c, p).total for p, _ in pairs)
+        decode = sum(decode_flops(c, mode, p, t).total for p, t in pairs)
+        made, n = s.work["new_tokens"], _decoded(s)
+        out.update(
+            flops_per_token=(prefill + decode) / made,
+            decode_flops_per_token=decode / n if n else None,
+            cache_bytes_live=result.cache_bytes["live"],
+            cache_bytes_allocated=result.cache_bytes["allocated"],
+            natural_end_rate=result.natural_end_rate,
+        )
+    return out
+
+
+def point_ratios(t: dict[str, Samples]) -> list[dict[str, Any]]:
+    """Per-repeat ratios of the sides present (``protocol.Ratio``), for the whole call
+    (``metric`` tokens_per_s) and for decode alone (decode_tokens_per_s)."""
+    out: list[dict[str, Any]] = []
+    for side, base in RATIOS:
+        if side not in t or base not in t:
+            continue
+        same_work(t, side, base)  # the same tokens made from the same prompt tokens
+        out.append({**ratio(t, side, base).to_dict(), "metric": "tokens_per_s"})
+        if all("decode_seconds" in t[n].runs[0].extra and _decoded(t[n]) for n in (side, base)):
+            dec = {n: _phase(t[n], "decode_seconds") for n in (side, base)}
+            out.append({**ratio(dec, side, base).to_dict(), "metric": "decode_tokens_per_s"})
+    return out
+
+
+def find_ratio(p: dict[str, Any], pair: tuple[str, str], metric: str) -> dict[str, Any] | None:
+    side, base = pair
+    return next(
+        (r for r in p["ratios"] if (r["side"], r["base"], r["metric"]) == (side, base, metric)),
+        None,
+    )
 
 
 def bf16_exactness(
@@ -231,83 +331,119 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
 
 
+def _cell(e: dict[str, Any], key: str, scale: float = 1.0) -> str:
+    """``key`` of a mode's entry (times ``scale``) as median (min-max)."""
+    if key not in e:
+        return "-"
+    lo, mid, hi = (_fmt(e[k] * scale) for k in (key + "_min", key, key + "_max"))
+    return f"{mid} ({lo}-{hi})"
+
+
+def _xcell(r: dict[str, Any] | None) -> str:
+    return "-" if r is None else f"{r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f})"
+
+
 def table(points: list[dict[str, Any]], key: str) -> str:
-    """One markdown table of ``key`` (tokens_per_s or decode_tokens_per_s) with the ratios."""
-    lines = [
-        "| prompt | new | batch | Llama kv | GPT full | GPT kv | HF full | HF sent-cache | HF kv "
-        "| GPT-kv / Llama-kv | sc / GPT-full | kv / GPT-kv | kv / GPT-full |",
-        "|" + "---|" * 13,
+    """Tokens/s of every mode (``key``: tokens_per_s or decode_tokens_per_s), median (min-max)."""
+    cols = [m for m in COLUMNS if any(key in p["runs"].get(m, {}) for p in points)]
+    rows = [
+        [
+            p["prompt"],
+            p["new"],
+            p["batch"],
+            *(_cell(p["runs"].get(m, {}), key) for m in cols),
+        ]
+        for p in points
     ]
+    return markdown_table(["prompt", "new", "batch", *cols], rows)
 
-    def val(r: dict[str, Any], run: str) -> str:
-        return _fmt(r[run][key]) if run in r and key in r[run] else "-"
 
-    def ratio(r: dict[str, Any], a: str, b: str) -> str:
-        return f"{r[a][key] / r[b][key]:.2f}x" if a in r and b in r and key in r[b] else "-"
-
-    for p in points:
-        r = p["runs"]
-        lines.append(
-            f"| {p['prompt']} | {p['new']} | {p['batch']} | {val(r, 'llama/kv')} "
-            f"| {val(r, 'gpt/full')} | {val(r, 'gpt/kv')} "
-            f"| {val(r, 'gpthf/full')} | {val(r, 'gpthf/sentence-cache')} | {val(r, 'gpthf/kv')} "
-            f"| {ratio(r, 'gpt/kv', 'llama/kv')} "
-            f"| {ratio(r, 'gpthf/sentence-cache', 'gpt/full')} | {ratio(r, 'gpthf/kv', 'gpt/kv')} "
-            f"| {ratio(r, 'gpthf/kv', 'gpt/full')} |"
-        )
-    return "\n".join(lines)
+def ratio_table(points: list[dict[str, Any]], key: str) -> str:
+    """The per-repeat ratios: median (min-max) over the repeats."""
+    pairs = [x for x in RATIOS if any(find_ratio(p, x, key) for p in points)]
+    rows = [
+        [
+            p["prompt"],
+            p["new"],
+            p["batch"],
+            *(_xcell(find_ratio(p, x, key)) for x in pairs),
+        ]
+        for p in points
+    ]
+    return markdown_table(["prompt", "new", "batch", *(f"{a} over {b}" for a, b in pairs)], rows)
 
 
 def cost_table(points: list[dict[str, Any]]) -> str:
     """Analytic decode FLOPs per token and live cache per sequence at the end."""
     runs = ("gpt/full", "gpt/kv", "gpthf/full", "gpthf/sentence-cache", "gpthf/kv")
-    lines = [
-        "| prompt | new | batch | MFLOP/token (decode) GPT full : GPT kv : HF full : HF sc : HF kv "
-        "| cache KiB/seq GPT kv : HF kv : HF sc | cache GPT-kv / HF-kv |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for p in points:
         r = p["runs"]
         mflop = " : ".join(
-            f"{r[k]['decode_flops_per_token'] / 1e6:.3g}" if k in r else "-" for k in runs
+            f"{r[k]['decode_flops_per_token'] / 1e6:.3g}"
+            if k in r and r[k]["decode_flops_per_token"] is not None
+            else "-"
+            for k in runs
         )
         kib = " : ".join(
             f"{r[k]['cache_bytes_live'] / 1024:.4g}"
             for k in ("gpt/kv", "gpthf/kv", "gpthf/sentence-cache")
         )
-        ratio = r["gpt/kv"]["cache_bytes_live"] / r["gpthf/kv"]["cache_bytes_live"]
-        lines.append(
-            f"| {p['prompt']} | {p['new']} | {p['batch']} | {mflop} | {kib} | {ratio:.1f}x |"
-        )
-    return "\n".join(lines)
+        smaller = r["gpt/kv"]["cache_bytes_live"] / r["gpthf/kv"]["cache_bytes_live"]
+        rows.append([p["prompt"], p["new"], p["batch"], mflop, kib, f"{smaller:.1f}x"])
+    return markdown_table(
+        [
+            "prompt",
+            "new",
+            "batch",
+            "MFLOP/token (decode) GPT full : GPT kv : HF full : HF sc : HF kv",
+            "cache KiB/seq GPT kv : HF kv : HF sc",
+            "cache GPT-kv / HF-kv",
+        ],
+        rows,
+    )
 
 
 def goals(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, judged on the medians of the per-repeat ratios (min-max beside)."""
     proto = [p for p in points if not p["long"]]
     longs = [p for p in points if p["long"]]
     out: dict[str, Any] = {}
-    for key in ("tokens_per_s", "decode_tokens_per_s"):
+    for key in METRICS:
         entry: dict[str, Any] = {}
-        if proto:
-            sc = [
-                p["runs"]["gpthf/sentence-cache"][key] / p["runs"]["gpt/full"][key] for p in proto
-            ]
+        sc = [r for p in proto if (r := find_ratio(p, SC, key))]
+        if sc:
+            med = [r["median"] for r in sc]
             entry["sentence_cache_vs_gpt_full"] = {
-                "min": min(sc),
-                "max": max(sc),
+                "min": min(med),
+                "max": max(med),
+                "lowest_repeat": min(r["low"] for r in sc),
                 "goal": 3.0,
-                "met": min(sc) >= 3.0,
+                "met": min(med) >= 3.0,
             }
         for p in longs:
-            kv = p["runs"]["gpthf/kv"][key] / p["runs"]["gpt/kv"][key]
+            r = find_ratio(p, KV, key)
+            if r is None:
+                continue
             goal = LONG_GOALS.get(p["prompt"], 1.5)
             name = f"kv_vs_gpt_kv_{p['prompt']}" + (f"_b{p['batch']}" if p["batch"] != 32 else "")
-            entry[name] = {"ratio": kv, "goal": goal, "met": kv >= goal}
+            entry[name] = {
+                "ratio": r["median"],
+                "low": r["low"],
+                "high": r["high"],
+                "goal": goal,
+                "met": r["median"] >= goal,
+            }
         out[key] = entry
-    peer = [p["runs"]["gpt/kv"]["tokens_per_s"] / p["runs"]["llama/kv"]["tokens_per_s"]
-            for p in points if "llama/kv" in p["runs"]]  # fmt: skip
+    peer = [r for p in points if (r := find_ratio(p, PEER, "tokens_per_s"))]
     if peer:
-        out["gpt_kv_vs_llama_kv"] = {"min": min(peer), "goal": 1.0, "met": min(peer) >= 1.0}
+        med = [r["median"] for r in peer]
+        out["gpt_kv_vs_llama_kv"] = {
+            "min": min(med),
+            "lowest_repeat": min(r["low"] for r in peer),
+            "goal": 1.0,
+            "met": min(med) >= 1.0,
+        }
     long = longs[-1]["runs"]
     cache_kv = long["gpt/kv"]["cache_bytes_live"] / long["gpthf/kv"]["cache_bytes_live"]
     cache_sc = long["gpt/kv"]["cache_bytes_live"] / long["gpthf/sentence-cache"]["cache_bytes_live"]
@@ -320,6 +456,67 @@ def goals(points: list[dict[str, Any]]) -> dict[str, Any]:
         "met": cache_kv >= 10 and alloc >= 10,
     }
     return out
+
+
+def _strict(x: Any) -> Any:
+    """NaN and infinities as null (the result file is strict JSON)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_strict(v) for v in x]
+    return x
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    points, n = report["points"], report["repeats"]
+    lines = [
+        f"{report['protocol']} protocol, {report['device_name']} ({report['dtype']}): median "
+        f"(min-max) of {n} interleaved repeats; ratios per repeat"
+        + (" (smoke: fewer than 3)." if report["smoke"] else "."),
+    ]
+    for key, what in METRICS.items():
+        lines += ["", f"Tokens/s, {what}:", "", table(points, key)]
+        lines += ["", f"Ratios, {what}:", "", ratio_table(points, key)]
+    lines += ["", "Prefill, ms:", ""]
+    cols = [m for m in COLUMNS if any("prefill_seconds" in p["runs"].get(m, {}) for p in points)]
+    lines.append(
+        markdown_table(
+            ["prompt", "new", "batch", *cols],
+            [
+                [
+                    p["prompt"],
+                    p["new"],
+                    p["batch"],
+                    *(_cell(p["runs"].get(m, {}), "prefill_seconds", 1e3) for m in cols),
+                ]
+                for p in points
+            ],
+        )
+    )
+    lines += ["", "Costs:", "", cost_table(points)]
+    ex = report["exactness"]
+    lines += [
+        "",
+        f"Exactness of the cached modes against the full forward (bf16, {ex['prompts']} prompts "
+        f"of {ex['prompt']} tokens, {ex['new']} new):",
+        "",
+        markdown_table(
+            ["model", "mode", "max logit diff", "greedy agreement"],
+            [
+                [arch, mode, f"{e['max_logit_diff']:.3g}", f"{e['greedy_agreement']:.1%}"]
+                for arch in ("gpt", "gpthf")
+                for mode, e in ex[arch].items()
+            ],
+        ),
+        "",
+        "Goals (medians):",
+        "",
+    ]
+    for name, g in report["goals"].items():
+        lines.append(f"- {name}: {json.dumps(g)}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -341,13 +538,23 @@ def main() -> None:
         "--threads", type=int, help="CPU threads (default: 1 with --quick, robust on a shared box)"
     )
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bf16 on cuda")
-    ap.add_argument("--repeats", type=int, default=2, help="best of N per measurement")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=MIN_REPEATS,
+        help=f"interleaved repeats per point: median of N with min-max (default {MIN_REPEATS}; "
+        "fewer is a rehearsal, not a protocol figure)",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face Llama peer")
     ap.add_argument(
         "--exactness-prompts", type=int, default=8, help="prompts for the bf16 exactness report"
     )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.repeats < MIN_REPEATS:
+        print(f"# --repeats {args.repeats} < {MIN_REPEATS}: a rehearsal, not a protocol figure")
 
     protocol = args.protocol or ("quick" if args.quick else "full")
     proto: dict[str, Any] = PROTOCOLS[protocol]
@@ -370,7 +577,8 @@ def main() -> None:
         print("# transformers is not installed: no Llama peer (pip install -e '.[hf]')")
     print(f"# {hf_cfg.arch} vs gpt, d={hf_cfg.d_model}, L={hf_cfg.n_layers} "
           f"({hf_cfg.n_encoder_layers}+{hf_cfg.n_body_layers}), V={hf_cfg.vocab_size}, "
-          f"{models['gpt'].num_parameters() / 1e6:.1f}M params, {device} {dtype}", flush=True)  # fmt: skip
+          f"{models['gpt'].num_parameters() / 1e6:.1f}M params, {device} {dtype}, "
+          f"{args.repeats} interleaved repeats", flush=True)  # fmt: skip
 
     # Warm-up: one short call per mode (allocator, kernel selection).
     warm = make_prompts(2, 40, args.sentence_len, hf_cfg, seed=1)
@@ -384,21 +592,36 @@ def main() -> None:
     points = []
     for prompt_len, new, batch, is_long in grid:
         prompts = make_prompts(batch, prompt_len, args.sentence_len, hf_cfg, seed=prompt_len)
-        runs = {}
+        last: dict[str, Any] = {}
+        sides: dict[str, Callable[[], Run]] = {}
         for arch, mode in RUNS:
             if is_long and proto["long_modes"] and mode not in proto["long_modes"][arch]:
                 continue
-            runs[f"{arch}/{mode}"] = run_one(
-                models[arch], mode, prompts, new, args.sentence_len, args.repeats
-            )
-            print(f"  P={prompt_len} N={new} B={batch} {arch}/{mode}: "
-                  f"{runs[f'{arch}/{mode}']['tokens_per_s']:.1f} tok/s", flush=True)  # fmt: skip
+            name = f"{arch}/{mode}"
+            sides[name] = ours_side(models[arch], mode, prompts, new, args.sentence_len, last, name)
         if peer is not None:
-            runs["llama/kv"] = run_llama(peer, prompts, new, args.repeats)
-            print(f"  P={prompt_len} N={new} B={batch} llama/kv: "
-                  f"{runs['llama/kv']['tokens_per_s']:.1f} tok/s", flush=True)  # fmt: skip
+            sides["llama/kv"] = llama_side(peer, prompts, new)
+        print(f"# P={prompt_len} N={new} B={batch}", file=sys.stderr, flush=True)
+        t = interleave(sides, args.repeats)
+        same_work(t, *t)  # every mode made the same tokens from the same prompts
+        runs = {}
+        for name, s in t.items():
+            arch, mode = name.split("/")
+            runs[name] = summarize(
+                s, models.get(arch) if arch != "llama" else None, mode, last.get(name)
+            )
+            w = runs[name]
+            print(f"  P={prompt_len} N={new} B={batch} {name}: {w['tokens_per_s']:.1f} "
+                  f"({w['tokens_per_s_min']:.1f}-{w['tokens_per_s_max']:.1f}) tok/s", flush=True)  # fmt: skip
         points.append(
-            {"prompt": prompt_len, "new": new, "batch": batch, "long": is_long, "runs": runs}
+            {
+                "prompt": prompt_len,
+                "new": new,
+                "batch": batch,
+                "long": is_long,
+                "runs": runs,
+                "ratios": point_ratios(t),
+            }
         )
 
     exact_prompts = make_prompts(args.exactness_prompts, 100, args.sentence_len, hf_cfg, seed=7)
@@ -408,12 +631,16 @@ def main() -> None:
         )
         for arch, m in models.items()
     }
-    report = {
+    report: dict[str, Any] = {
         "protocol": protocol,
+        "timing": f"{args.repeats} interleaved repeats (order rotating) per point after a "
+        "warm-up; tokens/s median (min-max); ratios per repeat, median (min-max)",
+        "repeats": args.repeats,
+        "smoke": args.repeats < MIN_REPEATS,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else platform.processor(),
+        else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "dtype": str(dtype),
         "torch": torch.__version__,
@@ -422,33 +649,22 @@ def main() -> None:
         "modes": MODES,
         "peer": "transformers LlamaForCausalLM (sdpa), generate()" if peer is not None else None,
         "points": points,
-        "exactness": {"dtype": "torch.bfloat16", "prompt": 100, "new": 100, **exactness},
+        "exactness": {
+            "dtype": "torch.bfloat16",
+            "prompts": args.exactness_prompts,
+            "prompt": 100,
+            "new": 100,
+            **exactness,
+        },
         "goals": goals(points),
     }
-    out = (
-        args.out
-        or Path(__file__).parent
-        / "results"
-        / f"generation{'' if protocol == 'full' else '_' + protocol.replace('-', '_')}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print("\nThroughput, whole generate() call (tokens/s, prefill included):\n")
-    print(table(points, "tokens_per_s"))
-    print("\nDecode only (tokens/s after the first new token):\n")
-    print(table(points, "decode_tokens_per_s"))
-    print("\nCosts:\n")
-    print(cost_table(points))
-    print(f"\nExactness of the cached modes against the full forward (bf16, "
-          f"{args.exactness_prompts} prompts of 100 tokens, 100 new):\n")  # fmt: skip
-    print("| model | mode | max logit diff | greedy agreement |\n|---|---|---|---|")
-    for arch, modes in exactness.items():
-        for mode, e in modes.items():
-            print(f"| {arch} | {mode} | {e['max_logit_diff']:.3g} | {e['greedy_agreement']:.1%} |")
-    print()
-    for name, g in report["goals"].items():
-        print(f"- {name}: {json.dumps(g)}")
-    print(f"\nwrote {out}")
+    md = report_markdown(report)
+    report["table"] = md
+    name = f"generation{'' if protocol == 'full' else '_' + protocol.replace('-', '_')}"
+    path = write_result(name, _strict(report), args.out)
+    path.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
