@@ -201,9 +201,10 @@ def test_a_full_disk_stops_a_ray_run_at_once_and_keeps_its_checkpoint(
     assert filled and filled[0] > 0, "the disk was never filled"
     assert proc.returncode == 2, log[-4000:]
     assert "no space left" in proc.stderr, log[-4000:]  # the fault landed, and is named
-    # Ray logs the worker's and controller's tracebacks as they happen; ours is the last word,
-    # one line, and the driver itself prints no traceback.
-    last = proc.stderr.strip().splitlines()[-1]
+    # Ray forwards the worker's and controller's logs as they happen (each line prefixed with
+    # its process, "(... pid=N)"), and may still be forwarding after our message: of the
+    # driver's own lines, ours is the last word, one line, and the driver prints no traceback.
+    last = [x for x in proc.stderr.strip().splitlines() if "pid=" not in x][-1]
     assert last.startswith("gpthf train: error: cannot write"), last
     assert "Stopped without retrying" in last and "--resume" in last and "free of" in last
     driver_lines = [x for x in proc.stderr.splitlines() if "pid=" not in x]

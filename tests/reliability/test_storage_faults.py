@@ -259,8 +259,11 @@ def test_storage_outage_mid_run_fails_fast_and_the_rerun_matches_a_clean_run(
     err = r["error"]
     assert isinstance(err, StorageError), repr(err)
     msg = str(err)
-    # Names the object and what was tried.
-    assert re.search(r"cannot (read|write shards to) s3://(corpus|shards)/\S+", msg), msg
+    # Names the object and what was tried. (The outage may meet the workers' reads and writes,
+    # or, when the last group is done first, the driver's manifest read before the commit.)
+    assert re.search(
+        r"cannot (read|write shards to|read the manifest of) s3://(corpus|shards)/\S+", msg
+    ), msg
     assert re.search(r"s3://(corpus|shards)/\S+ at http://127\.0\.0\.1:\d+ still failing", msg)
     assert "storage.retry_budget_s=4" in msg
     budget = OUTAGE_POLICY["retry_budget_s"]
