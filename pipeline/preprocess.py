@@ -247,11 +247,31 @@ STALE_STAGING_S = 24 * 3600
 between writing its first shard and committing (a longer one would lose its staging)."""
 
 
+STAGING_QUIET_S = 1.0
+STAGING_SETTLE_S = 10.0
+"""After a failure, a worker of a Ray this run did not start (a cluster, a shared session) may
+still finish a shard it was writing while the pool is torn down: staging is removed again until
+it has stayed gone for STAGING_QUIET_S, for at most STAGING_SETTLE_S (found by a full-disk test
+that left one late shard)."""
+
+
 def _remove_staging(staging: str, storage: Any = None) -> None:
     fs, path = filesystem_for(staging, storage)
+    removed = False
+    deadline = time.monotonic() + STAGING_SETTLE_S
+    quiet_since = time.monotonic()
     try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        while True:
+            fs.invalidate_cache()
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+                removed = True
+                quiet_since = time.monotonic()
+            now = time.monotonic()
+            if now - quiet_since >= STAGING_QUIET_S or now >= deadline:
+                break
+            time.sleep(0.2)
+        if removed:
             print(f"[preprocess] removed this run's staging {staging}", file=sys.stderr, flush=True)
     except OSError as exc:  # never hide the error that got us here
         print(f"[preprocess] could not remove {staging}: {exc}", file=sys.stderr, flush=True)
