@@ -163,18 +163,19 @@ def timed(fn: Callable[[], Mapping[str, int | float] | None]) -> Callable[[], Ru
 
 def same_work(samples: Mapping[str, Samples], *names: str, keys: Sequence[str] = ()) -> None:
     """Assert that the named sides did the same work in every repeat (all counts, or ``keys``)."""
-    ref = samples[names[0]]
+
+    def counts(r: Run) -> dict[str, int | float]:
+        return {k: v for k, v in r.work.items() if not keys or k in keys}
+
+    ref = samples[names[0]].runs
+    if any(counts(a) != counts(ref[0]) for a in ref):
+        raise AssertionError(f"{names[0]} did different work in different repeats")
     for n in names[1:]:
-        for a, b in zip(ref.runs, samples[n].runs, strict=True):
-            ka = {k: v for k, v in a.work.items() if not keys or k in keys}
-            kb = {k: v for k, v in b.work.items() if not keys or k in keys}
-            if ka != kb:
-                raise AssertionError(f"unequal work: {names[0]} did {ka}, {n} did {kb}")
-    for a in ref.runs:
-        if {k: v for k, v in a.work.items() if not keys or k in keys} != {
-            k: v for k, v in ref.runs[0].work.items() if not keys or k in keys
-        }:
-            raise AssertionError(f"{names[0]} did different work in different repeats")
+        for a, b in zip(ref, samples[n].runs, strict=True):
+            if counts(a) != counts(b):
+                raise AssertionError(
+                    f"unequal work: {names[0]} did {counts(a)}, {n} did {counts(b)}"
+                )
 
 
 def ratio(samples: Mapping[str, Samples], side: str, base: str) -> Ratio:
