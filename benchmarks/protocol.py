@@ -168,14 +168,14 @@ def same_work(samples: Mapping[str, Samples], *names: str, keys: Sequence[str] =
         return {k: v for k, v in r.work.items() if not keys or k in keys}
 
     ref = samples[names[0]].runs
-    if any(counts(a) != counts(ref[0]) for a in ref):
-        raise AssertionError(f"{names[0]} did different work in different repeats")
     for n in names[1:]:
         for a, b in zip(ref, samples[n].runs, strict=True):
             if counts(a) != counts(b):
                 raise AssertionError(
                     f"unequal work: {names[0]} did {counts(a)}, {n} did {counts(b)}"
                 )
+    if any(counts(a) != counts(ref[0]) for a in ref):
+        raise AssertionError(f"{names[0]} did different work in different repeats")
 
 
 def ratio(samples: Mapping[str, Samples], side: str, base: str) -> Ratio:
