@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +233,96 @@ def test_eval_job_report(data_dir: Path, exports: dict[str, str], tmp_path: Path
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "| gpthf |" in (out / "report.md").read_text()
     assert "token ppl" in format_table(report)
+
+
+def _assert_same_sums(a: Sums, b: Sums, where: str) -> None:
+    """Counts exactly, float sums (NLL, kept) to 1e-9 relative."""
+    for f in dataclasses.fields(Sums):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, float):
+            assert x == pytest.approx(y, rel=1e-9, abs=0), f"{where} {f.name}"
+        else:
+            assert x == y, f"{where} {f.name}"
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("batching", ["prepack", "pad"])
+def test_local_eval_equals_the_ray_job(
+    data_dir: Path, exports: dict[str, str], tmp_path: Path, batching: str
+) -> None:
+    """``--local`` (pyarrow reads, this process) scores every shard as the Ray job does."""
+    kw: dict[str, Any] = dict(
+        checkpoints=[exports["gpthf"]], data=str(data_dir), batching=batching, batch_rows=7
+    )
+    ray_job = run_eval(EvalConfig(output=str(tmp_path / "ray"), **kw))
+    local = run_eval(EvalConfig(output=str(tmp_path / "local"), local=True, **kw))
+    (r,), (c,) = ray_job.checkpoints, local.checkpoints
+    assert [s.shard for s in c.shards] == [s.shard for s in r.shards]
+    assert len(c.shards) > 1 and all(s.sums.rows for s in c.shards)
+    for a, b in zip(c.shards, r.shards, strict=True):
+        _assert_same_sums(a.sums, b.sums, a.shard)
+    _assert_same_sums(c.total, r.total, "total")
+    assert (c.arch, c.step, c.parameters, c.model_config_hash) == (
+        r.arch,
+        r.step,
+        r.parameters,
+        r.model_config_hash,
+    )
+    assert EvalReport.read(str(tmp_path / "local")).checkpoints[0].total == c.total
+
+
+def test_local_eval_runs_without_ray(
+    data_dir: Path, exports: dict[str, str], tmp_path: Path
+) -> None:
+    """``gpthf eval --local`` where Ray is not installed: importing ray fails in the subprocess
+    and nothing on the path tries (nor is ray in ``sys.modules`` afterwards)."""
+    out = tmp_path / "o"
+    argv = ["eval", "--local", "--threads", "1", "--checkpoint", exports["gpt"]]
+    argv += ["--data", str(data_dir), "--output", str(out)]
+    code = (
+        "import sys\n"
+        "class NoRay:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoRay())\n"
+        "from jobs.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print('ray', sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+        "sys.exit(rc)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ray []" in proc.stdout, proc.stdout
+    (score,) = EvalReport.read(str(out)).checkpoints
+    assert score.total.rows == _manifest(data_dir).totals("heldout")["rows"]
+    with pytest.raises(EvalConfigError, match=r"--local.*--actors"):
+        EvalConfig(checkpoints=["x"], data="d", output="o", local=True, actors=2)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["ray", "local"])
+def test_scored_counts_are_checked_against_the_manifest(
+    data_dir: Path, exports: dict[str, str], tmp_path: Path, local: bool
+) -> None:
+    """A manifest that claims a row more than a shard holds: the scored counts differ, named."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    raw = json.loads((data / "manifest.json").read_text())
+    ref = _manifest(data_dir).shards("heldout")[0]
+    (entry,) = [s for s in raw["splits"]["heldout"]["shards"] if s["path"] == ref.path]
+    entry["rows"] += 1
+    (data / "manifest.json").write_text(json.dumps(raw))
+    cfg = EvalConfig(
+        checkpoints=[exports["gpt"]], data=str(data), output=str(tmp_path / "o"), local=local
+    )
+    expected = f"{ref.path}: rows {ref.rows}/{ref.rows + 1}, tokens {ref.tokens}/{ref.tokens}"
+    with pytest.raises(EvalError, match="scored counts differ from the manifest") as caught:
+        run_eval(cfg)
+    assert expected in str(caught.value)
+    assert not (tmp_path / "o" / "report.json").exists()
 
 
 def test_clear_errors(data_dir: Path, exports: dict[str, str], tmp_path: Path) -> None:

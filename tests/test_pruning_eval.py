@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_eval import _heldout_table, _manifest, data_dir, exports  # noqa: F401
+from tests.test_eval import (  # noqa: F401
+    _assert_same_sums,
+    _heldout_table,
+    _manifest,
+    data_dir,
+    exports,
+)
 from training.eval.job import EvalConfig, EvalError, run_eval
 from training.eval.report import format_table
 from training.eval.scoring import score_blocks
@@ -122,3 +128,17 @@ def test_eval_job_reports_kept_fraction_and_cache(
     table = format_table(on)
     assert "cache kept" in table and f"{c.total.kept_fraction:.4f}" in table
     assert "cache kept" in (tmp_path / "on" / "report.md").read_text()
+    # --local (no Ray) scores with the gates as the actors do: the same sums, shard by shard.
+    local = run_eval(
+        EvalConfig(
+            checkpoints=[uri],
+            data=str(data_dir),
+            output=str(tmp_path / "local"),
+            pruning=True,
+            local=True,
+        )
+    )
+    (lc,) = local.checkpoints
+    for a, b in zip(lc.shards, c.shards, strict=True):
+        _assert_same_sums(a.sums, b.sums, a.shard)
+    assert lc.cache_entry_bytes == c.cache_entry_bytes

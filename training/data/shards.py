@@ -1,7 +1,9 @@
-"""Ray Data over the shards a manifest lists: ordered reads, object-store filesystems."""
+"""Reading the shards a manifest lists, in order, from local or object-store filesystems: with
+Ray Data (``read_shards``) or, for the paths without Ray, with pyarrow (``shard_batches``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from pipeline.blocks import SCORING_COLUMNS
@@ -15,6 +17,20 @@ def arrow_filesystem(uri: str, storage: Any = None) -> tuple[Any, str]:
 
     fs, path = filesystem_for(uri, storage)
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def shard_batches(uri: str, storage: Any = None, batch_rows: int = 65536) -> Iterator[Any]:
+    """The scoring columns of one shard as pyarrow RecordBatches of ``batch_rows`` rows (the
+    last one shorter), in file order; no Ray."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import filesystem_for
+
+    fs, path = filesystem_for(uri, storage)
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(
+            batch_size=batch_rows, columns=list(SCORING_COLUMNS)
+        )
 
 
 def read_shards(

@@ -34,12 +34,14 @@ class EvalConfig:
     """Folder for report.json, report.md and report.png."""
     split: str = "heldout"
     """Split of the manifest to score."""
+    local: bool = False
+    """Score in this process without Ray (shards read with pyarrow, one model at a time): for a machine without Ray, e.g. one GPU; same numbers as the Ray job. No actor pool, so --actors stays 1."""
     actors: int = 1
-    """Size of the scoring actor pool (one model per actor)."""
+    """Size of the scoring actor pool (one model per actor; with --local: refused above 1)."""
     threads: int = 0
-    """Torch CPU threads per scoring actor (0: the node's cores shared among the actors; Ray would give each actor one)."""
+    """Torch CPU threads per scoring actor (0: the node's cores shared among the actors; Ray would give each actor one). With --local, of this process (0: all its cores)."""
     gpu: bool = False
-    """One GPU per actor."""
+    """One GPU per actor (with --local: this process's GPU, or its CPU where CUDA is unavailable)."""
     batching: Batching = "prepack"
     """prepack (first-fit decreasing into token-budget rows, per-block masks) or pad (one block a row); same numbers."""
     token_budget: int = field(default=1024, metadata=cli("--token-budget"))
@@ -61,6 +63,11 @@ class EvalConfig:
         for name in ("actors", "token_budget", "batch_rows"):
             if getattr(self, name) < 1:
                 raise EvalConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local and self.actors > 1:
+            raise EvalConfigError(
+                f"--local scores in this process, one model at a time: --actors {self.actors} "
+                "does not apply; leave out --actors, or drop --local for a Ray actor pool"
+            )
 
 
 def load_eval_config(

@@ -1,10 +1,15 @@
-"""Batch evaluation of exported checkpoints over a split's shards with Ray Data.
+"""Batch evaluation of exported checkpoints over a split's shards with Ray Data, or without Ray.
 
 ``run_eval`` checks everything it can before the cluster spends time (manifest, shards present,
 checkpoints readable, tokenizer and special ids matching the shards), then for each checkpoint
 maps a callable-class actor pool (``_Scorer``: the model is loaded once per actor) over the
 shards, sums per shard, checks the row and token counts against the manifest, and writes
 ``report.json`` (last), ``report.md`` and ``report.png`` under the output.
+
+With ``local`` (``gpthf eval --local``) ``training.eval.local`` scores in this process instead,
+for a machine without Ray (one GPU, say): each shard read with pyarrow, one model at a time,
+the same scoring, sums, count checks and report. Nothing on that path imports ray (this module
+imports it only inside the Ray path's functions).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from pipeline.manifest import Manifest, ManifestError, ShardRef
 from training.data.shards import read_shards
 from training.eval.config import EvalConfig
 from training.eval.report import CheckpointScore, EvalReport, ShardScore
-from training.eval.scoring import FLOAT_FIELDS, SUM_FIELDS, Sums, block_counts, score_blocks
+from training.eval.scoring import SUM_FIELDS, Sums, block_counts, score_blocks, sums_of
 from training.export import Exported, ExportError, load_export
+
+BLOCK_FIELDS = (*SUM_FIELDS, "tokens", "sentences", "bytes", "words")
+"""The per-block arrays a scored batch returns (``score_batch``), summed per shard."""
 
 
 class EvalError(UserError):
@@ -58,11 +66,7 @@ class _Scorer:
         # the UDF from another thread than this constructor, so ``__call__`` sets it again.
         self.threads = threads or max(1, len(os.sched_getaffinity(0)) // actors)
         torch.set_num_threads(self.threads)
-        self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-        model = load_export(checkpoint, storage, device=self.device).model
-        # Without --pruning a pruning export scores as its model without the gates.
-        self.model = model if pruning else model.without_pruning()
-        self.model.prune_per_query = pruning  # kept and cached entries per block
+        self.model, self.device = scoring_model(checkpoint, storage, gpu, pruning)
         self.kw = dict(pad_id=pad_id, eos_id=eos_id, batching=batching, token_budget=token_budget)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
@@ -71,14 +75,35 @@ class _Scorer:
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         paths = batch.column("path").to_pylist()
-        try:
-            scored = score_blocks(self.model, batch, device=self.device, **self.kw)  # type: ignore[arg-type]
-            counts = block_counts(batch)
-        except Exception as exc:
-            raise EvalError(
-                f"scoring failed on shard(s) {sorted(set(paths))}: {type(exc).__name__}: {exc}"
-            ) from exc
-        return {"path": np.asarray(paths, dtype=object), **scored, **counts}
+        scored = score_batch(self.model, batch, self.device, self.kw, paths)
+        return {"path": np.asarray(paths, dtype=object), **scored}
+
+
+def scoring_model(checkpoint: str, storage: Any, gpu: bool, pruning: bool) -> tuple[Any, str]:
+    """The export's model as it scores, and its device ("cuda" where asked for and available).
+    Without ``pruning`` a pruning export scores as its model without the gates."""
+    import torch
+
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    model = load_export(checkpoint, storage, device=device).model
+    model = model if pruning else model.without_pruning()
+    model.prune_per_query = pruning  # kept and cached entries per block
+    return model, device
+
+
+def score_batch(
+    model: Any, batch: Any, device: str, kw: dict[str, Any], paths: list[str]
+) -> dict[str, np.ndarray]:
+    """Per-block arrays of one batch (``BLOCK_FIELDS``: the NLL sums and counts); a failure is
+    an EvalError naming the shards of ``paths`` the batch came from."""
+    try:
+        scored = score_blocks(model, batch, device=device, **kw)
+        counts = block_counts(batch)
+    except Exception as exc:
+        raise EvalError(
+            f"scoring failed on shard(s) {sorted(set(paths))}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return {**scored, **counts}
 
 
 def _check_inputs(cfg: EvalConfig) -> tuple[Manifest, list[ShardRef], list[Exported]]:
@@ -176,16 +201,23 @@ def _evaluate_one(
         if len(match) != 1:
             unknown.append(path)
             continue
-        cols = {
-            k: group[k].to_numpy() for k in (*SUM_FIELDS, "tokens", "sentences", "bytes", "words")
-        }
-        sums: dict[str, Any] = {
-            k: float(np.sum(v, dtype=np.float64)) if k in FLOAT_FIELDS else int(v.sum())
-            for k, v in cols.items()
-        }
-        per_shard[match[0]] = per_shard[match[0]] + Sums(rows=len(group), **sums)
+        per_shard[match[0]] += sums_of({k: group[k].to_numpy() for k in BLOCK_FIELDS})
     if unknown:
         raise EvalError(f"rows from files not in the manifest: {unknown}")
+    return checkpoint_score(cfg, exp, uri, manifest, refs, per_shard, wall)
+
+
+def checkpoint_score(
+    cfg: EvalConfig,
+    exp: Exported,
+    uri: str,
+    manifest: Manifest,
+    refs: list[ShardRef],
+    per_shard: dict[str, Sums],
+    wall: float,
+) -> CheckpointScore:
+    """The score of ``exp`` from its per-shard sums (both paths end here), once each shard's
+    rows and tokens and the split's totals match the manifest: none lost, none twice."""
     bad = [
         f"{r.path}: rows {per_shard[r.path].rows}/{r.rows}, tokens {per_shard[r.path].tokens}/{r.tokens}"
         for r in refs
@@ -219,10 +251,18 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False) -> EvalReport:
     """Evaluate every checkpoint; write and return the report."""
     manifest, refs, exports = _check_inputs(cfg)
     started = time.perf_counter()
-    scores = tuple(
-        _evaluate_one(cfg, exp, uri, manifest, refs, progress)
-        for uri, exp in zip(cfg.checkpoints, exports, strict=True)
-    )
+    if cfg.local:  # no Ray
+        from training.eval.local import score_checkpoint_local
+
+        scores = tuple(
+            score_checkpoint_local(cfg, exp, uri, manifest, refs)
+            for uri, exp in zip(cfg.checkpoints, exports, strict=True)
+        )
+    else:
+        scores = tuple(
+            _evaluate_one(cfg, exp, uri, manifest, refs, progress)
+            for uri, exp in zip(cfg.checkpoints, exports, strict=True)
+        )
     report = EvalReport(
         data=cfg.data,
         split=cfg.split,

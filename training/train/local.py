@@ -29,9 +29,9 @@ from typing import Any
 import pyarrow as pa
 import torch.distributed as dist
 
-from pipeline.blocks import SCORING_COLUMNS
 from pipeline.errors import UserError, interruption, sigterm_unwinds
 from pipeline.storage import StorageError, filesystem_for, full_uri, storage_errors
+from training.data.shards import shard_batches
 from training.train.checkpoint import TrainState, list_checkpoints
 from training.train.config import TrainConfig, TrainConfigError
 from training.train.driver import (
@@ -56,12 +56,8 @@ from training.train.worker import TrainWorker, destroy_distributed, init_distrib
 
 def arrow_stream(uris: list[str], storage: Any = None) -> Iterator[pa.RecordBatch]:
     """The rows of ``uris`` in file order, read with pyarrow (Ray Data's read, without Ray)."""
-    import pyarrow.parquet as pq
-
     for uri in uris:
-        fs, path = filesystem_for(uri, storage)
-        with fs.open(path, "rb") as f:
-            yield from pq.ParquetFile(f).iter_batches(columns=list(SCORING_COLUMNS))
+        yield from shard_batches(uri, storage)
 
 
 def save_checkpoint(worker: TrainWorker, folder: str, storage: Any = None) -> str:
