@@ -21,6 +21,8 @@ AFTER_INTERRUPT = {
     "what is not done yet",
     "nightly": "nothing of this run was committed: run it again to process what is not done yet",
     "eval": "no report was written: run the same command again",
+    "study": "the runs keep their checkpoints: run the same command again to continue where it "
+    "stopped",
 }
 """What to do after an interrupted command (shown with the interruption)."""
 

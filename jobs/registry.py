@@ -18,5 +18,8 @@ JOBS = {
     "nightly": Job("jobs.nightly", "incremental preprocessing of what arrived since the last run"),
     "train": Job("jobs.train", "train GPTHF (or the GPT baseline) with Ray Train + DeepSpeed"),
     "eval": Job("jobs.evaluate", "batch perplexity evaluation of exports over held-out shards"),
+    "study": Job(
+        "jobs.study", "GPTHF against the GPT as the paper compares them: train, evaluate, report"
+    ),
     "generate": Job("jobs.generate", "generate text from a trained export (cached, fast)"),
 }

@@ -222,6 +222,11 @@ def coerce(tp: Any, value: Any, path: str, error: type[ConfigError] = ConfigErro
     if tp is Any:
         return value
     if _is_config(tp):
+        if isinstance(value, str):  # a flag's value (one item of a list of sections): JSON
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path} must be a JSON object, got {value!r} ({exc})") from exc
         return value if isinstance(value, tp) else build(tp, value, where=path, error=error)
     base, optional = _strip_optional(tp)
     if optional:
@@ -401,6 +406,8 @@ def _metavar(tp: Any, name: str) -> str:
         return "JSON"
     if get_origin(base) in (list, tuple):
         (base,) = get_args(base)[:1] or (str,)
+        if _is_config(base):
+            return "JSON"
     return {int: "N", float: "X"}.get(base, name.upper())
 
 

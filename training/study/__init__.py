@@ -1,0 +1,1 @@
+"""``gpthf study``: GPTHF against the GPT as the paper compares them (train, evaluate, generate, report)."""
