@@ -146,7 +146,7 @@ class StudyConfig:
     """The grid: every GPTHF needs a GPT of its size (d_model, heads, layers, ffn) in it; a GPT of its width with fewer layers is the paper's shallower GPT. A flag takes one model as JSON."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """Initialisation seeds: every model is trained once per seed."""
-    budget_tokens: int = 1_500_000
+    budget_tokens: int = field(default=1_500_000, metadata=cli("--budget-tokens"))
     """Training tokens of every run: steps = ceil(budget / tokens per step), tokens per step from the manifest's mean block."""
     data: StudyData = field(default_factory=StudyData)
     train: StudyTrain = field(default_factory=StudyTrain)
