@@ -33,12 +33,6 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from jobs.demo import main as run
-
-    return run(args)
-
-
 def cmd_sample_corpus(args: argparse.Namespace) -> int:
     from pipeline.sample_corpus import ensure_sample_corpus
 
@@ -77,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--endpoint-url", help="S3-protocol endpoint (default: AWS_ENDPOINT_URL)")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    from jobs import compare, hf
+    from jobs import compare, demo, hf
 
     e = sub.add_parser("export-hf", help="write a Hugging Face folder of a trained model")
     hf.add_export_args(e)
@@ -95,11 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=compare.main)
 
     d = sub.add_parser("demo", help="the main job on the embedded default, end to end")
-    d.add_argument(
-        "--workdir", default="runs/demo", help="where the demo writes (default runs/demo)"
-    )
-    d.add_argument("--fresh", action="store_true", help="delete the workdir first")
-    d.set_defaults(func=cmd_demo)
+    demo.add_args(d)
+    d.set_defaults(func=demo.main)
 
     s = sub.add_parser("sample-corpus", help="fetch (once) and print the sample corpus folder")
     s.set_defaults(func=cmd_sample_corpus)
