@@ -17,14 +17,14 @@ import torch
 
 from pipeline.manifest import Manifest, ShardRef
 from training.data.shards import shard_batches
-from training.eval.config import EvalConfig
-from training.eval.job import (
+from training.eval.checkpoint_score import (
     BLOCK_FIELDS,
     EvalError,
     checkpoint_score,
     score_batch,
     scoring_model,
 )
+from training.eval.config import EvalConfig
 from training.eval.report import CheckpointScore
 from training.eval.scoring import Sums, sums_of
 from training.export import Exported
