@@ -318,12 +318,13 @@ def init_ray_for_training() -> None:
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
+    started = time.time()
     setup = setup_run(cfg)
     with RunLease(setup.output, setup.cfg.storage):  # one writer per run folder
-        return _train_on_ray(setup)
+        return _train_on_ray(setup, started)
 
 
-def _train_on_ray(setup: RunSetup) -> TrainResult:
+def _train_on_ray(setup: RunSetup, started: float) -> TrainResult:
     """Fit until the run ends: a crashed attempt (a worker or node lost) is fitted again from
     the newest intact checkpoint, up to ``run.max_failures`` times; a deterministic error (a
     full disk, denied access, a user error) stops the run at once, as it would fail the same
@@ -331,16 +332,21 @@ def _train_on_ray(setup: RunSetup) -> TrainResult:
     night. So Ray Train itself never retries (``max_failures=0``): it cannot tell the two
     apart, and this loop can (:func:`deterministic_failure`)."""
     cfg = setup.cfg
+    marks = {"started": started, "ray_start": time.time()}  # epoch seconds, see run_phases
     init_ray_for_training()
     cpus = check_resources(cfg)
+    marks["ray_ready"] = time.time()
     folder = run_dir(setup, "ray")
     first_step, resume_from = find_resume(setup, folder)
     write_run_config(setup)
     if first_step >= setup.end_step:
         return nothing_to_do(setup, first_step)
     start_step, failures, t0 = first_step, 0, time.perf_counter()
+    marks["first_fit"] = time.time()
     while True:
+        marks["fit"] = time.time()
         result = _fit(setup, cpus, start_step, resume_from)
+        marks["fit_ended"] = time.time()
         if result.error is None:
             break
         remove_unfinished(folder, cfg.storage)
@@ -375,7 +381,7 @@ def _train_on_ray(setup: RunSetup) -> TrainResult:
     with local_copy(list_checkpoints(folder, cfg.storage)[-1][1], cfg.storage) as d:
         state = export_run(setup, d)
     prune_checkpoints(folder, cfg.run.keep_checkpoints, cfg.storage)
-    return finish(setup, first_step, state, wall)
+    return finish(setup, first_step, state, wall, marks)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -618,11 +624,22 @@ def export_run(setup: RunSetup, checkpoint_dir: str) -> TrainState:
     return state
 
 
-def finish(setup: RunSetup, start_step: int, state: TrainState, wall: float) -> TrainResult:
-    """RUN/summary.json and the result, after the export."""
+def finish(
+    setup: RunSetup,
+    start_step: int,
+    state: TrainState,
+    wall: float,
+    marks: dict[str, float] | None = None,
+) -> TrainResult:
+    """RUN/summary.json and the result, after the export; ``marks``: the driver's clock
+    (:func:`run_phases`), for the summary's ``phases``."""
     cfg, output = setup.cfg, setup.output
     dropped = dropped_rows(setup.plans, setup.rows_per_step)
     summary = summarise(output, cfg, start_step, state.step, wall, dropped)
+    worker = summary.pop("worker_phases")
+    if marks is not None:
+        summary["started_at"] = round(marks["started"], 3)  # epoch seconds
+        summary["phases"] = run_phases({**marks, "exported": time.time()}, worker)
     fs, root = filesystem_for(output, cfg.storage)
     write_bytes_atomic(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
     return TrainResult(output, start_step, state.step, f"{output}/export", summary)
@@ -654,8 +671,51 @@ def summarise(
         "final_loss": records[-1]["loss"] if records else None,
         "final_val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
         "peak_memory_bytes": final[-1]["peak_memory_bytes"] if final else None,
+        "torch_threads": final[-1].get("torch_threads") if final else None,
         "dropped_tail_rows_per_epoch_total": dropped,
+        "worker_phases": final[-1].get("phases") if final else None,
     }
+
+
+def run_phases(marks: dict[str, float], worker: dict[str, float] | None) -> dict[str, float]:
+    """Where a run's time went, in seconds, in order, from the driver's clock
+    (``marks``, epoch seconds: started, ray_start, ray_ready, first_fit, fit, fit_ended,
+    exported) and rank 0's (``worker``: the ``phases`` of its final metrics record, None
+    where it has none); the parts add up to ``total``, exported - started.
+
+    setup: config and data checks, the run's lease, the resume lookup; ray_start: starting (or
+    joining) Ray; retries: fits that failed and were fitted again; worker_start: from the fit's
+    start to rank 0 running (Ray Train's controller, the worker group, the process group);
+    engine_build: model, optimizer and deepspeed.initialize (and a resume's restore);
+    first_batch: the data pipeline's start to the first batch; steps: every step after it
+    (data wait, collate, forward, backward, optimizer, metrics); validate and checkpoint:
+    inside the loop; worker_stop: from rank 0's last step to the fit's return (its final
+    metrics, the engine's and the worker group's shutdown); export: the consolidated weights,
+    pruning old checkpoints, the summary; other: what the parts leave (rank 0's own set-up
+    outside the engine). Without ``worker`` the fit is one part, ``fit``.
+    """
+    out = {
+        "setup": marks["ray_start"] - marks["started"] + marks["first_fit"] - marks["ray_ready"],
+        "ray_start": marks["ray_ready"] - marks["ray_start"],
+        "retries": marks["fit"] - marks["first_fit"],
+    }
+    if worker:
+        out |= {
+            "worker_start": worker["started"] - marks["fit"],
+            "engine_build": worker["build_s"] + worker["restore_s"],
+            "first_batch": worker["first_batch_s"],
+            "steps": worker["steps_s"],
+            "validate": worker["validate_s"],
+            "checkpoint": worker["checkpoint_s"],
+            "worker_stop": marks["fit_ended"] - worker["ended"],
+        }
+    else:
+        out["fit"] = marks["fit_ended"] - marks["fit"]
+    out["export"] = marks["exported"] - marks["fit_ended"]
+    total = marks["exported"] - marks["started"]
+    out["other"] = total - sum(out.values())
+    out["total"] = total
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def format_summary(result: TrainResult) -> str:

@@ -302,6 +302,10 @@ class TrainWorker:
         self.global_step = 0
         self.tokens_seen = 0
         self.num_parameters = 0
+        self.timings: dict[str, float] = {"started": time.time(), "build_s": 0.0, "restore_s": 0.0}
+        """When this rank started (epoch seconds: the driver compares it with its own clock) and
+        the seconds ``build`` and ``restore`` took: a run's fixed cost, in ``run_steps``'s final
+        record."""
         self._engine: Any = None
         self._scheduler: Any = None
 
@@ -316,6 +320,7 @@ class TrainWorker:
     def build(self) -> TrainWorker:
         import deepspeed
 
+        t0 = time.perf_counter()
         skip_deepspeed_shm_build()  # deepspeed.initialize starts DeepSpeed's comm backend
         torch.manual_seed(self.cfg.run.seed)
         model = build_model(self.ctx.model_config)
@@ -333,10 +338,12 @@ class TrainWorker:
             lr_scheduler=self._scheduler,
             config=deepspeed_config(self.cfg, self.world, self.bf16),
         )
+        self.timings["build_s"] = time.perf_counter() - t0
         return self
 
     def restore(self, checkpoint_dir: str | Path) -> TrainState:
         """Continue from a local checkpoint directory holding every rank's files."""
+        t0 = time.perf_counter()
         state = TrainState.load(checkpoint_dir)
         state.check_resumable(
             self.ctx.model_config, self.ctx.schedule_hash, self.world, self.ctx.tokenizer_sha256
@@ -349,6 +356,7 @@ class TrainWorker:
             if rng.exists():
                 torch.set_rng_state(torch.load(rng, weights_only=True))
         self.global_step, self.tokens_seen = state.step, state.tokens_seen
+        self.timings["restore_s"] = time.perf_counter() - t0
         return state
 
     def state(self) -> TrainState:
@@ -577,12 +585,15 @@ def run_steps(
     if worker.rank == 0:
         print(worker.describe(), flush=True)
     batches = worker.micro_batches(stream)
-    t_last = time.perf_counter()
+    t_last = loop_start = time.perf_counter()
     session_tokens, session_time = 0, 0.0
+    first_batch_s = validate_s = checkpoint_s = 0.0
     while worker.global_step < end:
         t0 = time.perf_counter()
         step, micros = next(batches)
         wait = time.perf_counter() - t0
+        if step == start:  # the data pipeline's start, up to its first batch
+            first_batch_s = wait
         assert step == worker.global_step, (step, worker.global_step)
         m = worker.step(micros)
         now = time.perf_counter()
@@ -592,11 +603,15 @@ def run_steps(
         record = m.record(dt, wait + m.collate_s, peak, worker.world)
         if worker.ctx.val_rows and (m.step % run.eval_every == 0 or m.step == end):
             record["val_loss"] = worker.validate(worker.ctx.val_rows)
+            validate_s += time.perf_counter() - now
         if writer is not None and (m.step % run.log_every == 0 or m.step == end):
             writer.write(record)
             print(format_step(record, end), flush=True)
         if m.step % run.checkpoint_every == 0 or m.step == end:
+            t0 = time.perf_counter()
             checkpoint(m.step, record)
+            checkpoint_s += time.perf_counter() - t0
+    loop_s = time.perf_counter() - loop_start
     if writer is not None:
         writer.write(
             {
@@ -606,6 +621,18 @@ def run_steps(
                 "session_tokens": session_tokens,
                 "session_time_s": session_time,
                 "peak_memory_bytes": peak_memory_bytes(worker.device),
+                "torch_threads": torch.get_num_threads(),
+                # Where this rank's time went (seconds; "started"/"ended" are epoch seconds, for
+                # the driver's fixed-cost breakdown, summary.json "phases"): steps are the loop
+                # without its first batch, validations and checkpoints.
+                "phases": {
+                    **worker.timings,
+                    "first_batch_s": first_batch_s,
+                    "steps_s": loop_s - first_batch_s - validate_s - checkpoint_s,
+                    "validate_s": validate_s,
+                    "checkpoint_s": checkpoint_s,
+                    "ended": time.time(),
+                },
             }
         )
         writer.sync()
