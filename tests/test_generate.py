@@ -259,6 +259,61 @@ def test_suppressed_tokens_are_never_sampled_but_eos_is_still_forced() -> None:
             assert run < M
 
 
+def given_continuation(n: int) -> list[list[int]]:
+    """``n`` tokens for each of ``PROMPTS``, an EOS-S every fifth: the cap (M = 6) cuts only a
+    sentence that a prompt began."""
+    return [
+        [EOS if i % 5 == 4 else 3 + (7 * b + 5 * i) % 40 for i in range(n)]
+        for b in range(len(PROMPTS))
+    ]
+
+
+def capped(prompt: list[int], given: list[int]) -> list[int]:
+    """``given`` with EOS-S in place of a token wherever the sentence cap forces it."""
+    run = len(prompt) - (
+        max(i for i, t in enumerate(prompt) if t == EOS) + 1 if EOS in prompt else 0
+    )
+    out = []
+    for t in given:
+        t = EOS if run >= M - 1 else t
+        out.append(t)
+        run = 0 if t == EOS else run + 1
+    return out
+
+
+@pytest.mark.parametrize("arch, mode", [(a, m) for a in MODES for m in MODES[a]])
+def test_forced_tokens_are_decoded_in_place_of_sampled_ones(arch: str, mode: str) -> None:
+    """Teacher forcing: every row decodes the given tokens (EOS-S where the cap forces it),
+    each step's logits are the full forward's over them, and another model decodes the same."""
+    given = given_continuation(12)
+    r = generate(
+        MODELS[arch], PROMPTS, max_new_tokens=12, mode=mode, force_tokens=given, return_logits=True
+    )
+    assert r.tokens == [capped(p, g) for p, g in zip(PROMPTS, given, strict=True)]
+    assert r.tokens[1] == given[1] and r.tokens[2] != given[2]  # row 2's prompt is past the cap
+    assert r.logits is not None
+    for b, ref in enumerate(teacher_forced_logits(MODELS[arch], r)):
+        torch.testing.assert_close(r.logits[b], ref, atol=1e-5, rtol=0.0)
+    torch.manual_seed(3)
+    other = build_model(MODELS[arch].config).eval()  # other weights: other free-running text
+    assert generate(other, PROMPTS, max_new_tokens=12, mode=mode).tokens != r.tokens
+    again = generate(other, PROMPTS, max_new_tokens=12, mode=mode, force_tokens=given)
+    assert (again.tokens, again.natural_ends, again.forced_ends) == (
+        r.tokens,
+        r.natural_ends,
+        r.forced_ends,
+    )
+
+
+def test_forced_tokens_need_one_full_list_per_prompt() -> None:
+    with pytest.raises(ValueError, match="one list of max_new_tokens"):
+        generate(MODELS["gpt"], PROMPTS, max_new_tokens=4, force_tokens=[[5] * 4])
+    with pytest.raises(ValueError, match="one list of max_new_tokens"):
+        generate(MODELS["gpt"], PROMPTS[:1], max_new_tokens=4, force_tokens=[[5] * 3])
+    with pytest.raises(ValueError, match="force_tokens ids"):
+        generate(MODELS["gpt"], PROMPTS[:1], max_new_tokens=2, force_tokens=[[5, 10_000]])
+
+
 def test_end_of_document_after_eos_is_not_a_second_sentence_end() -> None:
     tokens = np.array([EOS, EOD, EOD, 7, EOS])
     active = np.array([True, True, True, True, False])

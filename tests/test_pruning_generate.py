@@ -12,7 +12,12 @@ import torch
 from tokenizers import Tokenizer
 
 from tests._model_helpers import EOD, EOS, PAD, generation_model, one_torch_thread
-from tests.test_generate import PROMPTS, teacher_forced_logits, tokenizer  # noqa: F401
+from tests.test_generate import (  # noqa: F401
+    PROMPTS,
+    given_continuation,
+    teacher_forced_logits,
+    tokenizer,
+)
 from training.export import ExportConfig, write_export
 from training.generation.decode import generate
 from training.generation.pruning_report import pruning_report
@@ -68,6 +73,23 @@ def test_evicting_kv_matches_the_full_forward_at_every_step(
             generation_model(arch), PROMPTS, max_new_tokens=24, mode=mode, **sampling
         )
         assert r.cache_bytes["live"] < unpruned.cache_bytes["live"], mode
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_forced_tokens_compare_pruned_and_unpruned_caches_on_the_same_sequence(arch: str) -> None:
+    """Teacher-forced (the pruning benchmark's equal work): the pruned and the unpruned model
+    decode the same tokens, the evicting cache's logits are the full forward's over them, and
+    it holds less than the unpruned cache of the same sequence."""
+    given = given_continuation(24)
+    model = pruning_model(arch)
+    pruned = generate(model, PROMPTS, max_new_tokens=24, force_tokens=given, return_logits=True)
+    unpruned = generate(generation_model(arch), PROMPTS, max_new_tokens=24, force_tokens=given)
+    assert pruned.tokens == unpruned.tokens
+    assert pruned.logits is not None and pruned.pruning is not None
+    for b, ref in enumerate(teacher_forced_logits(model, pruned)):
+        torch.testing.assert_close(pruned.logits[b], ref, atol=1e-4, rtol=0.0)
+    assert pruned.pruning.evicted_total > 0
+    assert pruned.cache_bytes["live"] < unpruned.cache_bytes["live"]
 
 
 @pytest.mark.parametrize("arch", ["gpthf", "gpt"])

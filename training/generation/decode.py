@@ -762,6 +762,7 @@ def generate(
     max_sentence_tokens: int | None = None,
     stop_at_eod: bool = True,
     suppress_tokens: Sequence[int] = (),
+    force_tokens: Sequence[Sequence[int]] | None = None,
     return_logits: bool = False,
 ) -> GenerationResult:
     """Continue each prompt (token ids; sentences end with EOS-S, the last may be unfinished).
@@ -770,6 +771,13 @@ def generate(
     given. ``max_sentence_tokens`` defaults to the model config's M. ``stop_at_eod=False``
     treats end-of-document as an ordinary token; ``suppress_tokens`` are never sampled (the
     pad token never is), though a forced EOS-S still happens (benchmarks: fixed workloads).
+
+    ``force_tokens`` (teacher forcing): one list of ``max_new_tokens`` ids per prompt, fed in
+    place of the sampled tokens, so models that would write different text decode the same
+    sequence (benchmarks: equal work, caches compared on the same tokens). The loop is the
+    sampling loop (the logits of every step, one host sync per step) without the sampling; the
+    sentence cap still forces EOS-S (in place of the given token), and a given end-of-document
+    stops its row as a sampled one would (``stop_at_eod``).
     """
     c = model.config
     if mode not in MODES[c.arch]:
@@ -789,6 +797,17 @@ def generate(
     if M < 2:
         raise ValueError("max_sentence_tokens must be >= 2")
     device = model.embed.weight.device
+    given_ids: Tensor | None = None
+    if force_tokens is not None:
+        given = [list(map(int, t)) for t in force_tokens]
+        if len(given) != len(rows) or any(len(t) != max_new_tokens for t in given):
+            raise ValueError(
+                f"force_tokens needs one list of max_new_tokens ({max_new_tokens}) ids per "
+                f"prompt ({len(rows)}); got lengths {[len(t) for t in given]}"
+            )
+        if any(t < 0 or t >= c.vocab_size for g in given for t in g):
+            raise ValueError(f"force_tokens ids must lie in [0, {c.vocab_size})")
+        given_ids = torch.tensor(given, dtype=torch.long, device=device)  # (B, max_new_tokens)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -809,11 +828,14 @@ def generate(
             active_dev = _dev(active, device)
             if return_logits:
                 recorded.append(torch.where(active_dev[:, None], logits.float(), float("nan")))
-            logits = logits.clone()
-            logits[:, banned] = float("-inf")
-            tokens = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
+            if given_ids is not None:
+                tokens = given_ids[:, step]
+            else:
+                logits = logits.clone()
+                logits[:, banned] = float("-inf")
+                tokens = sample_next(
+                    logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                )
             force = state.open_len >= M - 1
             tokens = torch.where(_dev(force, device), c.eos_id, tokens)
             tokens = torch.where(active_dev, tokens, c.pad_id)
