@@ -263,8 +263,15 @@ def test_a_quick_study_on_ray_end_to_end(data_dir: Path, tmp_path: Path, capsys:
     from training.study.run import run_study
 
     out = tmp_path / "study"
-    cfg = config(data_dir, out, steps=4)
+    # The two runs train side by side: half a CPU per worker leaves one for the data tasks.
+    train = {**study_dict(data_dir, out)["train"], "parallel_runs": 2}
+    train["extra"] = {"run.cpus_per_worker": 0.5}
+    cfg = config(data_dir, out, steps=4, train=train)
     report = run_study(cfg)
+    log = capsys.readouterr().out
+    assert "training 2 runs, 2 at a time" in log
+    spans = {r: _train_span(out / "runs" / r) for r in ("hf-s0", "gpt-s0")}
+    assert spans["hf-s0"][0] < spans["gpt-s0"][1] and spans["gpt-s0"][0] < spans["hf-s0"][1]
     assert [r["run"] for r in report["runs"]] == ["hf-s0", "gpt-s0"]
     assert report["schedule"]["steps"] == 4
     for r in report["runs"]:
@@ -306,6 +313,13 @@ def test_a_quick_study_on_ray_end_to_end(data_dir: Path, tmp_path: Path, capsys:
     assert "[study] eval" not in log and "[study] generation" not in log
     assert again["runs"] == report["runs"] and again["generation"] == report["generation"]
     assert metrics == {r: (out / "runs" / r / "metrics.jsonl").read_bytes() for r in metrics}
+
+
+def _train_span(folder: Path) -> tuple[float, float]:
+    """When a run's worker started and ended (epoch seconds, its final metrics record)."""
+    records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x]
+    phases = next(r["phases"] for r in reversed(records) if r.get("final"))
+    return phases["started"], phases["ended"]
 
 
 def _study_cmd(cfg_file: Path) -> list[str]:

@@ -88,6 +88,10 @@ class StudyTrain:
     """Steps between held-out validations (the loss curves)."""
     eval_rows: int = 64
     """Held-out blocks each validation scores."""
+    parallel_runs: int = 0
+    """Runs trained at once on Ray: 0 = as many as the cluster holds (each run's workers plus
+    one CPU for the data tasks that feed them; on --gpu, one GPU per worker too); 1 = one after
+    another. --local trains one at a time."""
     checkpoint_every: int = 100
     """Steps between checkpoints (a killed study resumes each run from its last one)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +104,10 @@ class StudyTrain:
             raise StudyConfigError(
                 f"train.extra sets {clash}: the data, model, schedule, seed and output are the "
                 "study's own settings (data, models, seeds, budget_tokens, train.*)"
+            )
+        if self.parallel_runs < 0:
+            raise StudyConfigError(
+                "train.parallel_runs must be 0 (as many as the cluster holds) or a count"
             )
 
 

@@ -91,11 +91,57 @@ def export_step(run: PlannedRun) -> int | None:
     return int(raw["step"]) if raw and "step" in raw else None
 
 
+def run_slots(cfg: StudyConfig, plan: StudyPlan) -> int:
+    """How many runs train at once: ``train.parallel_runs``, or (0) as many as the cluster's
+    CPUs (and GPUs) hold, a run taking its workers' CPUs plus one for the data tasks that feed
+    them (fewer starve the data pipeline: STACK.md's 2-CPU hang); --local: one."""
+    if cfg.local:
+        return 1
+    if cfg.train.parallel_runs:
+        return cfg.train.parallel_runs
+    import ray
+
+    from training.train.driver import DATA_TASK_CPUS, default_cpus_per_worker
+
+    res = ray.cluster_resources()
+    total = res.get("CPU", 0.0)
+    run = plan.runs[0].train.run
+    cpus = run.cpus_per_worker
+    if cpus is None:
+        cpus = default_cpus_per_worker(run.workers, total, run.gpu)
+    slots = int(total // (run.workers * cpus + DATA_TASK_CPUS)) if cpus > 0 else 1
+    if run.gpu:
+        slots = min(slots, int(res.get("GPU", 0.0) // run.workers))
+    return max(1, slots)
+
+
+def _train_task(train_cfg: Any) -> str:
+    """One run, in a Ray task of its own (side by side with the study's other runs)."""
+    from training.train.driver import format_summary, run_training
+
+    return format_summary(run_training(train_cfg))
+
+
 def train_runs(cfg: StudyConfig, plan: StudyPlan) -> None:
+    todo = []
     for i, run in enumerate(plan.runs, 1):
         if export_step(run) == plan.steps:
             log(f"run {i}/{len(plan.runs)} {run.name}: trained ({plan.steps} steps), skipped")
-            continue
+        else:
+            todo.append((i, run))
+    if not todo:
+        return
+    if not cfg.local:
+        from training.train.driver import init_ray_for_training
+
+        init_ray_for_training()
+    slots = min(run_slots(cfg, plan), len(todo))
+    if slots > 1:
+        _train_side_by_side(plan, todo, slots)
+        return
+    from training.train.driver import format_summary
+
+    for i, run in todo:
         log(f"run {i}/{len(plan.runs)} {run.name}: training {plan.steps} steps in {run.folder}")
         t0 = time.perf_counter()
         if cfg.local:
@@ -103,16 +149,51 @@ def train_runs(cfg: StudyConfig, plan: StudyPlan) -> None:
 
             result = run_local(run.train)
         else:
-            from training.train.driver import init_ray_for_training, run_training
+            from training.train.driver import run_training
 
-            init_ray_for_training()
             result = run_training(run.train)
-        from training.train.driver import format_summary
-
         print(format_summary(result), flush=True)
         log(f"run {run.name}: {time.perf_counter() - t0:.0f} s")
-        if export_step(run) != plan.steps:
-            raise UserError(f"run {run.name} ended without an export of step {plan.steps}")
+        _check_export(run, plan)
+
+
+def _check_export(run: PlannedRun, plan: StudyPlan) -> None:
+    if export_step(run) != plan.steps:
+        raise UserError(f"run {run.name} ended without an export of step {plan.steps}")
+
+
+def _train_side_by_side(plan: StudyPlan, todo: list[tuple[int, PlannedRun]], slots: int) -> None:
+    """``slots`` runs at a time, each the real trainer in a Ray task (the task holds no CPU;
+    its workers reserve theirs). A run that fails stops new ones from starting; those already
+    training finish (nothing they did is lost), then the first failure is raised."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(_train_task)
+    log(f"training {len(todo)} runs, {slots} at a time")
+    waiting = list(todo)
+    running: dict[Any, tuple[int, PlannedRun, float]] = {}
+    failure: BaseException | None = None
+    while waiting or running:
+        while waiting and len(running) < slots and failure is None:
+            i, run = waiting.pop(0)
+            log(f"run {i}/{len(plan.runs)} {run.name}: training {plan.steps} steps in {run.folder}")
+            running[task.remote(run.train)] = (i, run, time.perf_counter())
+        if not running:
+            break
+        done, _ = ray.wait(list(running), num_returns=1)
+        i, run, t0 = running.pop(done[0])
+        try:
+            print(ray.get(done[0]), flush=True)
+            log(f"run {run.name}: {time.perf_counter() - t0:.0f} s")
+            _check_export(run, plan)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            log(f"run {run.name} failed: {str(cause).strip().splitlines()[-1][:300]}")
+            failure = failure or cause
+        except UserError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 # ---------------------------------------------------------------------------- eval
