@@ -303,6 +303,20 @@ def nothing_to_do(setup: RunSetup, start_step: int) -> TrainResult:
     return TrainResult(setup.output, start_step, start_step, None, note)
 
 
+EMBEDDED_TRAIN_ENV = {
+    # The controller polls its workers every 2 s by default, and each poll is where it notices
+    # the group started or finished: up to 2 s at either end of every fit (measured: worker
+    # start 13.6 -> 11.6 s, worker stop 4.8 -> 1.0 s with both settings, gpthf-tiny, 2 cores).
+    # On one machine a poll is a local call; a cluster keeps Ray's default.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # The preemption watcher (one more actor process to start) watches for spot nodes being
+    # taken away: the embedded Ray is this machine alone, which nothing preempts.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+"""Ray Train settings of the embedded (one-machine) Ray, set before the controller starts (Ray
+Train passes them on from the driver's environment); a value already set is kept."""
+
+
 def init_ray_for_training() -> None:
     """Join the cluster named by RAY_ADDRESS, or start the embedded Ray *with* the dashboard's
     state API: Ray Train V2's placement-group cleaner asks that API every second whether the
@@ -313,6 +327,8 @@ def init_ray_for_training() -> None:
     from pipeline.distributed import init_ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        for var, value in EMBEDDED_TRAIN_ENV.items():
+            os.environ.setdefault(var, value)  # a user's own setting wins
         ray.init(include_dashboard=None, log_to_driver=True)
     init_ray()
 
