@@ -236,11 +236,19 @@ def test_eval_job_report(data_dir: Path, exports: dict[str, str], tmp_path: Path
 
 
 def _assert_same_sums(a: Sums, b: Sums, where: str) -> None:
-    """Counts exactly, float sums (NLL, kept) to 1e-9 relative."""
+    """Counts exactly, the NLL sum to 1e-9 relative, the pruning keep sum to 1e-6.
+
+    Both paths run the same fp32 forward, but which blocks share a packed row (so the shapes
+    of the attention matmuls, and their last bits) follows how rows arrive in batches. The NLL
+    sum averages that rounding away; the keep does not: at the inference alpha of 8 the gate's
+    slope at its centre is 1 / (2 * 2**-6) = 32, 128 times the logistic's, and a keep is a
+    product of gates, so one fp32 ulp of a gate's input shows as ~1e-8 of the keep sum. A
+    different gate, alpha or mask moves it by far more than 1e-6."""
     for f in dataclasses.fields(Sums):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, float):
-            assert x == pytest.approx(y, rel=1e-9, abs=0), f"{where} {f.name}"
+            rel = 1e-6 if f.name == "prune_kept" else 1e-9
+            assert x == pytest.approx(y, rel=rel, abs=0), f"{where} {f.name}"
         else:
             assert x == y, f"{where} {f.name}"
 
