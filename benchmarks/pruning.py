@@ -13,15 +13,17 @@ One invocation, through the real pipeline (in-process Ray, Ray Train + DeepSpeed
 3. each base is fine-tuned ``--steps`` steps with ``--init-from`` the base export: once without
    pruning (the reference: same data, same steps) and once per lambda with ``--prune``;
 4. every fine-tune is evaluated on the held-out split (``gpthf eval``, ``--pruning`` for the
-   pruned ones): perplexity, kept fraction (what the gates keep, soft) and cache fraction
-   (what an evicting cache holds: keep > 0, own keys included);
+   pruned ones): perplexity, kept fraction (what the gates keep) and cache fraction (what an
+   evicting cache holds: keep > 0, own keys included), under the step rule (the paper's
+   inference rule and gpthf's default: keep iff the gate logit is > 0) and again under the
+   soft rule (the gate at the final alpha), with the step / soft perplexity ratio;
 5. generation in ``kv`` mode under the benchmark protocol (``benchmarks/protocol.py``), with
    equal work: every variant of an architecture (unpruned, each lambda) decodes the *same*
    tokens, a held-out continuation fed in place of the sampled ones (teacher forcing,
-   ``generate(force_tokens=...)``), so the variants differ only in what their caches hold and
-   evict. Left to sample, the variants write different text (other sentence lengths, other
-   stops), and their speeds and cache sizes would compare unequal work. The variants run in
-   turn within each repeat, the order rotating; ``same_work`` asserts that every timed run fed
+   ``generate(force_tokens=...)``; pruned models under the step rule), so the variants
+   differ only in what their caches hold and evict. Left to sample, the variants write
+   different text (other sentence lengths, other stops), and their speeds and cache sizes
+   would compare unequal work. The variants run in turn within each repeat, the order rotating; ``same_work`` asserts that every timed run fed
    the same prompt tokens and the same new tokens (a checksum of the sequences). Per variant:
    decode tokens/s and prefill seconds apart (median, min-max), the speed ratio pruned /
    unpruned per repeat (median, min-max), and the cache bytes held per sequence at the end.
@@ -141,21 +143,39 @@ def train(
 
 
 def evaluate(data: Path, export: Path, out: Path, pruning: bool) -> dict[str, Any]:
+    """Held-out scores of one fine-tune; a pruned one under the step rule (the default, the
+    paper's) and again under the soft rule (``*_soft``), with the step / soft perplexity."""
     from training.eval.config import EvalConfig
     from training.eval.job import run_eval
 
-    report = run_eval(
-        EvalConfig(checkpoints=[str(export)], data=str(data), output=str(out), pruning=pruning)
-    )
-    (c,) = report.checkpoints
+    def score(rule: str) -> Any:
+        cfg = EvalConfig(
+            checkpoints=[str(export)],
+            data=str(data),
+            output=str(out if rule == "step" else out.with_name(out.name + "-soft")),
+            pruning=pruning,
+            prune_rule=rule,  # type: ignore[arg-type]
+        )
+        return run_eval(cfg).checkpoints[0]
+
+    c = score("step")
     t = c.total
-    return {
+    row = {
         "heldout_token_ppl": t.token_perplexity,
         "kept_fraction": t.kept_fraction if pruning else 1.0,
         "cache_fraction": t.cache_fraction if pruning else 1.0,
         "eval_cache_bytes_per_position": c.cache_bytes(True) if pruning else None,
         "eval_cache_bytes_per_position_unpruned": c.cache_bytes(False) if pruning else None,
     }
+    if pruning:
+        soft = score("soft").total
+        row |= {
+            "heldout_token_ppl_soft": soft.token_perplexity,
+            "kept_fraction_soft": soft.kept_fraction,
+            "cache_fraction_soft": soft.cache_fraction,
+            "ppl_step_over_soft": t.token_perplexity / soft.token_perplexity,
+        }
+    return row
 
 
 def heldout_text(
@@ -342,6 +362,7 @@ def _ratio(d: Mapping[str, Any] | None) -> str:
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     headers = [
         "arch", "variant", "held-out ppl", "ppl / unpruned", "kept (gates)", "cache kept (eval)",
+        "soft rule: ppl, kept", "step / soft ppl",
         "gen cache bytes/seq", "/ unpruned", "decode tok/s", "decode speed / unpruned",
         "prefill ms", "prefill speed / unpruned",
     ]  # fmt: skip
@@ -357,6 +378,10 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
                     f"{r['ppl_ratio']:.3f}",
                     f"{r['kept_fraction']:.3f}",
                     f"{r['cache_fraction']:.3f}",
+                    f"{r['heldout_token_ppl_soft']:.2f}, {r['kept_fraction_soft']:.3f}"
+                    if "heldout_token_ppl_soft" in r
+                    else "-",
+                    f"{r['ppl_step_over_soft']:.4f}" if "ppl_step_over_soft" in r else "-",
                     f"{g['cache_bytes_live']:,.0f}",
                     f"{g['cache_bytes_live_ratio']:.3f}",
                     _spread(g["decode_tokens_per_s"], 0),
@@ -483,10 +508,13 @@ def main() -> None:
                     },
                 )  # fmt: skip
                 runs[f"lambda={lam:g}"] = (lam, run, seconds)
-            models = {
+            models = {  # the pruned ones under the step rule, as `gpthf generate` runs them
                 v: load_export(str(r / "export"), device=device).model
                 for v, (_, r, _) in runs.items()
             }
+            for m in models.values():
+                if m.config.prune:
+                    m.use_prune_rule("step")
             print(f"# {arch}: generation, {len(models)} variants interleaved", file=sys.stderr)
             gen = generation(models, prompts, continuation, args.repeats)
             rows = []

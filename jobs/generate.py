@@ -48,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
         top_p=cfg.top_p,
         seed=cfg.seed,
         show_pruning=cfg.show_pruning or bool(cfg.pruning_html),
+        prune_rule=cfg.prune_rule,
     )
     if out.pruning and cfg.pruning_html:
         page = "".join(
@@ -67,7 +68,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"[generate] pruning report: {cfg.pruning_html}")
     rate = out.natural_end_rate
     print(
-        f"[generate] {out.arch} {out.mode}: {out.new_tokens} tokens in {out.seconds:.2f}s "
+        f"[generate] {out.arch} {out.mode}"
+        + (f" (pruning rule {out.prune_rule})" if out.prune_rule else "")
+        + f": {out.new_tokens} tokens in {out.seconds:.2f}s "
         f"({out.tokens_per_s or 0:.0f} tok/s); sentences ended naturally: "
         + (f"{rate:.0%}" if rate == rate else "n/a")
     )

@@ -119,6 +119,22 @@ def test_eval_job_reports_kept_fraction_and_cache(
     )
     (c,) = on.checkpoints
     assert 0 < c.total.kept_fraction < 1 and 0 < c.total.cache_fraction < 1
+    # The default is the paper's step rule: every keep 0 or 1, so the keep summed over the
+    # gated pairs is the count of pairs still live; the soft rule keeps fractions.
+    assert c.prune_rule == "step" and c.total.prune_kept == c.total.prune_live
+    soft = run_eval(
+        EvalConfig(
+            checkpoints=[uri],
+            data=str(data_dir),
+            output=str(tmp_path / "soft"),
+            pruning=True,
+            prune_rule="soft",
+        )
+    )
+    (sc,) = soft.checkpoints
+    assert sc.prune_rule == "soft" and sc.prune_alpha == pruning.config.prune_alpha
+    assert sc.total.prune_kept < sc.total.prune_live and sc.total.nll != c.total.nll
+    assert "| soft (alpha 8) |" in format_table(soft) and "| step |" in format_table(on)
     full, kept = c.cache_bytes(False), c.cache_bytes(True)
     assert full is not None and kept is not None and kept < full
     # Without --pruning the gates are off: the export's base model, to the last digit.
@@ -129,16 +145,29 @@ def test_eval_job_reports_kept_fraction_and_cache(
     assert "cache kept" in table and f"{c.total.kept_fraction:.4f}" in table
     assert "cache kept" in (tmp_path / "on" / "report.md").read_text()
     # --local (no Ray) scores with the gates as the actors do: the same sums, shard by shard.
+    # Under the soft rule: the step is discontinuous at 0, and the two paths pack blocks
+    # differently (fp32 matmuls of other shapes), so a logit within rounding of 0 could flip.
     local = run_eval(
         EvalConfig(
             checkpoints=[uri],
             data=str(data_dir),
             output=str(tmp_path / "local"),
             pruning=True,
+            prune_rule="soft",
             local=True,
         )
     )
     (lc,) = local.checkpoints
-    for a, b in zip(lc.shards, c.shards, strict=True):
+    for a, b in zip(lc.shards, sc.shards, strict=True):
         _assert_same_sums(a.sums, b.sums, a.shard)
-    assert lc.cache_entry_bytes == c.cache_entry_bytes
+    assert lc.cache_entry_bytes == sc.cache_entry_bytes and lc.prune_rule == "soft"
+
+
+def test_the_config_rules_are_the_models() -> None:
+    from typing import get_args
+
+    from training.eval.config import PruneRule as EvalRule
+    from training.generation.config import PruneRule as GenerateRule
+    from training.model.pruning import PRUNE_RULES
+
+    assert get_args(EvalRule) == get_args(GenerateRule) == PRUNE_RULES

@@ -22,6 +22,7 @@ from training.export import ExportConfig, write_export
 from training.generation.decode import generate
 from training.generation.pruning_report import pruning_report
 from training.model import Transformer, build_model
+from training.model.pruning import PRUNE_RULES, PruneRule
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
@@ -47,12 +48,13 @@ def pruning_model(arch: str, bias: float = 0.05, std: float = 0.15) -> Transform
     # pruning: 1e-4 here, against 1e-5 without.
     [(torch.float64, 1e-5), (torch.float32, 1e-4)],
 )
+@pytest.mark.parametrize("rule", PRUNE_RULES)
 @pytest.mark.parametrize("sampling", [{}, dict(temperature=1.0, top_k=20, seed=7)])
 @pytest.mark.parametrize("arch", ["gpthf", "gpt"])
 def test_evicting_kv_matches_the_full_forward_at_every_step(
-    arch: str, sampling: dict, dtype: torch.dtype, atol: float
+    arch: str, sampling: dict, dtype: torch.dtype, atol: float, rule: PruneRule
 ) -> None:
-    model = pruning_model(arch).to(dtype)
+    model = pruning_model(arch).to(dtype).use_prune_rule(rule)
     modes = ("full", "kv", "sentence-cache") if arch == "gpthf" else ("full", "kv")
     results = {
         mode: generate(model, PROMPTS, max_new_tokens=24, mode=mode, return_logits=True, **sampling)

@@ -255,10 +255,14 @@ def dense_masks(arch: str, sid: Tensor, doc: Tensor) -> tuple[Tensor, Tensor]:
 @settings(max_examples=12, deadline=None)
 @given(rows=batches, seed=st.integers(0, 1000), arch=st.sampled_from(["gpthf", "gpt"]))
 @example(rows=[[[2, 4, 1, 2]]], seed=409, arch="gpt")  # an fp32-summed reference missed by 1.3e-6
-def test_pruned_forward_equals_a_dense_reference(rows, seed, arch) -> None:
+@pytest.mark.parametrize("rule", ["alpha 4", "step"])
+def test_pruned_forward_equals_a_dense_reference(rows, seed, arch, rule) -> None:
     # fp64: the reference sums in another order; the comparison is of definitions, not rounding.
     model = pruned_copy(tiny_model(arch, seed=1), bias=0.2, std=0.3, seed=seed).double()
-    model.set_prune_alpha(4.0)  # some gates exactly 0, some exactly 1, some between
+    if rule == "step":  # the paper's inference rule: every gate 0 or 1
+        model.use_prune_rule("step")
+    else:
+        model.set_prune_alpha(4.0)  # some gates exactly 0, some exactly 1, some between
     ids, sid, doc = batch(rows, seed)
     allowed, gated = dense_masks(arch, sid, doc)
     with torch.no_grad():
@@ -276,6 +280,24 @@ def test_pruned_forward_equals_a_dense_reference(rows, seed, arch) -> None:
     assert record is not None
     for layer in model.config.pruned_layers:
         assert int(record.pairs[layer]) == int(gated.sum())
+
+
+def test_the_step_rule_keeps_iff_the_logit_is_positive() -> None:
+    x = torch.tensor([-1e30, -1.0, -1e-30, 0.0, 1e-30, 1.0, 1e30], requires_grad=True)
+    got = log_alpha_sigmoid(x, math.inf)
+    assert got.tolist() == [-math.inf] * 4 + [0.0] * 3  # 0 drops: "keep iff > 0"
+    assert alpha_sigmoid(x, math.inf).tolist() == [0.0] * 4 + [1.0] * 3
+    # The soft rule's limit: at a large alpha the gate is already the step away from 0.
+    far = torch.tensor([-0.5, 0.5], dtype=torch.float64)
+    assert log_alpha_sigmoid(far, 1e6).tolist() == [-math.inf, 0.0]
+    model = pruned_copy(tiny_model("gpt", seed=1), bias=0.2, std=0.3)
+    alphas = lambda: {b.pruner.alpha for b in model.blocks if b.pruner is not None}  # noqa: E731
+    assert alphas() == {model.config.prune_alpha}  # a loaded model starts soft
+    assert model.use_prune_rule("step") is model and alphas() == {math.inf}
+    model.use_prune_rule("soft")
+    assert alphas() == {model.config.prune_alpha}
+    with pytest.raises(ValueError, match="unknown pruning rule"):
+        model.use_prune_rule("hard")  # type: ignore[arg-type]
 
 
 @settings(max_examples=15, deadline=None)

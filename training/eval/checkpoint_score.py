@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, ShardRef
-from training.eval.config import EvalConfig
+from training.eval.config import EvalConfig, PruneRule
 from training.eval.report import CheckpointScore, ShardScore
 from training.eval.scoring import SUM_FIELDS, Sums, block_counts, score_blocks
 from training.export import Exported, load_export
@@ -29,14 +29,17 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def scoring_model(checkpoint: str, storage: Any, gpu: bool, pruning: bool) -> tuple[Any, str]:
+def scoring_model(
+    checkpoint: str, storage: Any, gpu: bool, pruning: bool, prune_rule: PruneRule = "step"
+) -> tuple[Any, str]:
     """The export's model as it scores, and its device ("cuda" where asked for and available).
-    Without ``pruning`` a pruning export scores as its model without the gates."""
+    Without ``pruning`` a pruning export scores as its model without the gates; with it, its
+    gates decide by ``prune_rule`` (``training.model.pruning.PRUNE_RULES``)."""
     import torch
 
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     model = load_export(checkpoint, storage, device=device).model
-    model = model if pruning else model.without_pruning()
+    model = model.use_prune_rule(prune_rule) if pruning else model.without_pruning()
     model.prune_per_query = pruning  # kept and cached entries per block
     return model, device
 
@@ -93,4 +96,6 @@ def checkpoint_score(
         total=total,
         wall_s=wall,
         cache_entry_bytes=2 * exp.model_config.d_model * 4 if cfg.pruning else 0,
+        prune_rule=cfg.prune_rule if cfg.pruning else "",
+        prune_alpha=exp.model_config.prune_alpha if cfg.pruning else None,
     )

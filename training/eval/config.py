@@ -14,6 +14,8 @@ from pipeline.config import StorageConfig
 from pipeline.settings import ConfigError, cli, load_config
 
 Batching = Literal["prepack", "pad"]
+PruneRule = Literal["step", "soft"]
+"""The values of ``training.model.pruning.PRUNE_RULES`` (tests/test_pruning_eval.py checks)."""
 Verify = Literal["sha256", "exists"]
 """The values of ``training.eval.scoring.BATCHINGS`` (tests/test_cli.py checks they agree)."""
 
@@ -50,6 +52,8 @@ class EvalConfig:
     """Blocks per actor call (one forward)."""
     pruning: bool = False
     """Score pruning exports with their gates on, and report the kept fraction and cache size beside the perplexity (refused for an export without gates); off: a pruning export scores as its model without the gates."""
+    prune_rule: PruneRule = field(default="step", metadata=cli("--prune-rule"))
+    """With --pruning: how the gates decide. step (the paper's inference rule: keep an interaction iff its gate logit is > 0, keeps 0 or 1) or soft (the gate at the final alpha the model was trained towards, keeps fractional); the report names the rule its perplexity is under."""
     verify: Verify = "sha256"
     """Before scoring: the tokenizer's sha256 always, every shard of the split present, and with "sha256" every shard hashed against the manifest ("exists": no hashing, for a split too large to read twice)."""
     storage: StorageConfig = field(default_factory=StorageConfig)

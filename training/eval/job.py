@@ -30,7 +30,7 @@ from training.eval.checkpoint_score import (
     score_batch,
     scoring_model,
 )
-from training.eval.config import EvalConfig
+from training.eval.config import EvalConfig, PruneRule
 from training.eval.report import CheckpointScore, EvalReport
 from training.eval.scoring import Sums, sums_of
 from training.export import Exported, ExportError, load_export
@@ -53,6 +53,7 @@ class _Scorer:
         threads: int,
         actors: int,
         pruning: bool = False,
+        prune_rule: PruneRule = "step",
     ) -> None:
         import torch
 
@@ -61,7 +62,7 @@ class _Scorer:
         # the UDF from another thread than this constructor, so ``__call__`` sets it again.
         self.threads = threads or max(1, len(os.sched_getaffinity(0)) // actors)
         torch.set_num_threads(self.threads)
-        self.model, self.device = scoring_model(checkpoint, storage, gpu, pruning)
+        self.model, self.device = scoring_model(checkpoint, storage, gpu, pruning, prune_rule)
         self.kw = dict(pad_id=pad_id, eos_id=eos_id, batching=batching, token_budget=token_budget)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
@@ -147,6 +148,7 @@ def _evaluate_one(
             threads=cfg.threads,
             actors=cfg.actors,
             pruning=cfg.pruning,
+            prune_rule=cfg.prune_rule,
         ),
         batch_size=cfg.batch_rows,
         batch_format="pyarrow",

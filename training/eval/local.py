@@ -39,7 +39,7 @@ def score_checkpoint_local(
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     try:
         start = time.perf_counter()
-        model, device = scoring_model(uri, cfg.storage, cfg.gpu, cfg.pruning)
+        model, device = scoring_model(uri, cfg.storage, cfg.gpu, cfg.pruning, cfg.prune_rule)
         if cfg.gpu and device != "cuda":
             print("[eval] --gpu: CUDA is not available here, scoring on the CPU", flush=True)
         kw = dict(

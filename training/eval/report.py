@@ -48,6 +48,10 @@ class CheckpointScore:
     cache_entry_bytes: int = 0
     """Bytes of one cache entry of one pruned layer (fp32 K and V); 0 unless scored with
     --pruning."""
+    prune_rule: str = ""
+    """The gates' rule the scores are under (step or soft); "" unless scored with --pruning."""
+    prune_alpha: float | None = None
+    """The final alpha the export was trained towards (its model config); the soft rule's."""
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -152,9 +156,9 @@ def format_table(report: EvalReport) -> str:
     pruning = any(c.cache_entry_bytes for c in report.checkpoints)
     head = (
         "| checkpoint | arch | step | tokens | token ppl | bits/byte | word ppl | EOS-S acc "
-        + ("| kept | cache kept | cache bytes/position (unpruned) " if pruning else "")
+        + ("| rule | kept | cache kept | cache bytes/position (unpruned) " if pruning else "")
         + "| tokens/s |\n|---|---|---|---|---|---|---|---|"
-        + ("---|---|---|" if pruning else "")
+        + ("---|---|---|---|" if pruning else "")
         + "---|\n"
     )
 
@@ -162,9 +166,10 @@ def format_table(report: EvalReport) -> str:
         if not pruning:
             return ""
         if not c.cache_entry_bytes:
-            return "| - | - | - "
+            return "| - | - | - | - "
+        rule = "step" if c.prune_rule == "step" else f"{c.prune_rule} (alpha {c.prune_alpha:g})"
         return (
-            f"| {_fmt(c.total.kept_fraction)} | {_fmt(c.total.cache_fraction)} "
+            f"| {rule} | {_fmt(c.total.kept_fraction)} | {_fmt(c.total.cache_fraction)} "
             f"| {_fmt(c.cache_bytes(True), 0)} ({_fmt(c.cache_bytes(False), 0)}) "
         )
 
@@ -188,6 +193,14 @@ def format_markdown(report: EvalReport) -> str:
         f"wall {report.wall_s:.1f} s. Totals are micro-averages (sums over all shards).\n\n",
         format_table(report),
     ]
+    if any(c.prune_rule for c in report.checkpoints):
+        parts.append(
+            "\nScored with the pruning gates on; perplexity is under the rule named: *step* "
+            "(the paper's: keep an interaction iff its gate logit is > 0) or *soft* (the gate at "
+            "the final alpha the model was trained towards). *kept*: the mean keep over the "
+            "pruned layers' (query, key) pairs; *cache kept*: the share of them an evicting "
+            "cache still holds (keep > 0).\n"
+        )
     for c in report.checkpoints:
         parts.append(
             f"\n## {c.checkpoint}\n\n| shard | rows | tokens | bytes | words | token ppl "

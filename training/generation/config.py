@@ -18,6 +18,8 @@ class GenerateConfigError(ConfigError):
 
 
 Mode = Literal["kv", "sentence-cache", "full"]
+PruneRule = Literal["step", "soft"]
+"""The values of ``training.model.pruning.PRUNE_RULES``."""
 """The modes of ``training.generation.decode.MODES`` (the GPT has kv and full only)."""
 
 
@@ -43,6 +45,8 @@ class GenerateConfig:
     """Seed of the sampling generator."""
     gpu: bool = False
     """Generate on the GPU (cuda)."""
+    prune_rule: PruneRule = field(default="step", metadata=cli("--prune-rule"))
+    """A model fine-tuned with --prune: how its gates decide. step (the paper's inference rule: keep an interaction iff its gate logit is > 0, evict exactly there) or soft (the gate at the final alpha it was trained towards, evicting only at keep 0)."""
     show_pruning: bool = field(default=False, metadata=cli("--show-pruning"))
     """Print, for each prompt and its continuation, which sentences (GPTHF) or tokens (GPT) each pruned layer dropped and when (a model fine-tuned with --prune)."""
     pruning_html: str = field(default="", metadata=cli("--pruning-html"))

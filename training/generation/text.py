@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 from training.generation.decode import MODES, GenerationResult, generate
 from training.generation.pruning_report import PruningReport, pruning_report
 from training.model import Transformer
+from training.model.pruning import PruneRule
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
 
@@ -109,6 +110,8 @@ class GeneratedText:
     """Per prompt, what each pruned layer dropped (``show_pruning``)."""
     cache_bytes: dict[str, float] | None = None
     """Cache held per sequence at the end ("live", "allocated"); kv and sentence-cache modes."""
+    prune_rule: str = ""
+    """How a model with gates decided (step or soft); "" for a model without gates."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -125,16 +128,20 @@ def generate_from_export(
     device: str = "cpu",
     storage: Any = None,
     show_pruning: bool = False,
+    prune_rule: PruneRule = "step",
     **sampling: Any,
 ) -> GeneratedText:
     """Load an export (``training.export.load_export``: a bad one is an ``ExportError``) and
     continue each prompt; ``sampling`` goes to ``decode.generate`` (temperature, top_k, ...).
-    ``show_pruning``: also report what each pruned layer dropped (a model with gates only)."""
+    ``show_pruning``: also report what each pruned layer dropped (a model with gates only);
+    a model with gates decides by ``prune_rule`` (``training.model.pruning.PRUNE_RULES``)."""
     from tokenizers import Tokenizer
 
     from training.export import load_export
 
     exported = load_export(uri, storage, device=device)
+    if exported.model_config.prune:
+        exported.model.use_prune_rule(prune_rule)
     arch = exported.model_config.arch
     if mode not in MODES[arch]:
         raise GenerationError(
@@ -170,4 +177,5 @@ def generate_from_export(
         stopped_at_eod=[bool(x) for x in result.stopped_at_eod],
         pruning=reports,
         cache_bytes=result.cache_bytes if mode != "full" else None,
+        prune_rule=prune_rule if exported.model_config.prune else "",
     )

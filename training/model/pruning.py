@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,15 @@ NEG_INF = float("-inf")
 
 
 LOG_HALF = math.log(0.5)
+
+PruneRule = Literal["step", "soft"]
+PRUNE_RULES: tuple[PruneRule, ...] = ("step", "soft")
+"""How a trained model's gates decide at inference (evaluation, generation). ``step``, the
+default, is the paper's rule (alpha = infinity): keep an interaction iff its gate logit is > 0,
+so every keep is 0 or 1 and a cache evicts exactly where a gate drops. ``soft`` keeps the gate
+at the final alpha training annealed towards (the model config's ``prune_alpha``): keeps are
+fractional and a cache evicts only where one reaches 0. Training always uses the annealed
+alpha."""
 
 
 def _solve_log_alpha_sigmoid(s: Tensor, e: float) -> tuple[Tensor, Tensor]:
@@ -137,11 +146,14 @@ class _LogAlphaSigmoid(torch.autograd.Function):
 def log_alpha_sigmoid(x: Tensor, alpha: float) -> Tensor:
     """log sigma_alpha(x): log of the sigmoid at alpha = 1; for alpha > 1 exactly 0 for
     x >= 1/(alpha - 1) and -inf for x <= -1/(alpha - 1), exact in both tails in between
-    (:class:`_LogAlphaSigmoid`); gradients finite everywhere."""
+    (:class:`_LogAlphaSigmoid`); gradients finite everywhere. At alpha = inf the limit, the
+    paper's inference rule: 0 where x > 0, -inf elsewhere (x = 0 drops), without gradient."""
     if alpha < 1:
         raise ValueError(f"alpha must be >= 1, got {alpha}")
     if alpha == 1.0:
         return nn.functional.logsigmoid(x)
+    if math.isinf(alpha):  # the step rule: keep iff the logit is > 0 (no gradient: inference)
+        return torch.where(x > 0, 0.0, NEG_INF).to(x.dtype)
     return _LogAlphaSigmoid.apply(x, alpha)
 
 

@@ -35,7 +35,7 @@ from training.model.attention import (
     SentenceLayout,
     flex_stages,
 )
-from training.model.pruning import Pruner, PruningRecord
+from training.model.pruning import PRUNE_RULES, Pruner, PruneRule, PruningRecord
 
 ARCHS = ("gpthf", "gpt")
 ATTENTIONS = ("sdpa", "flex")
@@ -255,6 +255,14 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Pruner):
                 module.alpha = float(alpha)
+
+    def use_prune_rule(self, rule: PruneRule) -> Transformer:
+        """Set the gates' inference rule (``PRUNE_RULES``): ``step`` (alpha = infinity, the
+        paper's) or ``soft`` (the config's final alpha, what a loaded model starts with)."""
+        if rule not in PRUNE_RULES:
+            raise ValueError(f"unknown pruning rule {rule!r}; choose one of {PRUNE_RULES}")
+        self.set_prune_alpha(math.inf if rule == "step" else self.config.prune_alpha)
+        return self
 
     def without_pruning(self) -> Transformer:
         """The same model without its gates (itself when it has none): what it computes with
