@@ -20,6 +20,7 @@ from tests.test_generate import (  # noqa: F401
 )
 from training.export import ExportConfig, write_export
 from training.generation.decode import generate
+from training.generation.eviction import EvictingCache, headroom
 from training.generation.pruning_report import pruning_report
 from training.model import Transformer, build_model
 from training.model.pruning import PRUNE_RULES, PruneRule
@@ -201,3 +202,51 @@ def test_gpthf_generate_show_pruning_from_an_export(
     )
     assert main(["generate", "--checkpoint", str(plain), "--prompt", prompt, "--show-pruning"]) == 2
     assert "no pruning gates" in capsys.readouterr().err
+
+
+def test_compact_keeps_every_live_slot_and_gives_the_rest_back() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, H, cap, hd, r = 3, 2, 20, 4, 5
+    live = torch.rand(B, cap, generator=g) < 0.3
+    live[0] = False  # a row that kept nothing
+    cache = EvictingCache(
+        k=torch.randn(B, H, cap, hd, generator=g),
+        v=torch.randn(B, H, cap, hd, generator=g),
+        k_int=torch.randn(B, cap, r, generator=g),
+        log_keep=-torch.rand(B, cap, generator=g),
+        live=live.clone(),
+    )
+    before = [t.clone() for t in cache.tensors()]
+    n = int(live.sum(dim=1).max())
+    cache.compact(n + 1)
+    assert cache.capacity == n + 1
+    for b in range(B):
+        keep = live[b].nonzero()[:, 0]  # in slot order
+        m = len(keep)
+        assert cache.live[b, :m].all() and not cache.live[b, m:].any()
+        torch.testing.assert_close(cache.k[b, :, :m], before[0][b, :, keep], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[b, :, :m], before[1][b, :, keep], rtol=0, atol=0)
+        torch.testing.assert_close(cache.k_int[b, :m], before[2][b, keep], rtol=0, atol=0)
+        torch.testing.assert_close(cache.log_keep[b, :m], before[3][b, keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpthf", "gpt"])
+def test_the_caches_give_evicted_slots_back(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the prompt and whenever the fullest row uses at most half of a cache, its live
+    slots move to the front and the capacity is cut: the caches end no larger than the kept
+    context needs (and every step stays exact: the tests above run through this)."""
+    caches: dict[int, EvictingCache] = {}
+    compact = EvictingCache.compact
+
+    def spy(self: EvictingCache, capacity: int) -> None:
+        caches[id(self)] = self
+        compact(self, capacity)
+
+    model = pruning_model(arch, bias=-0.05, std=0.15)
+    monkeypatch.setattr(EvictingCache, "compact", spy)
+    r = generate(model, PROMPTS, max_new_tokens=120, mode="kv", stop_at_eod=False)
+    assert r.pruning is not None and len(caches) == len(r.pruning.capacity)
+    written = r.pruning.keys_written
+    for c in caches.values():
+        n = int(c.live.sum(dim=1).max()) + 2  # the fullest row, one step either way
+        assert c.capacity <= max(2 * n, headroom(n)) and c.capacity < written, (c.capacity, n)

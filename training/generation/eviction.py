@@ -11,7 +11,11 @@ interaction key, and the running log keep of the entry (training.model.pruning).
 4. the own slot stays live if the entry is a key for later queries (GPT: every token; GPTHF
    body: a sentence end), otherwise it is free again.
 
-RoPE is applied before a key is cached, so a slot's place in the cache carries no meaning.
+RoPE is applied before a key is cached, so a slot's place in the cache carries no meaning,
+which is what lets the cache give freed slots back (``compact``): after the prompt, and
+whenever the fullest row holds at most half the capacity, every row's live slots move to its
+front and the capacity is cut to what the fullest row needs. Attention, the gates and the keep
+update then run over the kept context, not over every key ever written.
 """
 
 from __future__ import annotations
@@ -41,14 +45,16 @@ class EvictingCache:
         """k, v: (B, H, >= N, hd); k_int: (B, N, r); log_keep, live: (B, N) after the last prompt
         token; slots N..capacity-1 start free."""
         n = log_keep.shape[1]
-        pad = capacity - n
-        return cls(
+        pad = max(capacity - n, 0)
+        cache = cls(
             k=F.pad(k[:, :, :n], (0, 0, 0, pad)),
             v=F.pad(v[:, :, :n], (0, 0, 0, pad)),
             k_int=F.pad(k_int.float(), (0, 0, 0, pad)),
             log_keep=F.pad(torch.where(live, log_keep.float(), 0.0), (0, pad)),
             live=F.pad(live, (0, pad), value=False),
         )
+        cache.compact(min(capacity, headroom(int(live.sum(dim=1).max()) + 1)))
+        return cache
 
     @property
     def capacity(self) -> int:
@@ -63,6 +69,19 @@ class EvictingCache:
         self.log_keep = F.pad(self.log_keep, (0, pad))
         self.live = F.pad(self.live, (0, pad), value=False)
 
+    def compact(self, capacity: int) -> None:
+        """Each row's live slots to its front, in slot order, and the capacity to
+        ``capacity`` (at least the fullest row's live count): the slots every row freed are
+        given back at once. Free slots keep whatever they held (never read: not live)."""
+        live_first = torch.argsort((~self.live).to(torch.uint8), dim=1, stable=True)
+        order = live_first[:, :capacity]  # (B, capacity)
+        B, H, _, hd = self.k.shape
+        kv_index = order[:, None, :, None].expand(B, H, capacity, hd)
+        self.k, self.v = self.k.gather(2, kv_index), self.v.gather(2, kv_index)
+        self.k_int = self.k_int.gather(1, order[:, :, None].expand(-1, -1, self.k_int.shape[2]))
+        self.log_keep = self.log_keep.gather(1, order)
+        self.live = self.live.gather(1, order)
+
     def slot_bytes(self) -> int:
         """Bytes one live slot holds (K, V, interaction key, log keep)."""
         H, hd, r = self.k.shape[1], self.k.shape[3], self.k_int.shape[2]
@@ -72,16 +91,24 @@ class EvictingCache:
         return [self.k, self.v, self.k_int, self.log_keep, self.live]
 
 
+def headroom(needed: int) -> int:
+    """The capacity a cache is cut to when ``needed`` slots are in use: a quarter more (at
+    least 8), so that it neither grows again at once nor is compacted at every step."""
+    return needed + max(8, needed // 4)
+
+
 def ensure_free_slot(caches: dict[int, EvictingCache]) -> None:
     """Before a step: every row of every cache needs one free slot for the fed token (live
-    counts only fall during a step, and rise by at most one). One host sync per step."""
+    counts only fall during a step, and rise by at most one); a cache whose fullest row uses at
+    most half of it is compacted. One host sync per step for all the caches."""
     if not caches:
         return
-    live = torch.stack([c.live.sum(dim=1).max() for c in caches.values()])
-    needed = int(live.max()) + 1
-    for c in caches.values():
-        if needed > c.capacity:
-            c.grow(max(needed, 2 * c.capacity))
+    needed = (torch.stack([c.live.sum(dim=1).max() for c in caches.values()]) + 1).tolist()
+    for c, n in zip(caches.values(), needed, strict=True):
+        if n > c.capacity:
+            c.grow(max(n, 2 * c.capacity))
+        elif 2 * n <= c.capacity and headroom(n) < c.capacity:
+            c.compact(headroom(n))
 
 
 class EvictingKVAttention(Attention):

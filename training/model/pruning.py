@@ -165,7 +165,12 @@ def alpha_sigmoid(x: Tensor, alpha: float) -> Tensor:
 
 
 class Pruner(nn.Module):
-    """One layer's interaction projections and gate bias beta."""
+    """One layer's interaction projections and gate bias beta.
+
+    The projections start at N(0, init_std = 0.02) like every linear of the model. The paper's
+    code writes N(0, 1/sqrt(d)) into its q_int and k_int, but its GPT then re-initialises every
+    ``nn.Linear`` to N(0, 0.02) (``self.apply(self._init_weights)`` after the blocks are
+    built), so 0.02 is what it trains with too."""
 
     def __init__(self, d_model: int, dim: int, init_bias: float) -> None:
         super().__init__()

@@ -111,7 +111,7 @@ class PruningSection:
     enabled: bool = field(default=False, metadata=cli("--prune"))
     """Give the model pruning gates (GPT: every layer over tokens; GPTHF: body layers over sentence ends)."""
     sparsity: float = field(default=0.0, metadata=cli("--prune-lambda"))
-    """lambda: the loss adds lambda x (fraction of kept interactions); larger prunes more."""
+    """lambda: the loss adds lambda x the kept fraction (keep summed over every pruned layer's gated (query, earlier key) pairs, over their number); larger prunes more. The paper's code (sanagno/adaptively_sparse_attention) adds lambda_paper x the mean of the cumulative keep over layers x rows x (T-1) queries x T keys (entries it does not gate count 1, no gradient): on GPT rows of one T-token document (its setting) a kept pair weighs 2 lambda / (L B T (T-1)) here and lambda_paper / (L B T (T-1)) there, so lambda_paper = 2 x lambda (exact but for each row's last query, which its code leaves out: 2/T of the pairs). With documents packed in a row, the pairs are counted within documents (the paper's code prunes across them); GPTHF's pairs are (query, earlier sentence end)."""
     alpha_final: float = field(default=8.0, metadata=cli("--prune-alpha"))
     """alpha at the end of the anneal (and at inference): the gates reach exact 0 and 1 beyond |x| = 1/(alpha - 1)."""
     alpha_delay_steps: int = 0
