@@ -35,6 +35,7 @@ bench: $(STAMP) sample-corpus
 	$(PY) benchmarks/generation.py --quick
 	$(PY) benchmarks/train_step.py --quick
 	$(PY) benchmarks/eval.py --quick
+	$(PY) benchmarks/pruning_decode.py --quick
 
 # The GPU check (benchmarks/gpu_check.py). `make gpu-check OUT=DIR` on a CUDA machine whose
 # python has torch (no Ray needed); the wheels of `make gpu-wheels`, where present in .whl/, are

@@ -64,3 +64,35 @@ def test_the_training_step_benchmark_runs_without_ray(tmp_path: Path, peer: bool
         assert ("llama" in e) is peer
     if peer:
         assert report["peer_max_logit_diff"] < 1e-3  # the peer computes our GPT's function
+
+
+def test_the_controlled_sparsity_benchmark_runs_without_ray_and_prunes_what_it_aims_at(
+    tmp_path: Path,
+) -> None:
+    """``benchmarks/pruning_decode.py`` end to end at tiny shapes on a machine without Ray: the
+    planted gates prune about the fraction asked for (measured from the caches, not assumed),
+    0% keeps (nearly) every key, and the pruned caches hold less than the unpruned one."""
+    out = tmp_path / "pd.json"
+    args = ["--presets", "gpt-tiny,gpthf-tiny", "--prompt-tokens", "256", "--batch", "2"]
+    args += ["--new-tokens", "8", "--fractions", "0,0.5,0.8", "--repeats", "1", "--out", str(out)]
+    r = _run("benchmarks/pruning_decode.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [p["preset"] for p in report["points"]] == ["gpt-tiny", "gpthf-tiny"]
+    for point in report["points"]:
+        rows = {row["side"]: row for row in point["rows"]}
+        assert rows["unpruned"]["kept_of_keys"] == 1.0
+        # The GPT's keys are tokens (hundreds): close to the aim. GPTHF's are the sentence
+        # ends of two rows (about 20): coarser.
+        tol = 0.08 if point["arch"] == "gpt" else 0.2
+        for side, fraction in (("pruned 0%", 0.0), ("pruned 50%", 0.5), ("pruned 80%", 0.8)):
+            assert abs(rows[side]["kept_of_keys"] - (1 - fraction)) < tol, (point, side)
+        assert (
+            rows["pruned 80%"]["cache_bytes_live_ratio"]
+            < rows["pruned 50%"]["cache_bytes_live_ratio"]
+            < 1.0
+        )
+        assert (
+            rows["pruned 80%"]["evicted"] > 0
+            and rows["pruned 0%"]["evicted"] <= rows["pruned 50%"]["evicted"]
+        )

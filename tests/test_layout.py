@@ -327,6 +327,8 @@ MODELING_SOURCES = (
     "training.model.attention",
     "training.model.transformer",
     "training.generation.eviction",
+    "training.generation.decoders",
+    "training.generation.pruned_decoders",
     "training.generation.decode",
     "training.hf.hf_model",
 )

@@ -44,6 +44,8 @@ _SOURCES = (
     "model/attention.py",
     "model/transformer.py",
     "generation/eviction.py",
+    "generation/decoders.py",
+    "generation/pruned_decoders.py",
     "generation/decode.py",
     "hf/hf_model.py",
 )
@@ -63,7 +65,7 @@ def modeling_source() -> str:
     root = Path(__file__).resolve().parent.parent
     parts = [
         '"""GPTHF / GPT for transformers (trust_remote_code), written by `gpthf export-hf`.\n\n'
-        "Generated from gpthf's training/model, training/generation/decode.py and\n"
+        "Generated from gpthf's training/model, training/generation (decoders) and\n"
         'training/hf/hf_model.py; needs torch and transformers only."""\n\n'
         "from __future__ import annotations\n"
     ]

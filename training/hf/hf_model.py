@@ -23,7 +23,8 @@ from torch import Tensor
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from training.generation.decode import MODES, _Decoder, _State, decoder_class, sentence_ids_for
+from training.generation.decode import MODES, decoder_class
+from training.generation.decoders import _Decoder, _State, sentence_ids_for
 from training.model.transformer import ModelConfig, Transformer
 
 

@@ -409,7 +409,7 @@ class RunRouting:
             t = torch.arange(L, device=qg.device)
             earlier = t[None, :] < t[:, None]  # (L, L) key before query
             gated = earlier[None] & real[:, :, None]  # (n, L, L)
-            log_keep = running_keep(gate.log_gates(qi, ki), gated)  # (n, L, L)
+            log_keep = running_keep(gate.log_gates(qi, ki, gated), gated)  # (n, L, L)
             keeps.append(log_keep)
             gateds.append(gated)
             bias = torch.where(
@@ -613,7 +613,7 @@ class SentenceEndAttention(Attention):
             if gate is not None:
                 assert qi is not None
                 gated = allowed[:, 0]  # (n, L, N_g): end j of an earlier sentence
-                log_keep = running_keep(gate.log_gates(qi, flat_ki[ends]), gated)
+                log_keep = running_keep(gate.log_gates(qi, flat_ki[ends], gated), gated)
                 keeps.append(log_keep)
                 gateds.append(gated)
                 keep = log_keep[:, None]  # (n, 1, L, N_g)
