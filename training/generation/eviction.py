@@ -37,6 +37,9 @@ class EvictingCache:
     k_int: Tensor  # (B, capacity, r) fp32
     log_keep: Tensor  # (B, capacity) fp32, for the latest query
     live: Tensor  # (B, capacity) bool
+    window: int = 0
+    """Slots a step reads and writes: [0, window) holds every row's live slots and a free one
+    for the fed token (set by ``ensure_free_slot``; 0: the whole capacity)."""
 
     @classmethod
     def from_prefill(
@@ -103,12 +106,23 @@ def ensure_free_slot(caches: dict[int, EvictingCache]) -> None:
     most half of it is compacted. One host sync per step for all the caches."""
     if not caches:
         return
-    needed = (torch.stack([c.live.sum(dim=1).max() for c in caches.values()]) + 1).tolist()
-    for c, n in zip(caches.values(), needed, strict=True):
+    counts = torch.stack([_used(c) for c in caches.values()]).tolist()  # the one sync
+    for c, (live, end) in zip(caches.values(), counts, strict=True):
+        n = live + 1
         if n > c.capacity:
             c.grow(max(n, 2 * c.capacity))
         elif 2 * n <= c.capacity and headroom(n) < c.capacity:
             c.compact(headroom(n))
+            end = live  # compacted: every row's live slots are its first ones
+        # Slot ``end`` is free in every row (no row has a live slot at or past it): the step
+        # works on [0, end], not on the whole capacity (headroom, slots freed above).
+        c.window = min(end + 1, c.capacity)
+
+
+def _used(c: EvictingCache) -> Tensor:
+    """(2,): the most live slots of a row, and 1 + the highest live slot index of any row."""
+    index = torch.arange(1, c.capacity + 1, device=c.live.device)
+    return torch.stack([c.live.sum(dim=1).max(), (c.live * index).max()])
 
 
 class EvictingKVAttention(Attention):
@@ -124,7 +138,7 @@ class EvictingKVAttention(Attention):
         self.caches, self.keep_self = caches, keep_self
         self.rows = torch.arange(keep_self.shape[0], device=keep_self.device)
         self.evicted: dict[int, Tensor] = {}
-        """Per layer, (B, capacity) bool: the slots this step freed."""
+        """Per layer, (B, window) bool: the slots this step freed."""
 
     def __call__(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, gate: Gate | None = None
@@ -132,19 +146,22 @@ class EvictingKVAttention(Attention):
         if gate is None:
             raise ValueError(f"layer {layer} has no pruning gate but its cache evicts")
         c, rows = self.caches[layer], self.rows
-        log_gates = gate.log_gates(gate.q_int, c.k_int)[:, 0]  # (B, 1, r) x (B, cap, r) -> (B, cap)
-        c.log_keep = torch.where(c.live, c.log_keep + log_gates, c.log_keep)
-        dropped = c.live & (c.log_keep == NEG_INF)
+        w = c.window or c.capacity  # views of the slots this step touches
+        live, log_keep = c.live[:, :w], c.log_keep[:, :w]
+        log_gates = gate.log_gates(gate.q_int, c.k_int[:, :w])[:, 0]  # (B, 1, r) x (B, w, r)
+        log_keep.copy_(torch.where(live, log_keep + log_gates, log_keep))
+        dropped = live & (log_keep == NEG_INF)
         self.evicted[layer] = dropped
-        c.live = c.live & ~dropped
-        slot = (~c.live).int().argmax(dim=1)  # (B,) the first free slot (ensure_free_slot)
+        live &= ~dropped
+        slot = (~live).int().argmax(dim=1)  # (B,) the first free slot (ensure_free_slot)
         c.k[rows, :, slot] = k[:, 0]  # (B, H, hd)
         c.v[rows, :, slot] = v[:, 0]
         c.k_int[rows, slot] = gate.k_int[:, 0]
-        c.log_keep[rows, slot] = 0.0
-        seen = c.live.clone()
-        seen[rows, slot] = True
-        bias = torch.where(seen, c.log_keep, NEG_INF)[:, None, None, :]  # (B, 1, 1, cap)
-        out = attend(q.transpose(1, 2), c.k, c.v, attn_mask=bias.to(q.dtype))  # (B, H, 1, hd)
-        c.live[rows, slot] = self.keep_self
+        log_keep[rows, slot] = 0.0
+        live[rows, slot] = True  # it attends to itself
+        bias = torch.where(live, log_keep, NEG_INF)[:, None, None, :]  # (B, 1, 1, w)
+        out = attend(
+            q.transpose(1, 2), c.k[:, :, :w], c.v[:, :, :w], attn_mask=bias.to(q.dtype)
+        )  # (B, H, 1, hd)
+        live[rows, slot] = self.keep_self
         return out.transpose(1, 2)  # (B, 1, H, hd)

@@ -51,7 +51,9 @@ class _EvictingMixin(_Decoder):
             keep = torch.where(j == self_key[:, None], 0.0, keep)
             live = (j < n_keys[:, None]) & (keep > NEG_INF)
             self.evicted[layer] = (j < n_keys[:, None]).sum() - live.sum()
-            cap = keep.shape[1] + 8  # grows (doubling) only when a row has no free slot
+            # Room for every key the generation can add (none grows while nothing is pruned),
+            # cut at once to what the kept prompt needs (``EvictingCache.from_prefill``).
+            cap = keep.shape[1] + self.max_new + 1
             self.evicting[layer] = EvictingCache.from_prefill(
                 k, v, self.pruning.k_int[layer], keep, live, cap
             )
