@@ -121,15 +121,14 @@ class _LogAlphaSigmoid(torch.autograd.Function):
         xd = x.double()
         pos = xd >= 0
         inside = xd.abs() * e < 1
-        # Only the gates inside the clamps are solved: once alpha has grown, most gates sit
-        # at exactly 0 or 1 (every gate starts at x = bias = 10, past the clamp for
-        # alpha > 1.1), and a solve costs some 25 transcendental functions per element.
-        out = torch.zeros_like(xd).masked_fill_(~pos, NEG_INF)  # log sigma(x) at the clamps
-        other = torch.zeros_like(xd).masked_fill_(pos, NEG_INF)  # log (1 - sigma(x))
-        xs = xd[inside]
-        log_p, log_q = _solve_log_alpha_sigmoid(xs.abs(), e)
-        out[inside] = torch.where(xs >= 0, log_p, log_q)
-        other[inside] = torch.where(xs >= 0, log_q, log_p)
+        # Every element is solved (at |x| = 0 where it is clamped): selecting the ones inside
+        # the clamps would be a data-dependent shape, a host sync per pruned layer on a GPU
+        # (tests/test_host_syncs.py), for a saving only where most gates sit at 0 or 1.
+        s = torch.where(inside, xd.abs(), 0.0)
+        log_p, log_q = _solve_log_alpha_sigmoid(s, e)
+        clamped_out = torch.where(pos, 0.0, NEG_INF)  # log sigma(x) at the clamps
+        out = torch.where(inside, torch.where(pos, log_p, log_q), clamped_out)
+        other = torch.where(inside, torch.where(pos, log_q, log_p), torch.where(pos, NEG_INF, 0.0))
         ctx.e = e
         ctx.save_for_backward(out, other, inside)
         return out.to(x.dtype)
