@@ -198,12 +198,12 @@ class Gate:
         fp32. The products are taken in fp64: near the gate's zero the log gate is steep, and
         the training forward (a (L, L) product) and a cache (one query at a time) must agree
         on it to far below fp32's rounding of a differently ordered sum. ``only`` (bool,
-        broadcastable): the pairs that are gated; the others come back 0 without being solved
-        (the solve is the costly part: a GPT's (L, L) matrix is half keys after their query)."""
+        broadcastable): the pairs that are gated; the others come back 0 with no gradient, as
+        gates past the clamp (a GPT's (L, L) matrix is half keys after their query)."""
         x = q_int.double() @ k_int.double().transpose(-1, -2)
         x = x / math.sqrt(q_int.shape[-1]) + self.bias.double()
         if only is not None:
-            x = torch.where(only, x, math.inf)  # past the clamp: log gate 0, no solve, no grad
+            x = torch.where(only, x, math.inf)  # past the clamp: log gate 0, no gradient
         return log_alpha_sigmoid(x, self.alpha).float()  # solved in fp64 either way
 
 
