@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.generation import make_prompts
 from benchmarks.protocol import MIN_REPEATS, markdown_table, write_result
 from benchmarks.pruning import generation
+from training.generation.decode import sentence_ids_for
 from training.model import ModelConfig, Transformer, build_model
 
 PROTOCOL = dict(
@@ -109,17 +110,12 @@ def _pruner_inputs(model: Transformer, ids: Tensor) -> dict[int, Tensor]:
     ]
     try:
         with torch.no_grad():
-            sid = sentence_ids(ids, model.config.eos_id)
-            model(ids, sid, torch.zeros_like(ids))
+            lengths = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+            model(ids, sentence_ids_for(ids, lengths, model.config.eos_id), torch.zeros_like(ids))
     finally:
         for h in hooks:
             h.remove()
     return seen
-
-
-def sentence_ids(ids: Tensor, eos_id: int) -> Tensor:
-    is_eos = (ids == eos_id).long()
-    return is_eos.cumsum(dim=1) - is_eos
 
 
 def set_threshold(block: Any, u: Tensor, t: float) -> None:

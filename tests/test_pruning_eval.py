@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,20 +118,23 @@ def test_eval_job_reports_kept_fraction_and_cache(
     plain = run_eval(
         EvalConfig(checkpoints=[exports["gpt"]], data=str(data_dir), output=str(tmp_path / "p"))
     )
+
+    def soft_config(out: str, **kw: Any) -> EvalConfig:
+        return EvalConfig(
+            checkpoints=[uri],
+            data=str(data_dir),
+            output=str(tmp_path / out),
+            pruning=True,
+            prune_rule="soft",
+            **kw,
+        )
+
     (c,) = on.checkpoints
     assert 0 < c.total.kept_fraction < 1 and 0 < c.total.cache_fraction < 1
     # The default is the paper's step rule: every keep 0 or 1, so the keep summed over the
     # gated pairs is the count of pairs still live; the soft rule keeps fractions.
     assert c.prune_rule == "step" and c.total.prune_kept == c.total.prune_live
-    soft = run_eval(
-        EvalConfig(
-            checkpoints=[uri],
-            data=str(data_dir),
-            output=str(tmp_path / "soft"),
-            pruning=True,
-            prune_rule="soft",
-        )
-    )
+    soft = run_eval(soft_config("soft"))
     (sc,) = soft.checkpoints
     assert sc.prune_rule == "soft" and sc.prune_alpha == pruning.config.prune_alpha
     assert sc.total.prune_kept < sc.total.prune_live and sc.total.nll != c.total.nll
@@ -147,16 +151,7 @@ def test_eval_job_reports_kept_fraction_and_cache(
     # --local (no Ray) scores with the gates as the actors do: the same sums, shard by shard.
     # Under the soft rule: the step is discontinuous at 0, and the two paths pack blocks
     # differently (fp32 matmuls of other shapes), so a logit within rounding of 0 could flip.
-    local = run_eval(
-        EvalConfig(
-            checkpoints=[uri],
-            data=str(data_dir),
-            output=str(tmp_path / "local"),
-            pruning=True,
-            prune_rule="soft",
-            local=True,
-        )
-    )
+    local = run_eval(soft_config("local", local=True))
     (lc,) = local.checkpoints
     for a, b in zip(lc.shards, sc.shards, strict=True):
         _assert_same_sums(a.sums, b.sums, a.shard)
