@@ -19,9 +19,11 @@ from pipeline.settings import ConfigError, cli, load_config
 InputFormat = Literal["auto", "jsonl", "parquet", "text"]
 TextDocument = Literal["file", "paragraph"]
 OnChanged = Literal["error", "replace"]
+DedupMode = Literal["none", "exact", "near"]
 
 __all__ = [
     "ConfigError",
+    "DedupConfig",
     "InputConfig",
     "PackingConfig",
     "PreprocessConfig",
@@ -115,6 +117,50 @@ class PackingConfig:
 
 
 @dataclass
+class DedupConfig:
+    """Which documents count as copies of one already in the output (an existing output refuses
+    changes to these: its index was built with them).
+
+    ``exact`` (the default) skips a document whose normalised text (``pipeline.text.normalise``)
+    is already in the output, from any night, file or worker. ``near`` also skips near-copies:
+    MinHash over word n-grams with LSH banding, datatrove's setup (5-grams, 14 bands of 8
+    hashes), which flags a pair with probability 1 - (1 - J^8)^14 for Jaccard similarity J:
+    0.5 at J = 0.72, 0.92 at J = 0.8, 0.05 at J = 0.5 (tests/test_dedup.py plants both sides).
+    Near is off by default because what is a copy depends on the corpus: two editions of a
+    book, or a licence repeated in every file, are near-copies that a team may want to keep;
+    exact copies never carry anything new.
+    """
+
+    mode: DedupMode = field(default="exact", metadata=cli("--dedup"))
+    """none, exact (normalised text seen before), or near (exact plus MinHash near-copies)."""
+    ngram: int = 5
+    """Words per shingle of the near-duplicate MinHash."""
+    bands: int = 14
+    """LSH bands: a document sharing any band's hash with an earlier one is a near-copy."""
+    rows: int = 8
+    """MinHash values per band (bands x rows permutations in all)."""
+    seed: int = 1
+    """Seed of the MinHash permutations."""
+    index_buckets: int = 64
+    """The fingerprint index is cut into this many key ranges (a power of two); a night reads
+    only the row groups of the ranges its own fingerprints fall in."""
+
+    def __post_init__(self) -> None:
+        if self.ngram < 1 or self.bands < 1 or self.rows < 1:
+            raise ConfigError("dedup.ngram, dedup.bands and dedup.rows must be >= 1")
+        b = self.index_buckets
+        if b < 1 or b > 4096 or b & (b - 1):
+            raise ConfigError("dedup.index_buckets must be a power of two from 1 to 4096")
+
+    def identity(self) -> dict[str, Any]:
+        """What decides which documents are copies (the bucket count only lays out the index)."""
+        out: dict[str, Any] = {"mode": self.mode, "index_buckets": self.index_buckets}
+        if self.mode == "near":
+            out.update(ngram=self.ngram, bands=self.bands, rows=self.rows, seed=self.seed)
+        return out
+
+
+@dataclass
 class PreprocessConfig:
     """Raw corpora -> packed sentence blocks + manifest (``gpthf preprocess``)."""
 
@@ -124,6 +170,7 @@ class PreprocessConfig:
     tokenizer: str = ""
     """Path or URL of a tokenizers JSON file (missing special tokens are added)."""
     packing: PackingConfig = field(default_factory=PackingConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     strict: bool = False
     """Make every skipped record fatal instead of counted."""
@@ -167,12 +214,16 @@ class PreprocessConfig:
     def output_identity(self) -> dict[str, Any]:
         """The settings an existing output was built with; changing any of them is refused."""
         p = self.packing
-        return {
+        out: dict[str, Any] = {
             "sentences_per_block": p.sentences_per_block,
             "max_sentence_tokens": p.max_sentence_tokens,
             "heldout_fraction": p.heldout_fraction,
             "seed": p.seed,
         }
+        if self.dedup.mode != "none":
+            # (Absent for none, so that outputs written before deduplication existed match.)
+            out["dedup"] = self.dedup.identity()
+        return out
 
 
 def config_hash(d: dict[str, Any]) -> str:

@@ -42,9 +42,10 @@ class Counters:
     def add(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
 
-    def skip(self, reason: str, location: str, n: int = 1) -> None:
-        """Count a skipped record; in strict mode, fail naming it."""
-        if self.strict:
+    def skip(self, reason: str, location: str, n: int = 1, fault: bool = True) -> None:
+        """Count a skipped record; in strict mode, fail naming it if it is a ``fault`` of the
+        input (a duplicate document is skipped by design, not a fault)."""
+        if self.strict and fault:
             hint = f"; {SKIP_HINTS[reason]}" if reason in SKIP_HINTS else ""
             raise StrictModeError(
                 f"{location}: {reason.replace('_', ' ')}{hint} (run without --strict to skip and "

@@ -15,8 +15,14 @@ import numpy as np
 from pipeline.counters import Counters, StrictModeError
 from pipeline.errors import keep_sigterm_unwinding
 from pipeline.pieces import WorkUnit
+from pipeline.steps import Drop
 from pipeline.storage import StorageError
 from pipeline.unit import UnitContext, process_unit
+
+UnitFn = Callable[[WorkUnit, UnitContext, "dict[int, Drop] | None"], dict[str, Any]]
+"""A pass over one work unit: ``process_unit``, or deduplication's ``fingerprint_unit``."""
+Drops = dict[str, dict[int, Drop]]
+"""Work unit key -> the ordinals of its documents to skip as copies, and why."""
 
 
 def init_ray(num_cpus: int | None = None) -> bool:
@@ -84,21 +90,34 @@ def group_units(units: list[WorkUnit], workers: int) -> list[list[WorkUnit]]:
     return groups
 
 
-def _process_one(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
+def _process_one(
+    u: WorkUnit, ctx: UnitContext, fn: UnitFn = process_unit, drop: dict[int, Drop] | None = None
+) -> dict[str, Any]:
     try:
-        return process_unit(u, ctx)
+        return fn(u, ctx, drop)
     except (StrictModeError, StorageError) as exc:
         # Returned, not raised: the driver re-raises it as itself, without Ray's wrapping
         # and without retrying a failure that is not transient.
         return {"error": {"type": type(exc).__name__, "message": str(exc)}}
 
 
-def _process_batch(batch: dict[str, np.ndarray], ctx: UnitContext) -> dict[str, np.ndarray]:
+def _drops_to_json(drop: dict[int, Drop]) -> list[list[Any]]:
+    return [[ordinal, *d.to_list()] for ordinal, d in sorted(drop.items())]
+
+
+def _drops_from_json(items: list[list[Any]]) -> dict[int, Drop]:
+    return {int(o): Drop(reason, original) for o, reason, original in items}
+
+
+def _process_batch(
+    batch: dict[str, np.ndarray], ctx: UnitContext, fn: UnitFn = process_unit
+) -> dict[str, np.ndarray]:
     records = []
     for group, payload in zip(batch["group"], batch["units"], strict=True):
         t0 = time.perf_counter()
         for item in json.loads(payload):
-            record = _process_one(WorkUnit.from_dict(item), ctx)
+            drop = _drops_from_json(item.get("drop", []))
+            record = _process_one(WorkUnit.from_dict(item), ctx, fn, drop)
             record["group"] = int(group)
             record["seconds"] = round(time.perf_counter() - t0, 3)
             records.append(json.dumps(record))
@@ -115,11 +134,12 @@ class _GroupProcessor:
     Data's scheduling loop, which polls for finished tasks every 0.1 s, notices the end and
     submits the next one."""
 
-    def __init__(self, ctx: UnitContext) -> None:
+    def __init__(self, ctx: UnitContext, fn: UnitFn = process_unit) -> None:
         self.ctx = ctx
+        self.fn = fn
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _process_batch(batch, self.ctx)
+        return _process_batch(batch, self.ctx, self.fn)
 
 
 def ray_map(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
@@ -178,14 +198,20 @@ class GroupLog:
         )
 
 
-def run_units_here(units: list[WorkUnit], ctx: UnitContext) -> list[dict[str, Any]]:
+def run_units_here(
+    units: list[WorkUnit],
+    ctx: UnitContext,
+    *,
+    fn: UnitFn = process_unit,
+    drops: Drops | None = None,
+) -> list[dict[str, Any]]:
     """Process every unit in this process, one after the other: for runs too small to pay for
     starting Ray (see ``PreprocessConfig.local_below_bytes``)."""
     log = GroupLog([units])
     records = []
     t0 = time.perf_counter()
     for u in units:
-        record = _process_one(u, ctx)
+        record = _process_one(u, ctx, fn, (drops or {}).get(u.key))
         if "error" in record:
             err = record["error"]
             raise _USER_ERRORS[err["type"]](err["message"])
@@ -202,8 +228,11 @@ def run_units(
     workers: int = 0,
     cpus_per_worker: float = 1.0,
     progress: bool = False,
+    fn: UnitFn = process_unit,
+    drops: Drops | None = None,
 ) -> list[dict[str, Any]]:
-    """Process every unit on Ray Data: groups of units over ``workers`` actors at once."""
+    """Run ``fn`` over every unit on Ray Data: groups of units over ``workers`` actors at once
+    (``drops``: the documents each unit skips as copies)."""
     import ray
     from ray.data import DataContext
 
@@ -215,8 +244,15 @@ def run_units(
     data_ctx = DataContext.get_current()
     data_ctx.enable_progress_bars = progress
     groups = group_units(units, workers)
+    drops = drops or {}
     items = [
-        {"group": i, "units": json.dumps([u.to_dict() for u in g])} for i, g in enumerate(groups)
+        {
+            "group": i,
+            "units": json.dumps(
+                [{**u.to_dict(), "drop": _drops_to_json(drops.get(u.key, {}))} for u in g]
+            ),
+        }
+        for i, g in enumerate(groups)
     ]
     log = GroupLog(groups)
     threads = str(max(1, int(cpus_per_worker)))
@@ -227,7 +263,7 @@ def run_units(
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _GroupProcessor,
             batch_size=1,
-            fn_constructor_kwargs={"ctx": ctx},
+            fn_constructor_kwargs={"ctx": ctx, "fn": fn},
             num_cpus=cpus_per_worker,
             compute=ray.data.ActorPoolStrategy(
                 size=min(workers, len(groups)), max_tasks_in_flight_per_actor=2

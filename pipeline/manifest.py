@@ -7,6 +7,7 @@ Layout of an output ``OUT``::
     OUT/tokenizer.json          the exact tokenizer the shards were made with
     OUT/train/<unit>.parquet    shards, deterministic names
     OUT/heldout/<unit>.parquet
+    OUT/dedup/<run>/b0017.parquet  the fingerprint index (``pipeline.dedup_index``), by key range
     OUT/stats.json, OUT/stats.png
 
 ``Manifest`` is the typed form every reader uses (preprocessing, training, evaluation,
@@ -109,6 +110,43 @@ class ShardRef:
         return out
 
 
+INDEX_DIR = "dedup"
+
+
+@dataclass(frozen=True)
+class IndexFileRef:
+    """One file of the deduplication index: the fingerprints one run added in one key range."""
+
+    path: str
+    """Relative to the output root, under ``dedup/`` (checked on read)."""
+    bucket: int
+    rows: int
+    sha256: str
+    added_in_version: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def safe_index_path(path: str, where: str) -> str:
+    """``path`` if it names a file inside the output's index folder; otherwise a ManifestError."""
+    norm = posixpath.normpath(path) if path else ""
+    if (
+        not path
+        or "://" in path
+        or "\\" in path
+        or norm != path
+        or norm.split("/", 1)[0] != INDEX_DIR
+        or ".." in norm.split("/")
+    ):
+        raise ManifestError(
+            f"{where}: index path {path!r} is not a relative path inside the output's "
+            f"{INDEX_DIR}/ folder; the manifest is damaged or was tampered with. Restore it from "
+            "manifests/vNNNNN.json or re-run preprocessing into a new output."
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class SpecialToken:
     token: str
@@ -180,6 +218,8 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     """The resolved preprocessing config of the run that wrote this version (secrets redacted)."""
     config_hash: str = ""
+    dedup_index: tuple[IndexFileRef, ...] = ()
+    """The fingerprint index's files (committed with the shards they describe)."""
     format: str = FORMAT
 
     # ---- what consumers need ----------------------------------------------------------------
@@ -303,11 +343,19 @@ class Manifest:
         self, identity: dict[str, Any], tokenizer_sha256: str, output: str
     ) -> None:
         """Refuse to add shards built with other settings to this output."""
+        keys = sorted(set(identity) | set(self.packing))
         problems = [
-            f"{key}: existing {self.packing.get(key)!r}, requested {value!r}"
-            for key, value in identity.items()
-            if self.packing.get(key) != value
+            f"{key}: existing {self.packing.get(key)!r}, requested {identity.get(key)!r}"
+            for key in keys
+            if self.packing.get(key) != identity.get(key)
         ]
+        if self.packing.get("dedup") != identity.get("dedup"):
+            problems.append(
+                "(the deduplication index holds the fingerprints of the documents already in "
+                "the output, made with its dedup settings; pass those (`--dedup "
+                f"{(self.packing.get('dedup') or {}).get('mode', 'none')}`) or start a new "
+                "output)"
+            )
         if self.tokenizer.sha256 != tokenizer_sha256:
             problems.append(
                 f"tokenizer sha256: existing {self.tokenizer.sha256[:12]}..., requested "
@@ -334,6 +382,7 @@ class Manifest:
             "packing": self.packing,
             "block_schema": COLUMN_DOCS,
             "inputs": [e.to_dict() for e in self.inputs],
+            "dedup_index": [r.to_dict() for r in self.dedup_index],
             "splits": {
                 name: {"shards": [s.to_dict() for s in refs], **split_totals(list(refs))}
                 for name, refs in self.splits.items()
@@ -382,6 +431,16 @@ class Manifest:
                 run_id=str(d.get("run_id", "")),
                 config=dict(d.get("config", {})),
                 config_hash=str(d.get("config_hash", "")),
+                dedup_index=tuple(
+                    IndexFileRef(
+                        path=safe_index_path(str(r["path"]), where),
+                        bucket=int(r["bucket"]),
+                        rows=int(r["rows"]),
+                        sha256=str(r["sha256"]),
+                        added_in_version=int(r.get("added_in_version", 0)),
+                    )
+                    for r in d.get("dedup_index", [])
+                ),
             )
         except ManifestError:
             raise

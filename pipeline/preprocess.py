@@ -15,10 +15,13 @@ from typing import Any
 
 from pipeline.config import PreprocessConfig, config_hash
 from pipeline.counters import Counters
-from pipeline.distributed import init_ray, ray_map, run_units, run_units_here
+from pipeline.dedup import Deduplicator, Resolution, fingerprint_unit
+from pipeline.dedup_index import Keys, write_delta
+from pipeline.distributed import Drops, UnitFn, init_ray, ray_map, run_units, run_units_here
 from pipeline.errors import UserError
 from pipeline.manifest import (
     SPLITS,
+    IndexFileRef,
     InputEntry,
     Manifest,
     ManifestConflict,
@@ -28,8 +31,9 @@ from pipeline.manifest import (
     TokenizerRef,
     create_exclusive,
 )
-from pipeline.pieces import local_map, plan_units
+from pipeline.pieces import WorkUnit, local_map, plan_units
 from pipeline.stats import build_stats, write_stats
+from pipeline.steps import Drop
 from pipeline.storage import (
     InputFile,
     StorageError,
@@ -41,7 +45,7 @@ from pipeline.storage import (
     storage_errors,
 )
 from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
-from pipeline.unit import UnitContext
+from pipeline.unit import UnitContext, process_unit
 
 
 class ChangedInputError(UserError):
@@ -162,23 +166,36 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         file=sys.stderr,
         flush=True,
     )
+
+    def runner(fn: UnitFn, todo: list[WorkUnit], drops: Drops | None) -> list[dict[str, Any]]:
+        if here:
+            return run_units_here(todo, ctx, fn=fn, drops=drops)
+        return run_units(
+            todo,
+            ctx,
+            workers=cfg.workers,
+            cpus_per_worker=cfg.cpus_per_worker,
+            progress=progress,
+            fn=fn,
+            drops=drops,
+        )
+
+    dedup: DedupRun | None = None
     try:
-        with clock.phase("processing"):
-            if here:
-                pieces = run_units_here(units, ctx)
-            else:
-                pieces = run_units(
-                    units,
-                    ctx,
-                    workers=cfg.workers,
-                    cpus_per_worker=cfg.cpus_per_worker,
-                    progress=progress,
+        if cfg.dedup.mode != "none":
+            with clock.phase("fingerprints"):
+                fingerprints = _all_records(units, runner(fingerprint_unit, units, None))
+            with clock.phase("dedup"):
+                dedup = DedupRun(
+                    Deduplicator(cfg.dedup, fingerprints, staging, cfg.storage), units, runner
                 )
-        missing = {u.key for u in units} - {r["key"] for r in pieces}
-        if missing:
-            raise RuntimeError(
-                f"work units produced no record: {sorted(missing)}; nothing committed"
+                dedup.decide(output, previous, plan)
+        with clock.phase("processing"):
+            pieces = _all_records(
+                units, runner(process_unit, units, dedup.resolution.drops if dedup else None)
             )
+        if dedup is not None:
+            dedup.pieces = pieces
     except StorageError as exc:
         _remove_staging(staging, cfg.storage)
         raise StorageError(
@@ -195,9 +212,71 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
             _stop_own_ray()
         _remove_staging(staging, cfg.storage)
         raise
-    result = _commit(cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces), clock)
+    result = _commit(
+        cfg, output, staging, run_id, tok, previous, plan, _by_file(pieces), clock, dedup
+    )
     print(clock.line(), file=sys.stderr, flush=True)
     return result
+
+
+def _all_records(units: list[WorkUnit], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records``, checked to hold one per unit (a unit without one would lose its data)."""
+    missing = {u.key for u in units} - {r["key"] for r in records}
+    if missing:
+        raise RuntimeError(f"work units produced no record: {sorted(missing)}; nothing committed")
+    return records
+
+
+@dataclass
+class DedupRun:
+    """A run's deduplication: its decision, and what a rebase needs to decide again."""
+
+    dedup: Deduplicator
+    units: list[WorkUnit]
+    runner: Any
+    """(fn, units, drops) -> records: how this run ran its units (here or on Ray)."""
+    resolution: Resolution = field(default_factory=lambda: Resolution({}, Keys.empty()))
+    pieces: list[dict[str, Any]] = field(default_factory=list)
+    """The processing records of every unit (per piece), as last processed."""
+
+    def decide(
+        self, output: str, manifest: Manifest | None, plan: Plan, keep: set[str] | None = None
+    ) -> dict[str, dict[int, Drop]]:
+        """Decide (again) against ``manifest``; returns the units whose drops changed."""
+        replaced = {e.unit for e in plan.replaced}
+        live = {e.unit for e in manifest.inputs} - replaced if manifest is not None else set()
+        old = self.resolution.drops
+        self.resolution = self.dedup.resolve(output, manifest, live, keep)
+        r = self.resolution
+        print(
+            f"[preprocess] dedup ({self.dedup.cfg.mode}): {r.kept:,} document(s) kept, "
+            f"{r.exact:,} exact and {r.near:,} near copies skipped; index lookup read "
+            f"{r.lookup.row_groups_read} of {r.lookup.row_groups_total} row group(s) in "
+            f"{r.lookup.files} file(s) for {r.lookup.keys_asked:,} key(s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        keys = set(old) | set(r.drops) if keep is None else keep
+        return {k: r.drops.get(k, {}) for k in keys if old.get(k, {}) != r.drops.get(k, {})}
+
+    def rebase(
+        self, output: str, manifest: Manifest, plan: Plan, uris: set[str]
+    ) -> list[dict[str, Any]]:
+        """Decide the units of ``uris`` again against the winner's ``manifest``; re-process the
+        units whose copies changed; returns the per-file records of ``uris``."""
+        keep = {u.key for u in self.units if u.file.uri in uris}
+        changed = self.decide(output, manifest, plan, keep)
+        if changed:
+            todo = [u for u in self.units if u.key in changed]
+            print(
+                f"[preprocess] rebase: {len(todo)} unit(s) hold copies of what the other run "
+                "committed: processing them again",
+                file=sys.stderr,
+                flush=True,
+            )
+            redone = _all_records(todo, self.runner(process_unit, todo, changed))
+            self.pieces = [p for p in self.pieces if p["key"] not in changed] + redone
+        return _by_file([p for p in self.pieces if p["uri"] in uris])
 
 
 def _stop_own_ray() -> None:
@@ -321,31 +400,43 @@ def _commit(
     plan: Plan,
     records: list[dict[str, Any]],
     clock: DriverClock,
+    dedup: DedupRun | None = None,
 ) -> PreprocessResult:
-    """Move the staged shards into place and commit the next manifest version.
+    """Move the staged shards (and index files) into place and commit the next manifest version.
 
     Runs into one output may overlap (a nightly cron and a manual run): each version number is
     won by exactly one of them (``Manifest.commit``). The loser rebases onto the winner: inputs
     the winner already committed are dropped from its commit (their shards have the same
-    deterministic names and bytes), the rest are added under the next version. Nothing either
-    run processed is lost, and no shard is left on disk unlisted.
+    deterministic names and bytes), the rest are added under the next version. With
+    deduplication, the rest are first decided again against the winner's index: a unit that
+    now holds copies of what the winner committed is processed again, under another shard name
+    (``pipeline.unit.shard_stem``). Nothing either run processed is lost, nothing is in the
+    output twice, and no shard is left on disk unlisted.
     """
     fs, root = filesystem_for(output, cfg.storage)
     _, staging_path = filesystem_for(staging, cfg.storage)
     records = sorted(records, key=lambda r: r["uri"])
     files = {f.uri: f for f in plan.todo}
     moved: set[str] = set()
+    index_files: list[tuple[str, int, int, str]] = []
     while True:
         with clock.phase("commit shards"), storage_errors(output, "commit shards to"):
-            todo = [i["path"] for r in records for i in r["shards"] if i["path"] not in moved]
+            if dedup is not None and not index_files:
+                index_files = write_delta(
+                    staging, cfg.storage, run_id, dedup.resolution.delta, cfg.dedup.index_buckets
+                )
+            todo = [i["path"] for r in records for i in r["shards"]] + [f[0] for f in index_files]
+            todo = [p for p in todo if p not in moved]
             _move_all(fs, staging_path, root, todo)
             moved.update(todo)
             if previous is None:
                 _write_tokenizer(fs, root, tok, output)
         with clock.phase("stats"):
-            manifest = _next_manifest(cfg, run_id, tok, previous, plan, records)
+            manifest = _next_manifest(cfg, run_id, tok, previous, plan, records, index_files)
             added = sorted(i["path"] for r in records for i in r["shards"])
             run_summary = _run_summary(run_id, manifest.version, records, added)
+            if dedup is not None:
+                run_summary["dedup"] = dedup.resolution.summary()
             # What the driver spent up to here (the commit and clean-up follow in the log).
             run_summary["seconds"] = {**clock.seconds, "driver_so_far": clock.total()}
             stats = build_stats(manifest, run_summary)
@@ -367,6 +458,20 @@ def _commit(
             )
             records = [r for r in records if r["uri"] in still]
             plan = Plan(todo=replan.todo, replaced=replan.replaced)
+            if dedup is not None and records:
+                with clock.phase("dedup"):
+                    records = sorted(
+                        dedup.rebase(output, previous, plan, still), key=lambda r: r["uri"]
+                    )
+                index_files = []  # written again from the new decision
+            # What this run moved into place that neither the winner's manifest nor this run's
+            # next commit lists (shards of units decided again, the old index files) goes now.
+            listed = {i["path"] for r in records for i in r["shards"]} | {
+                ref.path for refs in previous.splits.values() for ref in refs
+            }
+            orphans = sorted(p for p in moved if p not in listed)
+            _remove(fs, [join(root, p) for p in orphans])
+            moved -= set(orphans)
             if not records:
                 _remove(fs, [staging_path])
                 return PreprocessResult(output, previous.version, [], [], {}, build_stats(previous))
@@ -423,6 +528,7 @@ def _next_manifest(
     previous: Manifest | None,
     plan: Plan,
     records: list[dict[str, Any]],
+    index_files: list[tuple[str, int, int, str]] = (),  # type: ignore[assignment]
 ) -> Manifest:
     version = (previous.version if previous else 0) + 1
     replaced_units = {e.unit for e in plan.replaced}
@@ -473,6 +579,11 @@ def _next_manifest(
         packing=cfg.output_identity(),
         inputs=tuple(sorted(inputs, key=lambda e: e.uri)),
         splits=splits,
+        dedup_index=(previous.dedup_index if previous else ())
+        + tuple(
+            IndexFileRef(path=p, bucket=b, rows=n, sha256=h, added_in_version=version)
+            for p, b, n, h in index_files
+        ),
     )
 
 

@@ -1,5 +1,5 @@
-"""One work unit (a file, or a piece of one) through every stage: read -> normalise -> split ->
-tokenize -> pack.
+"""One work unit (a file, or a piece of one) through every step: the chain of
+``pipeline.steps`` (read -> normalise -> drop duplicates -> split), then tokenize -> pack.
 
 This is the function Ray runs; it knows nothing of Ray. Its shards are written to a staging
 prefix under deterministic names; the driver commits them with the manifest.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,16 +20,21 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from pipeline.blocks import BLOCK_SCHEMA
-from pipeline.config import InputConfig, PackingConfig, PreprocessConfig, StorageConfig
+from pipeline.config import (
+    DedupConfig,
+    InputConfig,
+    PackingConfig,
+    PreprocessConfig,
+    StorageConfig,
+)
 from pipeline.counters import Counters
 from pipeline.encoding import SentenceEncoder
 from pipeline.manifest import SPLITS
 from pipeline.packing import BlockPacker, Blocks, tokenize_batch
 from pipeline.pieces import WorkUnit, unit_key
-from pipeline.readers import read_documents
 from pipeline.scratch import sweep_once, unit_scratch
+from pipeline.steps import Drop, normalised, read, sentences, without_duplicates
 from pipeline.storage import filesystem_for, join, protocol_of, storage_errors
-from pipeline.text import normalise, split_sentences
 from pipeline.tokenizer import LoadedTokenizer
 
 DOC_BATCH = 256
@@ -36,7 +42,7 @@ DOC_BATCH_BYTES = 4 << 20
 """A batch is tokenized once it holds DOC_BATCH documents or this many bytes of text, so that
 its memory (tokenizer encodings cost tens of bytes per input byte) does not grow with the
 documents' size: at most this plus one document of up to input.max_record_bytes."""
-__all__ = ["DOC_BATCH", "UnitContext", "heldout_hash", "process_unit", "unit_key"]
+__all__ = ["DOC_BATCH", "UnitContext", "heldout_hash", "process_unit", "shard_stem", "unit_key"]
 
 
 def heldout_hash(doc_id: str, seed: int) -> float:
@@ -56,6 +62,7 @@ class UnitContext:
     special_ids: dict[str, int]
     staging_uri: str
     strict: bool = False
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
     @classmethod
     def for_run(cls, cfg: PreprocessConfig, tok: LoadedTokenizer, staging_uri: str) -> UnitContext:
@@ -68,6 +75,7 @@ class UnitContext:
             special_ids=tok.special_ids,
             staging_uri=staging_uri,
             strict=cfg.strict,
+            dedup=cfg.dedup,
         )
 
 
@@ -135,10 +143,26 @@ class _ShardWriter:
         return {**self.stats, "documents": len(self.doc_ids), "sha256": digest.hexdigest()}
 
 
-def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
-    """Run all stages over one work unit; upload its shards to staging; return its record."""
+def shard_stem(key: str, drop: Mapping[int, Drop]) -> str:
+    """A unit's shard name: its key, plus a digest of the documents it drops as copies.
+
+    Which copies a unit drops depends on what else its run and the output hold, so two runs
+    can make different shards of one file; the digest keeps "same name, same bytes", which
+    the commit of two overlapping runs relies on (``pipeline.preprocess._commit``)."""
+    if not drop:
+        return key
+    digest = hashlib.sha256(",".join(map(str, sorted(drop))).encode()).hexdigest()[:10]
+    return f"{key}-x{digest}"
+
+
+def process_unit(
+    u: WorkUnit, ctx: UnitContext, drop: Mapping[int, Drop] | None = None
+) -> dict[str, Any]:
+    """Run all steps over one work unit, skipping the documents of ``drop`` (ordinal -> why,
+    decided by deduplication); upload its shards to staging; return its record."""
     f = u.file
     key = u.key
+    drop = drop or {}
     counters = Counters(strict=ctx.strict)
     encoder = _encoder(
         ctx.tokenizer_json,
@@ -147,7 +171,6 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
     )
     S = ctx.packing.sentences_per_block
     packers = {s: BlockPacker(S) for s in SPLITS}
-    in_fs, in_path = filesystem_for(f.uri, ctx.storage)
     out_fs, staging = filesystem_for(ctx.staging_uri, ctx.storage)
     shards: list[dict[str, Any]] = []
     sweep_once()  # scratch left by killed processes on this host
@@ -186,29 +209,21 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
             batch.clear()
             batch_bytes = 0
 
-        with storage_errors(f.uri, "read"):
-            for doc in read_documents(in_fs, in_path, f.uri, ctx.input, counters, u.span):
-                paragraphs = normalise(doc.text)
-                sentences = split_sentences(paragraphs)
-                if not sentences:
-                    counters.skip("empty_document", doc.location)
-                    continue
-                counters.add("documents")
-                counters.add("sentences", len(sentences))
-                n_bytes = len(doc.text.encode("utf-8"))
-                counters.add("source_bytes", n_bytes)
-                batch.append((doc.doc_id, sentences))
-                batch_bytes += n_bytes
-                if len(batch) >= DOC_BATCH or batch_bytes >= DOC_BATCH_BYTES:
-                    run_batch()
-            if batch:
+        docs = read(u, ctx.input, ctx.storage, counters)
+        docs = sentences(without_duplicates(normalised(docs), drop, counters), counters)
+        for doc in docs:  # (storage faults of the input are named by ``steps.read``)
+            batch.append((doc.doc_id, doc.sentences))
+            batch_bytes += doc.n_bytes
+            if len(batch) >= DOC_BATCH or batch_bytes >= DOC_BATCH_BYTES:
                 run_batch()
+        if batch:
+            run_batch()
         for s in SPLITS:
             writers[s].write(packers[s].flush())
             info = writers[s].close()
             if info is None:
                 continue
-            rel = f"{s}/{key}.parquet"
+            rel = f"{s}/{shard_stem(key, drop)}.parquet"
             counters.add("blocks", info["rows"])
             counters.add("sentence_pieces", info["sentences"])
             counters.add("tokens", info["tokens"])
@@ -229,6 +244,7 @@ def process_unit(u: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
         "key": key,
         "piece": u.piece,
         "pieces": u.pieces,
+        "dropped": len(drop),
         "shards": shards,
         "stats": counters.to_dict(),
     }

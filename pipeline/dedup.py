@@ -1,0 +1,217 @@
+"""Deduplication across an output and every night: which copy of a document survives.
+
+Two passes over a run's work units, with one decision on the driver between them:
+
+1. **Fingerprints** (``fingerprint_unit``, a Ray Data stage like processing): each unit reads
+   and normalises its documents (the same ``pipeline.steps`` as processing, so the same
+   ordinals) and stages each document's exact fingerprint and, for ``--dedup near``, its
+   MinHash LSH band keys.
+2. **Decision** (``Deduplicator.resolve``, on the driver): the night's keys are looked up in
+   the output's committed index (``pipeline.dedup_index``: only the row groups they fall in),
+   then the night's documents are taken in a fixed order, by input URI, piece and position: a
+   document is a copy if its exact fingerprint, or (near) any band key, matches a document of
+   the output or one kept earlier in that order. So the survivor never depends on the number
+   of workers or on timing, and a copy of a copy that was itself dropped is judged against
+   what was kept. The kept documents' keys are the run's index delta.
+3. **Processing** (``pipeline.unit.process_unit``) skips each unit's copies, counted as
+   ``duplicate_exact`` / ``duplicate_near`` with their location and their original's input.
+
+Because every document of both splits is judged against every earlier one, a copy can never
+sit in held-out while another copy is in train. Two overlapping runs: the run that loses the
+commit race decides again against the winner's index (``pipeline.preprocess._commit``).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import DedupConfig, StorageConfig
+from pipeline.counters import Counters
+from pipeline.dedup_index import BAND, EXACT, Keys, LookupStats, lookup
+from pipeline.manifest import Manifest
+from pipeline.pieces import WorkUnit, unit_key
+from pipeline.steps import Drop, normalised, read
+from pipeline.storage import filesystem_for, join, storage_errors
+
+FP_DIR = "_fingerprints"
+"""Where the fingerprint pass stages its tables, inside the run's staging folder."""
+
+__all__ = ["Deduplicator", "Resolution", "fingerprint_unit"]
+
+
+def fingerprint_unit(u: WorkUnit, ctx: Any, drop: Any = None) -> dict[str, Any]:
+    """Pass 1 over a unit: stage its documents' fingerprints; returns where, and how many.
+
+    ``ctx`` is the run's ``pipeline.unit.UnitContext``. Bad records are counted by pass 2,
+    which reads the same documents (this pass's counters only feed the progress log)."""
+    from pipeline.fingerprints import Fingerprinter
+
+    fp = Fingerprinter.from_config(ctx.dedup)
+    counters = Counters()
+    ordinals, his, los, bands = [], [], [], []
+    for doc in normalised(read(u, ctx.input, ctx.storage, counters)):
+        if not doc.paragraphs:
+            continue  # empty: pass 2 skips it as empty_document; nothing to be a copy of
+        hi, lo = fp.exact(doc.paragraphs)
+        ordinals.append(doc.ordinal)
+        his.append(hi)
+        los.append(lo)
+        if fp.near:
+            bands.append(fp.band_keys(doc.paragraphs))
+    counters.add("documents", len(ordinals))
+    flat = np.concatenate(bands) if bands else np.zeros(0, np.uint64)
+    offsets = np.cumsum([0] + [len(b) for b in bands], dtype=np.int32)
+    table = pa.table(
+        {
+            "ordinal": pa.array(ordinals, pa.int32()),
+            "hi": pa.array(his, pa.uint64()),
+            "lo": pa.array(los, pa.uint64()),
+            "bands": pa.ListArray.from_arrays(
+                pa.array(offsets if fp.near else np.zeros(len(ordinals) + 1, np.int32)),
+                pa.array(flat, pa.uint64()),
+            ),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    fs, staging = filesystem_for(ctx.staging_uri, ctx.storage)
+    rel = f"{FP_DIR}/{u.key}.parquet"
+    with storage_errors(ctx.staging_uri, "stage fingerprints in"):
+        fs.makedirs(join(staging, FP_DIR), exist_ok=True)
+        fs.pipe_file(join(staging, rel), buf.getvalue())
+    return {
+        "uri": u.file.uri,
+        "piece": u.piece,
+        "key": u.key,
+        "unit": unit_key(u.file),
+        "fingerprints": rel,
+        "stats": counters.to_dict(),
+    }
+
+
+@dataclass
+class _UnitKeys:
+    key: str
+    """The work unit's key (what its drop list is for)."""
+    unit: str
+    """Its input file's unit key (what the index records)."""
+    uri: str
+    ordinal: list[int]
+    hi: list[int]
+    lo: list[int]
+    bands: list[list[int]]
+
+
+@dataclass
+class Resolution:
+    """The decision: what each unit drops, and the index rows of what the run keeps."""
+
+    drops: dict[str, dict[int, Drop]]
+    delta: Keys
+    exact: int = 0
+    near: int = 0
+    kept: int = 0
+    lookup: LookupStats = field(default_factory=LookupStats)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "documents_kept": self.kept,
+            "duplicate_exact": self.exact,
+            "duplicate_near": self.near,
+            "index_rows_added": len(self.delta),
+            "lookup": self.lookup.to_dict(),
+        }
+
+
+class Deduplicator:
+    """The driver's side: a run's staged fingerprints, decided against an output's index."""
+
+    def __init__(
+        self, cfg: DedupConfig, records: list[dict[str, Any]], staging: str, storage: StorageConfig
+    ) -> None:
+        self.cfg = cfg
+        self.storage = storage
+        fs, root = filesystem_for(staging, storage)
+        self.units: list[_UnitKeys] = []
+        with storage_errors(staging, "read the staged fingerprints of"):
+            for r in sorted(records, key=lambda r: (r["uri"], r["piece"])):
+                with fs.open(join(root, r["fingerprints"]), "rb") as f:
+                    t = pq.read_table(f)
+                self.units.append(
+                    _UnitKeys(
+                        key=r["key"],
+                        unit=r["unit"],
+                        uri=r["uri"],
+                        ordinal=t.column("ordinal").to_pylist(),
+                        hi=t.column("hi").to_pylist(),
+                        lo=t.column("lo").to_pylist(),
+                        bands=t.column("bands").to_pylist(),
+                    )
+                )
+
+    def asked(self, keep: set[str] | None = None) -> np.ndarray:
+        """Every key of the night (of the units in ``keep``, if given)."""
+        parts = [
+            np.asarray(u.hi + [b for bs in u.bands for b in bs], dtype=np.uint64)
+            for u in self.units
+            if keep is None or u.key in keep
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+    def resolve(
+        self,
+        output: str,
+        manifest: Manifest | None,
+        live_units: set[str],
+        keep: set[str] | None = None,
+    ) -> Resolution:
+        """Decide every document of the units in ``keep`` (default: all) against ``manifest``'s
+        index (rows of inputs in ``live_units`` only) and against each other."""
+        refs = manifest.dedup_index if manifest is not None else ()
+        uris = {e.unit: e.uri for e in manifest.inputs} if manifest is not None else {}
+        m = lookup(output, self.storage, refs, self.asked(keep), self.cfg.index_buckets, live_units)
+        kept_exact: dict[tuple[int, int], str] = {}
+        kept_band: dict[int, str] = {}
+        res = Resolution(drops={}, delta=Keys.empty(), lookup=m.stats)
+        rows: list[tuple[int, int, int, str]] = []
+        for u in self.units:
+            if keep is not None and u.key not in keep:
+                continue
+            drops: dict[int, Drop] = {}
+            for ordinal, hi, lo, bands in zip(u.ordinal, u.hi, u.lo, u.bands, strict=True):
+                e = (hi, lo)
+                if e in m.exact:
+                    drops[ordinal] = Drop("duplicate_exact", uris.get(m.exact[e], m.exact[e]))
+                elif e in kept_exact:
+                    drops[ordinal] = Drop("duplicate_exact", kept_exact[e])
+                else:
+                    hit = next((b for b in bands if b in m.band or b in kept_band), None)
+                    if hit is not None:
+                        orig = kept_band.get(hit) or uris.get(m.band[hit], m.band[hit])
+                        drops[ordinal] = Drop("duplicate_near", orig)
+                        continue
+                    kept_exact[e] = u.uri
+                    rows.append((hi, EXACT, lo, u.unit))
+                    for b in bands:
+                        kept_band[b] = u.uri
+                        rows.append((b, BAND, 0, u.unit))
+                    res.kept += 1
+            res.exact += sum(d.reason == "duplicate_exact" for d in drops.values())
+            res.near += sum(d.reason == "duplicate_near" for d in drops.values())
+            if drops:
+                res.drops[u.key] = drops
+        if rows:
+            key, kind, check, unit = zip(*rows, strict=True)
+            res.delta = Keys(
+                np.asarray(key, np.uint64),
+                np.asarray(kind, np.uint8),
+                np.asarray(check, np.uint64),
+                np.asarray(unit, object),
+            )
+        return res
