@@ -20,6 +20,7 @@ from pipeline.dedup_index import Keys, write_delta
 from pipeline.distributed import Drops, UnitFn, init_ray, ray_map, run_units, run_units_here
 from pipeline.errors import UserError
 from pipeline.manifest import (
+    INDEX_DIR,
     SPLITS,
     IndexFileRef,
     InputEntry,
@@ -419,62 +420,78 @@ def _commit(
     files = {f.uri: f for f in plan.todo}
     moved: set[str] = set()
     index_files: list[tuple[str, int, int, str]] = []
-    while True:
-        with clock.phase("commit shards"), storage_errors(output, "commit shards to"):
-            if dedup is not None and not index_files:
-                index_files = write_delta(
-                    staging, cfg.storage, run_id, dedup.resolution.delta, cfg.dedup.index_buckets
-                )
-            todo = [i["path"] for r in records for i in r["shards"]] + [f[0] for f in index_files]
-            todo = [p for p in todo if p not in moved]
-            _move_all(fs, staging_path, root, todo)
-            moved.update(todo)
-            if previous is None:
-                _write_tokenizer(fs, root, tok, output)
-        with clock.phase("stats"):
-            manifest = _next_manifest(cfg, run_id, tok, previous, plan, records, index_files)
-            added = sorted(i["path"] for r in records for i in r["shards"])
-            run_summary = _run_summary(run_id, manifest.version, records, added)
-            if dedup is not None:
-                run_summary["dedup"] = dedup.resolution.summary()
-            # What the driver spent up to here (the commit and clean-up follow in the log).
-            run_summary["seconds"] = {**clock.seconds, "driver_so_far": clock.total()}
-            stats = build_stats(manifest, run_summary)
-            write_stats(output, stats, cfg.storage, cfg.plot)
-        try:
-            with clock.phase("manifest"):
-                manifest.commit(output, cfg.storage)  # the commit point
-            break
-        except ManifestConflict as conflict:
-            previous = Manifest.require(output, cfg.storage)
-            previous.check_compatible(cfg.output_identity(), tok.sha256, output)
-            replan = plan_inputs([files[r["uri"]] for r in records], previous, cfg.on_changed)
-            still = {f.uri for f in replan.todo}
-            print(
-                f"[preprocess] another run committed manifest v{conflict.version} first; "
-                f"rebasing onto v{previous.version}: {len(records) - len(still)} of my "
-                f"{len(records)} input(s) are already in it",
-                file=sys.stderr,
-            )
-            records = [r for r in records if r["uri"] in still]
-            plan = Plan(todo=replan.todo, replaced=replan.replaced)
-            if dedup is not None and records:
-                with clock.phase("dedup"):
-                    records = sorted(
-                        dedup.rebase(output, previous, plan, still), key=lambda r: r["uri"]
+    try:
+        while True:
+            with clock.phase("commit shards"), storage_errors(output, "commit shards to"):
+                if dedup is not None and not index_files:
+                    index_files = write_delta(
+                        staging,
+                        cfg.storage,
+                        run_id,
+                        dedup.resolution.delta,
+                        cfg.dedup.index_buckets,
                     )
-                index_files = []  # written again from the new decision
-            # What this run moved into place that neither the winner's manifest nor this run's
-            # next commit lists (shards of units decided again, the old index files) goes now.
-            listed = {i["path"] for r in records for i in r["shards"]} | {
-                ref.path for refs in previous.splits.values() for ref in refs
-            }
-            orphans = sorted(p for p in moved if p not in listed)
-            _remove(fs, [join(root, p) for p in orphans])
-            moved -= set(orphans)
-            if not records:
-                _remove(fs, [staging_path])
-                return PreprocessResult(output, previous.version, [], [], {}, build_stats(previous))
+                todo = [i["path"] for r in records for i in r["shards"]] + [
+                    f[0] for f in index_files
+                ]
+                todo = [p for p in todo if p not in moved]
+                _move_all(fs, staging_path, root, todo)
+                moved.update(todo)
+                if previous is None:
+                    _write_tokenizer(fs, root, tok, output)
+            with clock.phase("stats"):
+                manifest = _next_manifest(cfg, run_id, tok, previous, plan, records, index_files)
+                added = sorted(i["path"] for r in records for i in r["shards"])
+                run_summary = _run_summary(run_id, manifest.version, records, added)
+                if dedup is not None:
+                    run_summary["dedup"] = dedup.resolution.summary()
+                # What the driver spent up to here (the commit and clean-up follow in the log).
+                run_summary["seconds"] = {**clock.seconds, "driver_so_far": clock.total()}
+                stats = build_stats(manifest, run_summary)
+                write_stats(output, stats, cfg.storage, cfg.plot)
+            try:
+                with clock.phase("manifest"):
+                    manifest.commit(output, cfg.storage)  # the commit point
+                break
+            except ManifestConflict as conflict:
+                previous = Manifest.require(output, cfg.storage)
+                previous.check_compatible(cfg.output_identity(), tok.sha256, output)
+                replan = plan_inputs([files[r["uri"]] for r in records], previous, cfg.on_changed)
+                still = {f.uri for f in replan.todo}
+                print(
+                    f"[preprocess] another run committed manifest v{conflict.version} first; "
+                    f"rebasing onto v{previous.version}: {len(records) - len(still)} of my "
+                    f"{len(records)} input(s) are already in it",
+                    file=sys.stderr,
+                )
+                records = [r for r in records if r["uri"] in still]
+                plan = Plan(todo=replan.todo, replaced=replan.replaced)
+                if dedup is not None and records:
+                    with clock.phase("dedup"):
+                        records = sorted(
+                            dedup.rebase(output, previous, plan, still), key=lambda r: r["uri"]
+                        )
+                    index_files = []  # written again from the new decision
+                # What this run moved into place that neither the winner's manifest nor this run's
+                # next commit lists (shards of units decided again, the old index files) goes now.
+                listed = {i["path"] for r in records for i in r["shards"]} | {
+                    ref.path for refs in previous.splits.values() for ref in refs
+                }
+                orphans = sorted(p for p in moved if p not in listed)
+                _remove(fs, [join(root, p) for p in orphans])
+                moved -= set(orphans)
+                if not records:
+                    _remove(fs, [staging_path])
+                    return PreprocessResult(
+                        output, previous.version, [], [], {}, build_stats(previous)
+                    )
+    except BaseException:
+        # Not committed: this run's index files (named by its run id, so no other run's) go,
+        # as its staging does. Its shards stay: their names are deterministic, so the next run
+        # that processes these inputs writes them again, and no manifest lists them until then.
+        if dedup is not None:
+            _remove(fs, [join(root, INDEX_DIR, run_id)])
+        raise
     # The commit has happened: clean-up is best effort, and what it leaves is invisible to
     # readers (staging is never listed; replaced shards are no longer in the manifest).
     with clock.phase("clean-up"):

@@ -134,10 +134,13 @@ def test_rerun_writes_nothing_and_new_file_adds_only_its_shards(
     changed = {k for k in before if k in after and after[k] != before[k]}
     assert changed <= {"manifest.json", "stats.json"}, changed
     new = set(after) - set(before)
-    assert new == {"manifests/v00002.json", *third.shards_added}
-    assert all("part-9-" in p for p in third.shards_added)
     manifest = read_manifest(str(out))
     assert manifest is not None and manifest.version == 2
+    # ... and the deduplication index's rows for the new file's documents.
+    index = {r.path for r in manifest.dedup_index if r.added_in_version == 2}
+    assert index and all(p.startswith(f"dedup/{manifest.run_id}/") for p in index)
+    assert new == {"manifests/v00002.json", *third.shards_added, *index}
+    assert all("part-9-" in p for p in third.shards_added)
     assert {e.added_in_version for e in manifest.inputs} == {1, 2}
     assert len(first.shards_added) + len(third.shards_added) == sum(
         len(manifest.shards(s)) for s in ("train", "heldout")
