@@ -175,6 +175,10 @@ def run_cli(
     """The command as a user runs it: (wall seconds, its work-unit line, its driver line, the
     documents it read)."""
     cmd = [gpthf, "preprocess", corpus["path"], "--output", str(out), "--tokenizer", tok, "--json"]
+    # The corpora cycle through the sample corpus's records (copies by design), and the peer
+    # (datatrove's tokenize-and-write) removes none: the same work is without deduplication.
+    # What deduplication costs is benchmarks/dedup.py's.
+    cmd += ["--dedup", "none"]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     if force_ray:

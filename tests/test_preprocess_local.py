@@ -186,7 +186,8 @@ def test_changed_input_is_refused_or_replaced(
 
 def test_hostile_inputs_are_counted_and_skipped(tmp_path: Path, tokenizer_path: Path) -> None:
     src = tmp_path / "raw"
-    write_jsonl(src / "good.jsonl", [make_document(random.Random(3)) for _ in range(5)])
+    rng = random.Random(3)
+    write_jsonl(src / "good.jsonl", [make_document(rng) for _ in range(5)])
     (src / "bad.jsonl").write_bytes(b'{"text": "Fine one."}\n{broken\n{"text": 7}\n{"other": 1}\n')
     (src / "blob.bin").write_bytes(bytes(range(256)) * 64)
     (src / "empty.txt").write_bytes(b"")

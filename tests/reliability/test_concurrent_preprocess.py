@@ -163,3 +163,61 @@ def test_two_cli_runs_started_together_lose_nothing(tmp_path: Path, tokenizer_pa
     )  # fmt: skip
     assert run_reference.returncode == 0, run_reference.stderr[-3000:]
     assert _listed(out) == _listed(reference)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_overlapping_runs_with_copies_between_them_keep_each_document_once(
+    tmp_path: Path, tokenizer_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run A holds a document that run B, committing first, also holds (under another id in
+    another file): A decides again against B's index and processes that file again without it."""
+    raw = tmp_path / "raw"
+    _write(raw / "a0.jsonl", 12, 50)
+    _write(raw / "a1.jsonl", 12, 51)
+    _write(raw / "b0.jsonl", 12, 52)
+    copied = json.loads((raw / "a0.jsonl").read_text().splitlines()[3])
+    with (raw / "b0.jsonl").open("a") as f:
+        f.write(json.dumps({"id": "b0-copy", "text": copied["text"]}) + "\n")
+    out = tmp_path / "out"
+    real_commit = Manifest.commit
+    calls: list[int] = []
+
+    def commit_after_the_other_run(self: Manifest, output: str, storage: object = None) -> None:
+        if not calls:
+            calls.append(self.version)
+            monkeypatch.setattr(Manifest, "commit", real_commit)
+            assert run_preprocess(_cfg([raw / "b0.jsonl"], out, tokenizer_path)).version == 1
+            monkeypatch.setattr(Manifest, "commit", commit_after_the_other_run)
+        real_commit(self, output, storage)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Manifest, "commit", commit_after_the_other_run)
+    first = run_preprocess(_cfg([raw / "a0.jsonl", raw / "a1.jsonl"], out, tokenizer_path))
+    monkeypatch.setattr(Manifest, "commit", real_commit)
+
+    assert calls == [1] and first.version == 2
+    # Planted and landed: A alone kept the copy (it was the first copy in A's order) ...
+    assert first.run_stats["dedup"]["duplicate_exact"] == 1, "A decided again after the rebase"
+    ids = _doc_ids(out)
+    assert len(ids) == len(set(ids)) == 36, "every document once: the copy only from b0"
+    assert "b0-copy" in ids and copied["id"] not in ids
+    assert _on_disk(out) == set(_listed(out)), "no shard on disk is unlisted"
+    m = Manifest.require(str(out))
+    listed = {r.path for r in m.dedup_index}
+    assert listed == {str(p.relative_to(out)) for p in (out / "dedup").rglob("*.parquet")}
+    # Only the file that held the copy was processed again (a digest of its drops in its name).
+    assert [e.uri for e in m.inputs if any("-x" in s for s in e.shards)] == [str(raw / "a0.jsonl")]
+
+
+def _doc_ids(out: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    for path in _listed(out):
+        t = pq.read_table(out / path, columns=["document_ids", "first_sentence_offset"])
+        for doc_ids, first in zip(
+            t.column("document_ids").to_pylist(),
+            t.column("first_sentence_offset").to_pylist(),
+            strict=True,
+        ):
+            ids.extend(doc_ids[1:] if first > 0 else doc_ids)
+    return ids
