@@ -21,7 +21,8 @@ Three measurements, one run, written to ``benchmarks/results/dedup[_quick].json`
 The corpora are the sample corpus's records (benchmarks/preprocess.py), made distinct per
 repetition by a permutation of the words within bands of similar frequency (copies of the
 sample corpus are what the pipeline would remove, and would make the sides unequal); ``--quick``
-runs in this process without Ray (one core), the default on Ray with two workers.
+runs in this process without Ray on one core (one tokenizer thread, as a Ray worker of one CPU
+runs), the default on Ray with two workers.
 """
 
 from __future__ import annotations
@@ -134,7 +135,11 @@ def preprocess(gpthf: str, src: str, out: Path, tok: str, mode: str, ray: bool,
         if ray
         else ["--local-below-bytes", str(1 << 40)]
     )
-    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, cwd=ROOT)
+    # In this process (--quick), one core as a Ray worker of one CPU has it: the tokenizer's
+    # threads would otherwise take the second core for processing only, and the fingerprint
+    # pass (Python, one thread) would be compared with two cores' work.
+    env = clean_env() if ray else clean_env(RAYON_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)["run"]
@@ -325,14 +330,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--planted", type=float, default=0.1, help="fraction of copies planted")
     ap.add_argument("--small", type=int, default=20_000, help="documents of the small output")
-    ap.add_argument("--night", type=int, default=50)
+    ap.add_argument("--night", type=int, default=20, help="documents of the night added")
     ap.add_argument("--quick", action="store_true",
-                    help="sizes 2/4/6 MB in one process without Ray; outputs of 10k and 80k documents")  # fmt: skip
+                    help="sizes 2/4/6 MB in one process without Ray; outputs of 10k and 80k documents, a night of 10")  # fmt: skip
     ap.add_argument("--out", help="result JSON (default benchmarks/results/dedup[_quick].json)")
     args = ap.parse_args()
     args.ray = not args.quick
     if args.quick:
-        args.sizes_mb, args.small = [2.0, 4.0, 6.0], 10_000
+        args.sizes_mb, args.small, args.night = [2.0, 4.0, 6.0], 10_000, 10
     args.gpthf = str(Path(sys.executable).parent / "gpthf")
     from pipeline.sample_corpus import ensure_sample_corpus
     from pipeline.tokenizer import train_tokenizer

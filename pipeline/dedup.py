@@ -39,6 +39,8 @@ from pipeline.pieces import WorkUnit, unit_key
 from pipeline.steps import Drop, normalised, read
 from pipeline.storage import filesystem_for, join, storage_errors
 
+BAND_BATCH = 256
+"""Documents whose band keys are computed in one batch (NumPy and rensa calls per batch)."""
 FP_DIR = "_fingerprints"
 """Where the fingerprint pass stages its tables, inside the run's staging folder."""
 
@@ -54,7 +56,9 @@ def fingerprint_unit(u: WorkUnit, ctx: Any, drop: Any = None) -> dict[str, Any]:
 
     fp = Fingerprinter.from_config(ctx.dedup)
     counters = Counters()
-    ordinals, his, los, bands = [], [], [], []
+    ordinals, his, los = [], [], []
+    bands: list[np.ndarray] = []
+    texts: list[str] = []
     for doc in normalised(read(u, ctx.input, ctx.storage, counters)):
         if not doc.paragraphs:
             continue  # empty: pass 2 skips it as empty_document; nothing to be a copy of
@@ -63,7 +67,12 @@ def fingerprint_unit(u: WorkUnit, ctx: Any, drop: Any = None) -> dict[str, Any]:
         his.append(hi)
         los.append(lo)
         if fp.near:
-            bands.append(fp.band_keys(doc.paragraphs))
+            texts.append("\n".join(doc.paragraphs))
+            if len(texts) == BAND_BATCH:
+                bands += fp.band_keys(texts)
+                texts = []
+    if texts:
+        bands += fp.band_keys(texts)
     counters.add("documents", len(ordinals))
     flat = np.concatenate(bands) if bands else np.zeros(0, np.uint64)
     offsets = np.cumsum([0] + [len(b) for b in bands], dtype=np.int32)

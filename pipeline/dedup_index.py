@@ -33,7 +33,7 @@ from pipeline.storage import filesystem_for, join, storage_errors
 EXACT, BAND = 0, 1
 """Kinds of key: a document's exact fingerprint (``check`` holds its other 64 bits), or one of
 its LSH band keys."""
-ROW_GROUP = 4096
+ROW_GROUP = 1024
 SCHEMA = pa.schema(
     [("key", pa.uint64()), ("kind", pa.uint8()), ("check", pa.uint64()), ("unit", pa.string())]
 )

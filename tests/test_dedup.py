@@ -151,9 +151,9 @@ def test_near_copies_caught_above_the_threshold_and_kept_below() -> None:
         far = " ".join(_mutate(words, 0.2, rng))  # J ~ 0.2
         j_close, j_far = _jaccard(fp, base, close), _jaccard(fp, base, far)
         assert j_close >= 0.85 and j_far <= 0.35, (j_close, j_far)
-        kb = set(fp.band_keys([base]).tolist())
-        caught.append(bool(kb & set(fp.band_keys([close]).tolist())))
-        kept.append(not kb & set(fp.band_keys([far]).tolist()))
+        kb, kc, kf = (set(k.tolist()) for k in fp.band_keys([base, close, far]))
+        caught.append(bool(kb & kc))
+        kept.append(not kb & kf)
     assert all(caught) and all(kept), (caught, kept)
 
 
