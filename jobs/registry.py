@@ -15,6 +15,9 @@ class Job:
 
 JOBS = {
     "preprocess": Job("jobs.preprocess", "raw corpora -> packed sentence blocks + manifest"),
+    "contamination": Job(
+        "jobs.contamination", "held-out documents with a copy in train: report, or --remove"
+    ),
     "nightly": Job("jobs.nightly", "incremental preprocessing of what arrived since the last run"),
     "train": Job("jobs.train", "train GPTHF (or the GPT baseline) with Ray Train + DeepSpeed"),
     "eval": Job("jobs.evaluate", "batch perplexity evaluation of exports over held-out shards"),

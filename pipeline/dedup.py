@@ -38,6 +38,7 @@ from pipeline.manifest import Manifest
 from pipeline.pieces import WorkUnit, unit_key
 from pipeline.steps import Drop, normalised, read
 from pipeline.storage import filesystem_for, join, storage_errors
+from pipeline.unit import heldout_hash
 
 BAND_BATCH = 256
 """Documents whose band keys are computed in one batch (NumPy and rensa calls per batch)."""
@@ -56,7 +57,8 @@ def fingerprint_unit(u: WorkUnit, ctx: Any, drop: Any = None) -> dict[str, Any]:
 
     fp = Fingerprinter.from_config(ctx.dedup)
     counters = Counters()
-    ordinals, his, los = [], [], []
+    ordinals, his, los, doc_ids, heldout = [], [], [], [], []
+    seed, fraction = ctx.packing.seed, ctx.packing.heldout_fraction
     bands: list[np.ndarray] = []
     texts: list[str] = []
     for doc in normalised(read(u, ctx.input, ctx.storage, counters)):
@@ -66,6 +68,8 @@ def fingerprint_unit(u: WorkUnit, ctx: Any, drop: Any = None) -> dict[str, Any]:
         ordinals.append(doc.ordinal)
         his.append(hi)
         los.append(lo)
+        doc_ids.append(doc.doc_id)
+        heldout.append(heldout_hash(doc.doc_id, seed) < fraction)
         if fp.near:
             texts.append("\n".join(doc.paragraphs))
             if len(texts) == BAND_BATCH:
@@ -81,6 +85,8 @@ def fingerprint_unit(u: WorkUnit, ctx: Any, drop: Any = None) -> dict[str, Any]:
             "ordinal": pa.array(ordinals, pa.int32()),
             "hi": pa.array(his, pa.uint64()),
             "lo": pa.array(los, pa.uint64()),
+            "doc_id": pa.array(doc_ids, pa.string()),
+            "heldout": pa.array(heldout, pa.bool_()),
             "bands": pa.ListArray.from_arrays(
                 pa.array(offsets if fp.near else np.zeros(len(ordinals) + 1, np.int32)),
                 pa.array(flat, pa.uint64()),
@@ -115,6 +121,9 @@ class _UnitKeys:
     hi: list[int]
     lo: list[int]
     bands: list[list[int]]
+    doc_id: list[str]
+    heldout: list[bool]
+    """Whether each document is in the held-out split (``pipeline.unit.heldout_hash``)."""
 
 
 @dataclass
@@ -161,6 +170,8 @@ class Deduplicator:
                         hi=t.column("hi").to_pylist(),
                         lo=t.column("lo").to_pylist(),
                         bands=t.column("bands").to_pylist(),
+                        doc_id=t.column("doc_id").to_pylist(),
+                        heldout=t.column("heldout").to_pylist(),
                     )
                 )
 

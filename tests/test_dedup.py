@@ -93,7 +93,7 @@ def test_same_text_under_two_names_in_one_night_is_kept_once(
 
 
 def test_copies_across_nights_and_of_held_out_documents_are_skipped(
-    tmp_path: Path, tokenizer_path: Path
+    tmp_path: Path, tokenizer_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     docs = _docs(3, 40)
     raw, out = tmp_path / "raw", tmp_path / "out"
@@ -124,6 +124,14 @@ def test_copies_across_nights_and_of_held_out_documents_are_skipped(
     run_preprocess(_cfg(raw, tmp_path / "plain", tokenizer_path, mode="none"))
     leaked = [i for i in _doc_ids(tmp_path / "plain", "train") if "n2-copy" in i]
     assert any(int(i.removeprefix("n2-copy")) < len(held_texts) for i in leaked)
+    # The contamination check (from the command line) agrees: clean with deduplication,
+    # contaminated without.
+    from jobs.cli import main
+
+    for folder, clean in ((out, True), (tmp_path / "plain", False)):
+        assert main(["contamination", "--output", str(folder), "--mode", "exact", "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert (found["contaminated"] == 0) == clean, found
 
 
 def _mutate(words: list[str], fraction: float, rng: random.Random) -> list[str]:
@@ -245,3 +253,48 @@ def test_a_killed_commit_leaves_the_index_consistent(
     listed = {r.path for r in Manifest.require(str(out)).dedup_index}
     on_disk = {str(p.relative_to(out)) for p in (out / "dedup").rglob("*.parquet")}
     assert listed == on_disk, "the killed run's index files were removed"
+
+
+def test_contamination_of_an_output_made_without_dedup_is_reported_and_removed(
+    tmp_path: Path, tokenizer_path: Path
+) -> None:
+    from pipeline.config import StorageConfig
+    from pipeline.contamination import ContaminationConfig, check_contamination
+    from pipeline.unit import heldout_hash
+
+    docs = _docs(12, 40)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _write(raw / "a.jsonl", [(f"a{i}", t) for i, t in enumerate(docs)])
+    # b: every a document again under a new id, one of them as a near copy (a date line).
+    rows = [(f"b{i}", t) for i, t in enumerate(docs)]
+    rows[0] = ("b0", "Fetched on 2026-12-06. " + docs[0])
+    _write(raw / "b.jsonl", rows)
+    run_preprocess(_cfg(raw, out, tokenizer_path, mode="none"))
+    held = {i for i in _doc_ids(out, "heldout")}
+
+    def is_held(doc_id: str) -> bool:
+        return heldout_hash(doc_id, 0) < 0.3
+
+    assert held == {d for d in [*(f"a{i}" for i in range(40)), *(r[0] for r in rows)] if is_held(d)}
+    # Planted: a held-out document whose copy (the other file's id) is in train.
+    want = {d for d in held if not is_held(("b" if d[0] == "a" else "a") + d[1:])}
+    assert want, "the fixture needs contaminated held-out documents"
+    near_one = {"a0", "b0"} & want
+    check = ContaminationConfig(output=str(out), mode="near", storage=StorageConfig())
+    report = check_contamination(check)
+    assert report.heldout_documents == len(held)
+    assert (report.exact, report.near) == (len(want - near_one), len(near_one))
+    exact_only = check_contamination(ContaminationConfig(output=str(out), mode="exact"))
+    assert exact_only.contaminated == len(want - near_one)
+    assert not report.removed and Manifest.require(str(out)).version == 1
+
+    train_before = sorted(_doc_ids(out, "train"))
+    check.remove = True
+    removed = check_contamination(check)
+    assert removed.removed and removed.version == 2
+    assert set(_doc_ids(out, "heldout")) == held - want
+    assert sorted(_doc_ids(out, "train")) == train_before, "train keeps every document"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["skipped"]["heldout_copy_of_train"] == len(want)
+    check.remove = False
+    assert check_contamination(check).contaminated == 0
