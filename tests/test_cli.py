@@ -18,6 +18,7 @@ import pytest
 from jobs.cli import main
 from pipeline import settings
 from pipeline.config import ConfigError, PreprocessConfig, StorageConfig, load_preprocess_config
+from pipeline.contamination import ContaminationConfig
 from pipeline.errors import UserError
 from tests.conftest import make_document
 from training.eval.config import EvalConfig
@@ -119,6 +120,7 @@ JOB_CONFIGS = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "generate": GenerateConfig,
+    "contamination": ContaminationConfig,
 }
 
 # The flags users, scripts and the cluster manifests already type: they must keep working.
@@ -135,6 +137,7 @@ LEGACY_FLAGS = {
     "--batch-rows --endpoint-url --config",
     "generate": "--checkpoint --prompt --max-new-tokens --mode --temperature --top-k --top-p "
     "--seed --gpu --json --config",
+    "contamination": "--output --mode --remove --json --config",
 }
 
 
