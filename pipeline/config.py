@@ -144,10 +144,15 @@ class DedupConfig:
     index_buckets: int = 64
     """The fingerprint index is cut into this many key ranges (a power of two); a night reads
     only the row groups of the ranges its own fingerprints fall in."""
+    index_max_files: int = 8
+    """A key range holding more index files than this (each run adds one) is merged into one
+    by the run that adds to it, so that a night's reads stay a footer per file, not per night."""
 
     def __post_init__(self) -> None:
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:
             raise ConfigError("dedup.ngram, dedup.bands and dedup.rows must be >= 1")
+        if self.index_max_files < 1:
+            raise ConfigError("dedup.index_max_files must be >= 1")
         b = self.index_buckets
         if b < 1 or b > 4096 or b & (b - 1):
             raise ConfigError("dedup.index_buckets must be a power of two from 1 to 4096")

@@ -75,12 +75,18 @@ def bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:
 
 
 def write_delta(
-    staging: str, storage: StorageConfig | None, run_id: str, keys: Keys, buckets: int
+    staging: str,
+    storage: StorageConfig | None,
+    run_id: str,
+    keys: Keys,
+    buckets: int,
+    bucket: int | None = None,
 ) -> list[tuple[str, int, int, str]]:
-    """Write ``keys`` under ``staging`` as this run's index files, one per bucket holding any;
-    returns (path relative to the output, bucket, rows, sha256) of each."""
+    """Write ``keys`` under ``staging`` as this run's index files, one per bucket holding any
+    (all in ``bucket``, when given); returns (path relative to the output, bucket, rows,
+    sha256) of each."""
     fs, root = filesystem_for(staging, storage)
-    b = bucket_of(keys.key, buckets)
+    b = bucket_of(keys.key, buckets) if bucket is None else np.full(len(keys), bucket, np.int64)
     order = np.lexsort((keys.key, b))
     keys, b = keys.take(order), b[order]
     out = []
@@ -107,6 +113,55 @@ def write_delta(
             fs.pipe_file(join(root, rel), data)
         out.append((rel, int(b[lo]), int(hi - lo), hashlib.sha256(data).hexdigest()))
     return out
+
+
+def compact(
+    output: str,
+    staging: str,
+    storage: StorageConfig | None,
+    run_id: str,
+    committed: Sequence[IndexFileRef],
+    delta: list[tuple[str, int, int, str]],
+    live_units: set[str],
+    max_files: int,
+) -> tuple[list[tuple[str, int, int, str]], set[str]]:
+    """Merge each key range that would hold more than ``max_files`` files (the committed ones
+    plus this run's ``delta``) into one file of this run: its live rows (those of inputs in
+    ``live_units``; a replaced input's rows go), sorted by key. Returns this run's index files
+    and the committed paths the merged files replace (they leave the next manifest; the files
+    stay on disk for readers of the current one until ``sweep`` removes them a day later)."""
+    fs_out, root = filesystem_for(output, storage)
+    fs_st, st_root = filesystem_for(staging, storage)
+    mine = {b: (rel, n, h) for rel, b, n, h in delta}
+    by_bucket: dict[int, list[IndexFileRef]] = {}
+    for ref in committed:
+        by_bucket.setdefault(ref.bucket, []).append(ref)
+    out = list(delta)
+    replaced: set[str] = set()
+    for bucket, refs in sorted(by_bucket.items()):
+        if len(refs) + (bucket in mine) <= max_files:
+            continue
+        tables = []
+        with storage_errors(output, "merge the deduplication index of"):
+            for ref in refs:
+                with fs_out.open(join(root, ref.path), "rb") as f:
+                    tables.append(pq.read_table(f))
+            if bucket in mine:
+                with fs_st.open(join(st_root, mine[bucket][0]), "rb") as f:
+                    tables.append(pq.read_table(f))
+        merged = pa.concat_tables(tables)
+        live = np.isin(merged.column("unit").to_numpy(zero_copy_only=False), list(live_units))
+        merged = merged.filter(pa.array(live))
+        keys = Keys(
+            merged.column("key").to_numpy(),
+            merged.column("kind").to_numpy(),
+            merged.column("check").to_numpy(),
+            merged.column("unit").to_numpy(zero_copy_only=False),
+        )
+        out = [f for f in out if f[1] != bucket]
+        out += write_delta(staging, storage, run_id, keys, 1, bucket=bucket)
+        replaced.update(ref.path for ref in refs)
+    return out, replaced
 
 
 @dataclass
@@ -206,3 +261,35 @@ def lookup(
     st.matches = len(matches.exact) + len(matches.band)
     st.seconds = time.perf_counter() - t0
     return matches
+
+
+STALE_S = 24 * 3600
+"""An index file no manifest lists is removed once its run is this old: a merge's inputs stay
+a day for the runs that planned against the manifest before it (``compact``), and a killed
+run's files are removed by the run itself (``pipeline.preprocess._commit``)."""
+
+
+def sweep(output: str, storage: StorageConfig | None, listed: set[str], now: float) -> list[str]:
+    """Remove the index files no manifest lists of runs older than ``STALE_S`` (their run
+    id starts with its UTC start time); returns what was removed."""
+    import datetime as dt
+
+    fs, root = filesystem_for(output, storage)
+    base = join(root, INDEX_DIR)
+    removed = []
+    with storage_errors(output, "sweep the deduplication index of"):
+        runs = fs.ls(base, detail=False) if fs.exists(base) else []
+        for run in runs:
+            name = run.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                started = dt.datetime.strptime(name.split("-", 1)[0], "%Y%m%dT%H%M%SZ")
+            except ValueError:
+                continue
+            if now - started.replace(tzinfo=dt.UTC).timestamp() <= STALE_S:
+                continue
+            for path in fs.ls(run, detail=False):
+                rel = f"{INDEX_DIR}/{name}/{path.rstrip('/').rsplit('/', 1)[-1]}"
+                if rel not in listed:
+                    fs.rm(path)
+                    removed.append(rel)
+    return removed

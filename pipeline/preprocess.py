@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.config import PreprocessConfig, config_hash
 from pipeline.counters import Counters
 from pipeline.dedup import Deduplicator, Resolution, fingerprint_unit
-from pipeline.dedup_index import Keys, write_delta
+from pipeline.dedup_index import Keys, compact, sweep, write_delta
 from pipeline.distributed import Drops, UnitFn, init_ray, ray_map, run_units, run_units_here
 from pipeline.errors import UserError
 from pipeline.manifest import (
@@ -140,6 +140,8 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> Preproce
         identity = cfg.output_identity()
         if previous is not None:
             previous.check_compatible(identity, tok.sha256, output)
+            if previous.dedup_index:  # index files merged away over a day ago
+                sweep(output, cfg.storage, {r.path for r in previous.dedup_index}, time.time())
         plan = plan_inputs(inputs, previous, cfg.on_changed)
     if not plan.todo:
         assert previous is not None
@@ -420,6 +422,7 @@ def _commit(
     files = {f.uri: f for f in plan.todo}
     moved: set[str] = set()
     index_files: list[tuple[str, int, int, str]] = []
+    merged_away: set[str] = set()
     try:
         while True:
             with clock.phase("commit shards"), storage_errors(output, "commit shards to"):
@@ -431,6 +434,19 @@ def _commit(
                         dedup.resolution.delta,
                         cfg.dedup.index_buckets,
                     )
+                    # A key range over index_max_files files is merged (into this run's file).
+                    live = {e.unit for e in previous.inputs} if previous else set()
+                    live = live - {e.unit for e in plan.replaced} | {r["unit"] for r in records}
+                    index_files, merged_away = compact(
+                        output,
+                        staging,
+                        cfg.storage,
+                        run_id,
+                        previous.dedup_index if previous else (),
+                        index_files,
+                        live,
+                        cfg.dedup.index_max_files,
+                    )
                 todo = [i["path"] for r in records for i in r["shards"]] + [
                     f[0] for f in index_files
                 ]
@@ -440,7 +456,9 @@ def _commit(
                 if previous is None:
                     _write_tokenizer(fs, root, tok, output)
             with clock.phase("stats"):
-                manifest = _next_manifest(cfg, run_id, tok, previous, plan, records, index_files)
+                manifest = _next_manifest(
+                    cfg, run_id, tok, previous, plan, records, index_files, merged_away
+                )
                 added = sorted(i["path"] for r in records for i in r["shards"])
                 run_summary = _run_summary(run_id, manifest.version, records, added)
                 if dedup is not None:
@@ -546,6 +564,7 @@ def _next_manifest(
     plan: Plan,
     records: list[dict[str, Any]],
     index_files: list[tuple[str, int, int, str]] = (),  # type: ignore[assignment]
+    merged_away: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> Manifest:
     version = (previous.version if previous else 0) + 1
     replaced_units = {e.unit for e in plan.replaced}
@@ -596,7 +615,9 @@ def _next_manifest(
         packing=cfg.output_identity(),
         inputs=tuple(sorted(inputs, key=lambda e: e.uri)),
         splits=splits,
-        dedup_index=(previous.dedup_index if previous else ())
+        dedup_index=tuple(
+            r for r in (previous.dedup_index if previous else ()) if r.path not in merged_away
+        )
         + tuple(
             IndexFileRef(path=p, bucket=b, rows=n, sha256=h, added_in_version=version)
             for p, b, n, h in index_files

@@ -298,3 +298,41 @@ def test_contamination_of_an_output_made_without_dedup_is_reported_and_removed(
     assert stats["skipped"]["heldout_copy_of_train"] == len(want)
     check.remove = False
     assert check_contamination(check).contaminated == 0
+
+
+def test_a_key_range_with_too_many_files_is_merged_and_old_files_swept(
+    tmp_path: Path, tokenizer_path: Path
+) -> None:
+    import time
+
+    from pipeline.dedup_index import STALE_S, sweep
+
+    docs = _docs(13, 40)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+
+    def night(k: int, rows: list[tuple[str, str]]) -> dict:
+        _write(raw / f"n{k}.jsonl", rows)
+        cfg = _cfg(raw, out, tokenizer_path)
+        cfg.dedup.index_buckets, cfg.dedup.index_max_files = 1, 2
+        return run_preprocess(cfg).run_stats
+
+    night(1, [(f"n1-{i}", t) for i, t in enumerate(docs[:10])])
+    night(2, [(f"n2-{i}", t) for i, t in enumerate(docs[10:20])])
+    assert len(Manifest.require(str(out)).dedup_index) == 2
+    night(3, [(f"n3-{i}", t) for i, t in enumerate(docs[20:30])])
+    m = Manifest.require(str(out))
+    assert len(m.dedup_index) == 1, m.dedup_index
+    (merged,) = m.dedup_index
+    assert merged.rows == 30 and merged.path.startswith(f"dedup/{m.run_id}/")
+    # A copy of night 1's documents is still caught through the merged file.
+    run = night(4, [("n4-copy", docs[3]), *((f"n4-{i}", t) for i, t in enumerate(docs[30:]))])
+    assert run["dedup"]["duplicate_exact"] == 1 and run["dedup"]["lookup"]["files"] == 1
+    # The merged-away files stay for a day (a run that planned against the old manifest may
+    # still read them), then go; listed files never do.
+    on_disk = {str(p.relative_to(out)) for p in (out / "dedup").rglob("*.parquet")}
+    listed = {r.path for r in Manifest.require(str(out)).dedup_index}
+    assert len(on_disk - listed) == 2
+    assert sweep(str(out), None, listed, time.time()) == []
+    gone = sweep(str(out), None, listed, time.time() + STALE_S + 1)
+    assert sorted(gone) == sorted(on_disk - listed)
+    assert {str(p.relative_to(out)) for p in (out / "dedup").rglob("*.parquet")} == listed

@@ -200,7 +200,10 @@ def run_outage_scenario(
         def kill_when_a_shard_is_staged() -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                if any(iter_objects(fs, "shards/out/_staging/")):
+                # A shard (not the fingerprints deduplication stages first): the outage then
+                # meets the workers while they process, as it did before deduplication.
+                staged = iter_objects(fs, "shards/out/_staging/")
+                if any("/train/" in k or "/heldout/" in k for k in staged):
                     server.kill()
                     killed["at"] = time.monotonic()
                     return
