@@ -299,7 +299,7 @@ def report_markdown(r: dict[str, Any]) -> str:
     rows = []
     for m in MODES:
         f = fits[m]
-        c = f"{100 * f['cost']:.1f}% ± {100 * f['cost_se']:.1f}" if "cost" in f else "-"
+        c = f"{100 * f['cost']:.1f}% ± {100 * f['cost_se']:.1f}%" if "cost" in f else "-"
         goal = f"<= {100 * GOALS[m + '_cost']:.0f}%" if m != "none" else ""
         rows.append([m, f"{f['marginal_MBps']:.2f} ± {f['marginal_MBps_se']:.2f}",
                      f"{f['fixed_s']:.1f}", c, goal])  # fmt: skip
