@@ -18,7 +18,8 @@ Three measurements, one run, written to ``benchmarks/results/dedup[_quick].json`
    same ``night`` documents into each; the run's ``dedup.lookup`` counts (row groups read of
    those in the index, rows read) show the reads follow the night, not the output.
 
-The corpora are the sample corpus's records (benchmarks/preprocess.py), made distinct per
+The corpora are the sample corpus's records (benchmarks/preprocess.py) less those the pipeline
+would call copies of earlier ones (``distinct``: some plays come in two editions), made distinct per
 repetition by a permutation of the words within bands of similar frequency (copies of the
 sample corpus are what the pipeline would remove, and would make the sides unequal); ``--quick``
 runs in this process without Ray on one core (one tokenizer thread, as a Ray worker of one CPU
@@ -88,6 +89,30 @@ class Disguise:
         if not m:
             return text
         return _WORD.sub(lambda w: m.get(w.group().lower(), w.group()), text)
+
+
+def distinct(records: list[str]) -> list[str]:
+    """The records without those the pipeline would call a copy of an earlier one (exact or
+    near: the sample corpus holds two editions of some plays), so that a corpus built from
+    them has no copies and every side of the cost comparison keeps every document."""
+    from pipeline.config import DedupConfig
+    from pipeline.fingerprints import Fingerprinter
+    from pipeline.text import normalise
+
+    fp = Fingerprinter.from_config(DedupConfig(mode="near"))
+    paragraphs = [normalise(json.loads(r)["text"]) for r in records]
+    bands = fp.band_keys(["\n".join(p) for p in paragraphs])
+    seen_exact: set[tuple[int, int]] = set()
+    seen_band: set[int] = set()
+    out = []
+    for r, p, b in zip(records, paragraphs, bands, strict=True):
+        e, keys = fp.exact(p), set(b.tolist())
+        if e in seen_exact or keys & seen_band:
+            continue
+        seen_exact.add(e)
+        seen_band |= keys
+        out.append(r)
+    return out
 
 
 def write_corpus(folder: Path, records: list[str], d: Disguise, mb: float, files: int) -> dict:
@@ -347,7 +372,7 @@ def main() -> None:
     try:
         args.tok = str(work / "tokenizer.json")
         train_tokenizer([str(sample)], args.tok, vocab_size=8192, sample_bytes=20_000_000)
-        records = build_records(sample)
+        records = distinct(build_records(sample))
         d = Disguise(records)
         report = {"quick": args.quick, "repeats": args.repeats, "on_ray": args.ray,
                   "goals": GOALS}  # fmt: skip

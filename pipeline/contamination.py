@@ -190,9 +190,7 @@ def _contaminated(
     train_exact: dict[tuple[int, int], str] = {}
     train_band: dict[int, str] = {}
     for u in dd.units:
-        for hi, lo, bands, held, doc_id in zip(
-            u.hi, u.lo, u.bands, u.heldout, u.doc_id, strict=True
-        ):
+        for _, hi, lo, bands, held, doc_id in u.rows():
             if doc_id not in present[held]:
                 continue
             if not held:
@@ -202,9 +200,7 @@ def _contaminated(
                     train_band.setdefault(b, u.uri)
     drops: dict[str, dict[int, Drop]] = {}
     for u in dd.units:
-        for ordinal, hi, lo, bands, held, doc_id in zip(
-            u.ordinal, u.hi, u.lo, u.bands, u.heldout, u.doc_id, strict=True
-        ):
+        for ordinal, hi, lo, bands, held, doc_id in u.rows():
             if not held or doc_id not in present[True]:
                 continue
             report.heldout_documents += 1

@@ -24,6 +24,7 @@ commit race decides again against the winner's index (``pipeline.preprocess._com
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,18 +113,37 @@ def fingerprint_unit(u: WorkUnit, ctx: Any, drop: Any = None) -> dict[str, Any]:
 
 @dataclass
 class _UnitKeys:
+    """A unit's staged fingerprints, as arrays (the driver holds a night of them: about 40
+    bytes a document for exact, 150 for near, plus its id)."""
+
     key: str
     """The work unit's key (what its drop list is for)."""
     unit: str
     """Its input file's unit key (what the index records)."""
     uri: str
-    ordinal: list[int]
-    hi: list[int]
-    lo: list[int]
-    bands: list[list[int]]
+    ordinal: np.ndarray
+    hi: np.ndarray
+    lo: np.ndarray
+    band_offsets: np.ndarray
+    band_values: np.ndarray
     doc_id: list[str]
-    heldout: list[bool]
+    heldout: np.ndarray
     """Whether each document is in the held-out split (``pipeline.unit.heldout_hash``)."""
+
+    def rows(self) -> Iterator[tuple[int, int, int, list[int], bool, str]]:
+        """(ordinal, hi, lo, band keys, held out, id) per document, as Python values."""
+        flat = self.band_values.tolist()
+        off = self.band_offsets.tolist()
+        for i, (ordinal, hi, lo, held) in enumerate(
+            zip(
+                self.ordinal.tolist(),
+                self.hi.tolist(),
+                self.lo.tolist(),
+                self.heldout.tolist(),
+                strict=True,
+            )
+        ):
+            yield ordinal, hi, lo, flat[off[i] : off[i + 1]], held, self.doc_id[i]
 
 
 @dataclass
@@ -161,24 +181,26 @@ class Deduplicator:
             for r in sorted(records, key=lambda r: (r["uri"], r["piece"])):
                 with fs.open(join(root, r["fingerprints"]), "rb") as f:
                     t = pq.read_table(f)
+                bands = t.column("bands").combine_chunks()
                 self.units.append(
                     _UnitKeys(
                         key=r["key"],
                         unit=r["unit"],
                         uri=r["uri"],
-                        ordinal=t.column("ordinal").to_pylist(),
-                        hi=t.column("hi").to_pylist(),
-                        lo=t.column("lo").to_pylist(),
-                        bands=t.column("bands").to_pylist(),
+                        ordinal=t.column("ordinal").to_numpy(),
+                        hi=t.column("hi").to_numpy(),
+                        lo=t.column("lo").to_numpy(),
+                        band_offsets=bands.offsets.to_numpy(),
+                        band_values=bands.values.to_numpy(),
                         doc_id=t.column("doc_id").to_pylist(),
-                        heldout=t.column("heldout").to_pylist(),
+                        heldout=t.column("heldout").to_numpy(zero_copy_only=False),
                     )
                 )
 
     def asked(self, keep: set[str] | None = None) -> np.ndarray:
         """Every key of the night (of the units in ``keep``, if given)."""
         parts = [
-            np.asarray(u.hi + [b for bs in u.bands for b in bs], dtype=np.uint64)
+            np.concatenate([u.hi, u.band_values]).astype(np.uint64)
             for u in self.units
             if keep is None or u.key in keep
         ]
@@ -204,7 +226,7 @@ class Deduplicator:
             if keep is not None and u.key not in keep:
                 continue
             drops: dict[int, Drop] = {}
-            for ordinal, hi, lo, bands in zip(u.ordinal, u.hi, u.lo, u.bands, strict=True):
+            for ordinal, hi, lo, bands, _, _ in u.rows():
                 e = (hi, lo)
                 if e in m.exact:
                     drops[ordinal] = Drop("duplicate_exact", uris.get(m.exact[e], m.exact[e]))

@@ -259,8 +259,12 @@ class DedupRun:
             file=sys.stderr,
             flush=True,
         )
+        # A unit's shards depend only on which of its documents it drops (not on where their
+        # originals are), so only a change of those sets sends it back to processing.
         keys = set(old) | set(r.drops) if keep is None else keep
-        return {k: r.drops.get(k, {}) for k in keys if old.get(k, {}) != r.drops.get(k, {})}
+        return {
+            k: r.drops.get(k, {}) for k in keys if set(old.get(k, ())) != set(r.drops.get(k, ()))
+        }
 
     def rebase(
         self, output: str, manifest: Manifest, plan: Plan, uris: set[str]
