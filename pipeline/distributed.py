@@ -161,8 +161,10 @@ class GroupLog:
     """One line per finished group of units in the driver's log: what a person following a
     long run (or reading its log the next morning) needs, as the groups finish."""
 
-    def __init__(self, groups: list[list[WorkUnit]]) -> None:
+    def __init__(self, groups: list[list[WorkUnit]], fn: UnitFn = process_unit) -> None:
         self.groups = groups
+        # (The fingerprint pass of deduplication reads the same groups before processing.)
+        self.label = "" if fn is process_unit else f"{fn.__name__.removesuffix('_unit')}s: "
         self.left = [len(g) for g in groups]
         self.counters = [Counters() for _ in groups]
         self.total_bytes = sum(u.size for g in groups for u in g)
@@ -188,7 +190,7 @@ class GroupLog:
         skips = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
         done = sum(1 for n in self.left if n == 0)
         print(
-            f"[preprocess] group {g + 1} done ({done}/{len(self.groups)}): {what}, "
+            f"[preprocess] {self.label}group {g + 1} done ({done}/{len(self.groups)}): {what}, "
             f"{size / 1e6:.1f} MB in {seconds:.1f}s, {c.get('documents', 0):,} documents, "
             f"{c.get('tokens', 0):,} tokens, skipped: {skips}; run: "
             f"{self.done_bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB "
@@ -207,7 +209,7 @@ def run_units_here(
 ) -> list[dict[str, Any]]:
     """Process every unit in this process, one after the other: for runs too small to pay for
     starting Ray (see ``PreprocessConfig.local_below_bytes``)."""
-    log = GroupLog([units])
+    log = GroupLog([units], fn)
     records = []
     t0 = time.perf_counter()
     for u in units:
@@ -254,7 +256,7 @@ def run_units(
         }
         for i, g in enumerate(groups)
     ]
-    log = GroupLog(groups)
+    log = GroupLog(groups, fn)
     threads = str(max(1, int(cpus_per_worker)))
     with warnings.catch_warnings():
         # Ray 2.60 takes max_retries only as a plain remote arg, which it flags as deprecated
